@@ -1,0 +1,21 @@
+"""jax_gna: Generalized Neighborhood Attention for JAX.
+
+Public API: `GNAConfig`, `attention`, `na1d`/`na2d`/`na3d`, `neighborhood_mask`,
+`available_implementations`.
+"""
+
+from jax_gna.config import GNAConfig
+from jax_gna.geometry import neighborhood_mask
+from jax_gna.api import attention, available_implementations, na1d, na2d, na3d
+from jax_gna import _implementations  # noqa: F401  (registers the implementations)
+
+__all__ = [
+    "GNAConfig",
+    "attention",
+    "available_implementations",
+    "na1d",
+    "na2d",
+    "na3d",
+    "neighborhood_mask",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,10 @@
+"""Registers every implementation with the dispatcher (`api.register`).
+
+Each implementation module exposes `attention(q, k, v, axes, scale, **options)`; this file
+says when it can run and how it ranks for `implementation=None`.
+"""
+
+from jax_gna import api, reference
+
+api.register(api.Implementation(
+    name="reference", fn=reference.attention, unavailable=lambda: None, priority=0))

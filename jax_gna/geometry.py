@@ -1,0 +1,250 @@
+"""GNA semantics and tile geometry: the one place that says which keys a query sees.
+
+Everything else (the reference mask, the `xla` path, the simulator, the native handlers'
+launch parameters) calls into this module. The C++ header `cuda/gna_geometry.h` is a port of
+the same arithmetic for the kernels; a test checks the two agree tile for tile.
+
+Coordinates. On an axis of length ``L`` with dilation ``d``, token ``i`` belongs to dilation
+group ``g = i % d`` at index ``ii = i // d``; group ``g`` holds ``Lg = ceil((L - g) / d)``
+tokens. A key ``j`` can be seen only by queries of its own group, and windows are defined on
+group indices. Dilation therefore splits each axis into independent sub-axes: tiles are laid
+over group indices, never over raw coordinates.
+
+Tiles. A tile is a box of ``tile[a]`` group indices per axis. Because window starts and ends
+are non-decreasing in the query index, the keys seen by a Q tile on one axis form one
+contiguous range, and a multi-dimensional Q tile sees exactly the product of its per-axis
+ranges. Per axis we therefore only need two boolean matrices over (Q tile, KV tile):
+``visible`` (some query of the Q tile sees some key of the KV tile) and ``full`` (every valid
+query sees every key, and the KV tile holds no padding). A multi-dimensional tile pair is
+visited iff it is visible on every axis, and needs no element mask iff it is full on every axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from jax_gna.config import AxisParams, GNAConfig
+
+
+# ----------------------------------------------------------------------------------------
+# Per-axis window arithmetic (element level). `xp` is numpy or jax.numpy: the same formulas
+# serve host-side geometry and traced masks.
+# ----------------------------------------------------------------------------------------
+
+def group_length(length: int, dilation: int, group: int) -> int:
+    """Number of tokens of dilation group `group` on an axis of `length` tokens."""
+    return (length - group + dilation - 1) // dilation
+
+
+def window_bounds(ii: Any, group_len: Any, kernel: int, stride: int, causal: bool, xp=np):
+    """Window ``[start, end)`` (group indices) of the query at group index `ii`.
+
+    Non-causal: the stride group's leader ``lead = min(ii // s * s + s // 2, Lg - 1)`` is
+    centred, and the window is shifted inward at borders (``k`` keys always).
+    Causal: ``lead = min(ii // s * s + s - 1, Lg - 1)``, the window starts at
+    ``max(lead - k + 1, 0)`` and ends at the query itself.
+    """
+    base = (ii // stride) * stride
+    if causal:
+        lead = xp.minimum(base + stride - 1, group_len - 1)
+        start = xp.maximum(lead - kernel + 1, 0)
+        end = ii + 1
+    else:
+        lead = xp.minimum(base + stride // 2, group_len - 1)
+        start = xp.clip(lead - kernel // 2, 0, group_len - kernel)
+        end = start + kernel
+    return start, end
+
+
+def axis_mask(i: Any, j: Any, axis: AxisParams, xp=np):
+    """Whether query coordinate `i` sees key coordinate `j` on one axis (broadcasts)."""
+    d = axis.dilation
+    g = i % d
+    ii, jj = i // d, j // d
+    start, end = window_bounds(ii, (axis.length - g + d - 1) // d, axis.kernel, axis.stride,
+                               axis.causal, xp)
+    return (j % d == g) & (jj >= start) & (jj < end)
+
+
+def neighborhood_mask(spatial_shape: Sequence[int], cfg: GNAConfig) -> np.ndarray:
+    """Boolean ``[N, N]`` mask (row: query, column: key) in row-major token order.
+
+    For teaching and debugging small layouts; it is quadratic in the number of tokens.
+    """
+    axes = cfg.resolve(tuple(spatial_shape))
+    mask = np.ones((1, 1), dtype=bool)
+    for axis in axes:
+        idx = np.arange(axis.length)
+        m = axis_mask(idx[:, None], idx[None, :], axis)
+        # Row-major: the earlier axis is the slower one.
+        mask = (mask[:, None, :, None] & m[None, :, None, :]).reshape(
+            mask.shape[0] * axis.length, mask.shape[1] * axis.length)
+    return mask
+
+
+def neighborhood_size(axes: Sequence[AxisParams]) -> int:
+    """Σ over queries of the number of keys each query sees (the FLOP count's core)."""
+    total = 1
+    for axis in axes:
+        per_axis = 0
+        for g in range(axis.dilation):
+            lg = group_length(axis.length, axis.dilation, g)
+            ii = np.arange(lg)
+            start, end = window_bounds(ii, lg, axis.kernel, axis.stride, axis.causal)
+            per_axis += int(np.sum(end - start))
+        total *= per_axis
+    return total
+
+
+def dense_equivalent(axes: Sequence[AxisParams]) -> bool:
+    """True iff every query sees every key (plain self-attention)."""
+    return all(a.kernel == a.length and not a.causal and a.dilation == 1 for a in axes)
+
+
+# ----------------------------------------------------------------------------------------
+# Per-axis tile geometry.
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AxisTiling:
+    """Tile geometry of one (dilation-group) axis of `length` group indices.
+
+    Attributes:
+      kv_lo, kv_hi: ``[n_q]`` KV-tile range ``[kv_lo, kv_hi)`` seen by each Q tile.
+      q_lo, q_hi: ``[n_kv]`` Q-tile range that sees each KV tile (the backward's loop).
+      visible: ``[n_q, n_kv]`` some query of the Q tile sees some key of the KV tile.
+      full: ``[n_q, n_kv]`` every valid query of the Q tile sees every key of the KV tile
+        and the KV tile has no padding; implies `visible`.
+    """
+
+    length: int
+    kernel: int
+    stride: int
+    causal: bool
+    q_tile: int
+    kv_tile: int
+    kv_lo: np.ndarray
+    kv_hi: np.ndarray
+    q_lo: np.ndarray
+    q_hi: np.ndarray
+    visible: np.ndarray
+    full: np.ndarray
+
+    @property
+    def n_q(self) -> int:
+        return self.kv_lo.shape[0]
+
+    @property
+    def n_kv(self) -> int:
+        return self.q_lo.shape[0]
+
+
+@functools.lru_cache(maxsize=512)
+def axis_tiling(length: int, kernel: int, stride: int, causal: bool, q_tile: int,
+                kv_tile: int) -> AxisTiling:
+    """Builds the `AxisTiling` of one group axis (cached; arrays must not be mutated)."""
+    n_q = -(-length // q_tile)
+    n_kv = -(-length // kv_tile)
+    ii = np.arange(length)
+    start, end = window_bounds(ii, length, kernel, stride, causal)
+    first = np.arange(n_q) * q_tile                          # first query of each Q tile
+    last = np.minimum(first + q_tile, length) - 1            # last valid query
+    kv_lo = start[first] // kv_tile
+    kv_hi = -(-end[last] // kv_tile)
+    kt = np.arange(n_kv)
+    visible = (kt[None, :] >= kv_lo[:, None]) & (kt[None, :] < kv_hi[:, None])
+    key_first = kt * kv_tile
+    key_end = key_first + kv_tile
+    full = ((key_end[None, :] <= length)
+            & (start[last][:, None] <= key_first[None, :])
+            & (end[first][:, None] >= key_end[None, :]))
+    # Inverse: Q tiles whose key range meets the KV tile. `visible` has contiguous rows and
+    # columns (ranges are monotone), so first/last True per column give the range.
+    any_col = visible.any(axis=0)
+    q_lo = np.where(any_col, visible.argmax(axis=0), 0)
+    q_hi = np.where(any_col, n_q - visible[::-1].argmax(axis=0), 0)
+    for arr in (kv_lo, kv_hi, q_lo, q_hi, visible, full):
+        arr.setflags(write=False)
+    return AxisTiling(length, kernel, stride, causal, q_tile, kv_tile, kv_lo, kv_hi, q_lo,
+                      q_hi, visible, full)
+
+
+def group_tilings(axis: AxisParams, q_tile: int, kv_tile: int) -> list[tuple[int, AxisTiling]]:
+    """``(number of dilation groups, tiling)`` for each distinct group length of `axis`.
+
+    At most two distinct lengths exist (``L // d`` and ``ceil(L / d)``).
+    """
+    counts: dict[int, int] = {}
+    for g in range(axis.dilation):
+        lg = group_length(axis.length, axis.dilation, g)
+        counts[lg] = counts.get(lg, 0) + 1
+    return [(n, axis_tiling(lg, axis.kernel, axis.stride, axis.causal, q_tile, kv_tile))
+            for lg, n in sorted(counts.items())]
+
+
+def padded_group_tiling(axis: AxisParams, q_tile: int, kv_tile: int) -> tuple[np.ndarray,
+                                                                               np.ndarray]:
+    """``(visible, full)`` over tiles of the longest group, valid for every group.
+
+    For implementations that pad every dilation group to ``ceil(L / d)`` and process them
+    together: a tile pair is visited if any group needs it, and runs unmasked only if it is
+    full in every group. Exact (no extra visits) when `d` divides `L`.
+    """
+    tilings = [t for _, t in group_tilings(axis, q_tile, kv_tile)]
+    longest = tilings[-1]
+    visible = np.zeros_like(longest.visible)
+    full = np.ones_like(longest.full)
+    for t in tilings:
+        v = np.zeros_like(visible)
+        f = np.zeros_like(full)
+        v[:t.n_q, :t.n_kv] = t.visible
+        f[:t.n_q, :t.n_kv] = t.full
+        # Q tiles that exist only in longer groups are free to be whatever the others say.
+        rows = np.arange(visible.shape[0]) < t.n_q
+        visible |= v
+        full &= np.where(rows[:, None], f, True)
+    full &= visible
+    return visible, full
+
+
+# ----------------------------------------------------------------------------------------
+# Tile shapes.
+# ----------------------------------------------------------------------------------------
+
+def check_tile_shape(name: str, tile: Sequence[int] | None, rank: int) -> tuple[int, ...] | None:
+    """Validates an expert tile-shape override (one positive int per spatial axis)."""
+    if tile is None:
+        return None
+    tile = tuple(tile)
+    if len(tile) != rank or not all(isinstance(t, (int, np.integer)) and t >= 1 for t in tile):
+        raise ValueError(f"{name}={tile} must be {rank} positive ints (one per spatial axis)")
+    return tuple(int(t) for t in tile)
+
+
+def fit_tile(tile: Sequence[int], axes: Sequence[AxisParams]) -> tuple[int, ...]:
+    """Shrinks a tile so that it is no larger than the (longest group of each) axis.
+
+    The volume moves to the other axes where possible, so that short axes do not leave the
+    tile mostly empty: an axis that gets smaller hands its factor to the largest axis.
+    """
+    longest = [group_length(a.length, a.dilation, 0) for a in axes]
+    out = list(tile)
+    for a in range(len(out)):
+        while out[a] > 1 and out[a] // 2 >= longest[a]:
+            out[a] //= 2
+            others = [b for b in range(len(out)) if b != a and out[b] * 2 <= longest[b]]
+            if others:
+                b = max(others, key=lambda b: longest[b] / out[b])
+                out[b] *= 2
+    return tuple(out)
+
+
+def tile_count(axes: Sequence[AxisParams], tile: Sequence[int]) -> int:
+    """Number of tiles over the padded group layout (all dilation groups)."""
+    return math.prod(a.dilation * -(-group_length(a.length, a.dilation, 0) // t)
+                     for a, t in zip(axes, tile))

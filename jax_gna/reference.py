@@ -1,0 +1,50 @@
+"""The `reference` implementation: dense masked attention in plain jnp.
+
+Quadratic in the number of tokens; for tests and small problems only. Its mask comes from
+`geometry.neighborhood_mask`, so it states the semantics, not a tiling of them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_gna import geometry
+from jax_gna.config import AxisParams, GNAConfig
+
+#: Largest ``B * H * N * N`` score count the reference accepts (1 GiB of float32 scores).
+MAX_SCORES = 2**28
+
+
+def _mask(axes: tuple[AxisParams, ...]) -> np.ndarray:
+    cfg = GNAConfig(kernel_size=tuple(a.kernel for a in axes),
+                    stride=tuple(a.stride for a in axes),
+                    dilation=tuple(a.dilation for a in axes),
+                    is_causal=tuple(a.causal for a in axes))
+    return geometry.neighborhood_mask(tuple(a.length for a in axes), cfg)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: tuple[AxisParams, ...],
+              scale: float, **_options) -> tuple[jax.Array, jax.Array]:
+    """Dense masked GNA. Shapes as in `jax_gna.attention`; returns ``(out, lse)``."""
+    b, *spatial, h, d = q.shape
+    h_kv = k.shape[-2]
+    n = int(np.prod(spatial))
+    if b * h * n * n > MAX_SCORES:
+        raise ValueError(
+            f"implementation='reference' would build {b}*{h}*{n}*{n} scores, more than "
+            f"MAX_SCORES={MAX_SCORES}; use implementation='xla', which never builds an "
+            "N x N array")
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    qf = q.reshape(b, n, h_kv, h // h_kv, d).astype(acc)
+    kf = k.reshape(b, n, h_kv, d).astype(acc)
+    vf = v.reshape(b, n, h_kv, d).astype(acc)
+    s = jnp.einsum("bqkgd,bjkd->bkgqj", qf, kf) * jnp.asarray(scale, acc)
+    s = jnp.where(jnp.asarray(_mask(axes)), s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.exp(s - lse[..., None])
+    out = jnp.einsum("bkgqj,bjkd->bqkgd", p, vf)
+    out = out.reshape(q.shape).astype(q.dtype)
+    lse = jnp.moveaxis(lse.reshape(b, h, n), 1, -1).reshape(b, *spatial, h)
+    return out, lse.astype(jnp.float32)
