@@ -248,3 +248,25 @@ def tile_count(axes: Sequence[AxisParams], tile: Sequence[int]) -> int:
     """Number of tiles over the padded group layout (all dilation groups)."""
     return math.prod(a.dilation * -(-group_length(a.length, a.dilation, 0) // t)
                      for a, t in zip(axes, tile))
+
+
+# Default (Q tile, KV tile) per rank for the tensor-core kernels, in group indices. Boxes of
+# 128 queries and 64 keys; 2-D/3-D boxes are squat so that a window of w keys per axis costs
+# about (w + tile) / tile tiles per axis instead of a thin strip's (w + 128) / 1.
+_TILE_MENU = {
+    "sm80": {1: ((128,), (64,)), 2: ((8, 16), (8, 8)), 3: ((2, 8, 8), (2, 4, 8))},
+}
+
+
+def default_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128,
+                        arch: str = "sm80") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ``(q_tile, kv_tile)`` the `cuda` implementation uses for a problem on `arch`.
+
+    Tiles are shrunk to fit short axes (`fit_tile`). `head_dim` is part of the signature
+    because kernels may pick smaller tiles for large head dims.
+    """
+    if arch not in _TILE_MENU:
+        raise ValueError(f"arch={arch!r} has no tile menu; known: {sorted(_TILE_MENU)}")
+    del head_dim  # one menu for head dims up to 128 so far
+    q_tile, kv_tile = _TILE_MENU[arch][len(axes)]
+    return fit_tile(q_tile, axes), fit_tile(kv_tile, axes)
