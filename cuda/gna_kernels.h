@@ -1,0 +1,33 @@
+// The kernels' launch interface, seen by the CUDA FFI handler. Kernels know nothing of
+// Python or XLA: they take a `Problem`, raw device pointers and a stream.
+//
+// Layout of every buffer: heads-last and contiguous, [batch, *spatial, heads, head_dim] for
+// q/k/v/out and their gradients, [batch, *spatial, heads] float32 for lse. An empty string
+// means success; anything else is an error message for the user.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <string>
+
+#include "gna_problem.h"
+
+namespace gna {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// Empty if the sm80 kernels run `p` with `dtype`, else why not (e.g. an unsupported head dim).
+std::string sm80_supports(const Problem& p, DType dtype);
+
+std::string sm80_forward(const Problem& p, DType dtype, const void* q, const void* k,
+                         const void* v, void* out, float* lse, cudaStream_t stream);
+
+// Scratch bytes the backward needs (e.g. a float32 dq accumulator, the rowwise dO·O).
+size_t sm80_backward_workspace(const Problem& p);
+
+std::string sm80_backward(const Problem& p, DType dtype, const void* q, const void* k,
+                          const void* v, const void* out, const void* dout, const float* lse,
+                          void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream);
+
+}  // namespace gna
