@@ -1,18 +1,20 @@
 """jax_gna: Generalized Neighborhood Attention for JAX.
 
 Public API: `GNAConfig`, `attention`, `na1d`/`na2d`/`na3d`, `neighborhood_mask`,
-`available_implementations`.
+`available_implementations`, `merge_attentions`.
 """
 
 from jax_gna.config import GNAConfig
 from jax_gna.geometry import neighborhood_mask
 from jax_gna.api import attention, available_implementations, na1d, na2d, na3d
+from jax_gna.merge import merge_attentions
 from jax_gna import _implementations  # noqa: F401  (registers the implementations)
 
 __all__ = [
     "GNAConfig",
     "attention",
     "available_implementations",
+    "merge_attentions",
     "na1d",
     "na2d",
     "na3d",
