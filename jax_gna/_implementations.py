@@ -8,3 +8,8 @@ from jax_gna import api, reference
 
 api.register(api.Implementation(
     name="reference", fn=reference.attention, unavailable=lambda: None, priority=0))
+
+from jax_gna import xla  # noqa: E402  (kept next to its registration)
+
+api.register(api.Implementation(
+    name="xla", fn=xla.attention, unavailable=lambda: None, priority=10))
