@@ -1,24 +1,123 @@
-// Placeholder until the sm80 kernels land: every entry point reports that the configuration
-// is not implemented, so the FFI path raises a clear error instead of returning garbage.
+// Host entry points of the sm80 GNA kernels (see gna_kernels.h): validation of what the
+// compiled kernels cover, dtype/head-dim dispatch, and the backward's workspace.
+#include <cutlass/numeric_types.h>
+
+#include <sstream>
+
 #include "../gna_kernels.h"
+#include "launch.cuh"
 
 namespace gna {
+namespace sm80 {
 
-std::string sm80_supports(const Problem&, DType) {
-  return "the sm80 GNA kernels are not implemented yet";
+int64_t grid_tiles(const Problem& p, const int64_t* tile) {
+  int64_t n = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = p.axes[a];
+    n *= ax.dilation * ceil_div(group_length(ax.length, ax.dilation, 0), tile[a]);
+  }
+  return n;
 }
 
-std::string sm80_forward(const Problem& p, DType d, const void*, const void*, const void*,
-                         void*, float*, cudaStream_t) {
-  return sm80_supports(p, d);
+std::string cuda_error(const char* what, cudaError_t err) {
+  if (err == cudaSuccess) return {};
+  return std::string(what) + " failed: " + cudaGetErrorString(err);
 }
 
-size_t sm80_backward_workspace(const Problem&) { return 0; }
+// Workspace: the float32 delta = rowsum(dO · O), [batch, tokens, heads].
+size_t delta_bytes(const Problem& p) {
+  return static_cast<size_t>(p.batch * p.tokens() * p.heads) * sizeof(float);
+}
 
-std::string sm80_backward(const Problem& p, DType d, const void*, const void*, const void*,
-                          const void*, const void*, const float*, void*, void*, void*, void*,
-                          cudaStream_t) {
-  return sm80_supports(p, d);
+}  // namespace sm80
+
+std::string sm80_supports(const Problem& p, DType dtype) {
+  std::ostringstream why;
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
+    why << "the sm80 kernels take float16 or bfloat16 inputs";
+  } else if (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 128) {
+    why << "the sm80 kernels support head_dim 32, 64 or 128, got " << p.head_dim;
+  } else if (p.rank < 1 || p.rank > kMaxRank) {
+    why << "the sm80 kernels support 1 to 3 spatial axes, got " << p.rank;
+  } else if (p.kv_heads < 1 || p.heads % p.kv_heads != 0) {
+    why << "heads (" << p.heads << ") must be a multiple of kv_heads (" << p.kv_heads << ")";
+  } else if (p.heads > 65535 || p.batch > 65535 || p.batch < 1) {
+    why << "the sm80 kernels need 1 <= batch <= 65535 and heads <= 65535 (grid limits)";
+  } else if (p.tokens() >= (int64_t{1} << 31)) {
+    why << "the sm80 kernels need fewer than 2^31 tokens per batch element";
+  } else {
+    int64_t q = 1, kv = 1;
+    for (int a = 0; a < kMaxRank; ++a) {
+      if (p.q_tile[a] < 1 || p.kv_tile[a] < 1) {
+        why << "tile shapes must be positive on every axis";
+        return why.str();
+      }
+      q *= p.q_tile[a];
+      kv *= p.kv_tile[a];
+    }
+    if (q > sm80::kMaxQTokens) {
+      why << "the sm80 kernels take Q tiles of at most " << sm80::kMaxQTokens
+          << " tokens, got " << q;
+    } else if (kv > sm80::kKvTokens) {
+      why << "the sm80 kernels take KV tiles of at most " << sm80::kKvTokens << " tokens, got "
+          << kv;
+    } else if (sm80::grid_tiles(p, p.q_tile) >= (int64_t{1} << 31) ||
+               sm80::grid_tiles(p, p.kv_tile) >= (int64_t{1} << 31)) {
+      why << "too many tiles for one grid";
+    }
+  }
+  return why.str();
+}
+
+namespace {
+
+template <class T>
+std::string forward_for(const Problem& p, const void* q, const void* k, const void* v,
+                        void* out, float* lse, cudaStream_t s) {
+  switch (p.head_dim) {
+    case 32: return sm80::launch_forward<T, 32>(p, q, k, v, out, lse, s);
+    case 64: return sm80::launch_forward<T, 64>(p, q, k, v, out, lse, s);
+    default: return sm80::launch_forward<T, 128>(p, q, k, v, out, lse, s);
+  }
+}
+
+template <class T>
+std::string backward_for(const Problem& p, const void* q, const void* k, const void* v,
+                         const void* out, const void* dout, const float* lse, void* dq,
+                         void* dk, void* dv, float* delta, cudaStream_t s) {
+  switch (p.head_dim) {
+    case 32:
+      return sm80::launch_backward<T, 32>(p, q, k, v, out, dout, lse, dq, dk, dv, delta, s);
+    case 64:
+      return sm80::launch_backward<T, 64>(p, q, k, v, out, dout, lse, dq, dk, dv, delta, s);
+    default:
+      return sm80::launch_backward<T, 128>(p, q, k, v, out, dout, lse, dq, dk, dv, delta, s);
+  }
+}
+
+}  // namespace
+
+std::string sm80_forward(const Problem& p, DType dtype, const void* q, const void* k,
+                         const void* v, void* out, float* lse, cudaStream_t stream) {
+  std::string why = sm80_supports(p, dtype);
+  if (!why.empty()) return why;
+  if (dtype == DType::kBFloat16)
+    return forward_for<cutlass::bfloat16_t>(p, q, k, v, out, lse, stream);
+  return forward_for<cutlass::half_t>(p, q, k, v, out, lse, stream);
+}
+
+size_t sm80_backward_workspace(const Problem& p) { return sm80::delta_bytes(p); }
+
+std::string sm80_backward(const Problem& p, DType dtype, const void* q, const void* k,
+                          const void* v, const void* out, const void* dout, const float* lse,
+                          void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream) {
+  std::string why = sm80_supports(p, dtype);
+  if (!why.empty()) return why;
+  float* delta = static_cast<float*>(workspace);
+  if (dtype == DType::kBFloat16)
+    return backward_for<cutlass::bfloat16_t>(p, q, k, v, out, dout, lse, dq, dk, dv, delta,
+                                             stream);
+  return backward_for<cutlass::half_t>(p, q, k, v, out, dout, lse, dq, dk, dv, delta, stream);
 }
 
 }  // namespace gna

@@ -1,0 +1,330 @@
+// sm80 GNA backward, deterministic by construction (no atomics):
+//   1. delta_kernel: delta = rowsum(dO · O) in float32 (workspace [B, N, H]).
+//   2. dkdv_kernel: one CTA per (KV tile of one dilation group, kv head, batch); loops over
+//      the query heads of its GQA group and the box of Q tiles that see the KV tile (the
+//      geometry's q_range), in chunks of kChunk query rows. It works in the transposed frame
+//      (KV rows are the MMA's M side): S^T = K Q^T, P^T = exp2(S^T·c − lse), dP^T = V dO^T,
+//      dS^T = P^T ∘ (dP^T − delta), dV += P^T dO, dK += dS^T Q — so P^T and dS^T stay in
+//      registers as the A operands and no reduction across warps is needed.
+//   3. dq_kernel: like the forward, one CTA per Q tile over its KV box: S = Q K^T, dP = dO V^T,
+//      dQ += dS K.
+// dQ recomputes S and dP (7 GEMMs instead of 5) in exchange for bitwise-reproducible
+// gradients with no float32 dQ accumulator; p.deterministic is therefore always honoured.
+#pragma once
+
+#include "common.cuh"
+
+namespace gna {
+namespace sm80 {
+
+// delta[row] = Σ_d dO[row, d] · O[row, d] over rows of [B·N·H, D]; kD/8 lanes per row.
+template <class T, int kD>
+__global__ void __launch_bounds__(256)
+    delta_kernel(int64_t rows, const T* __restrict__ o, const T* __restrict__ dout,
+                 float* __restrict__ delta) {
+  constexpr int kLanes = kD / 8;
+  const int64_t row = ((int64_t)blockIdx.x * 256 + threadIdx.x) / kLanes;
+  const int c = threadIdx.x % kLanes;
+  float acc = 0.f;
+  if (row < rows) {
+    const uint4 a = *reinterpret_cast<const uint4*>(o + row * kD + c * 8);
+    const uint4 g = *reinterpret_cast<const uint4*>(dout + row * kD + c * 8);
+    const T* pa = reinterpret_cast<const T*>(&a);
+    const T* pg = reinterpret_cast<const T*>(&g);
+    CUTE_UNROLL
+    for (int i = 0; i < 8; ++i) acc += static_cast<float>(pa[i]) * static_cast<float>(pg[i]);
+  }
+  CUTE_UNROLL
+  for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (row < rows && c == 0) delta[row] = acc;
+}
+
+// Stores a float accumulator [rows, kD] (rowcol view) scaled by `scale` into gathered rows.
+template <class T, class Rc, class Crc, class TokFn>
+__device__ __forceinline__ void store_rows(Rc const& racc, Crc const& crc, T* base,
+                                           int64_t row_stride, float scale, TokFn const& tok_of) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(racc); ++mi) {
+    const int tok = tok_of(get<0>(crc(mi, 0)));
+    if (tok < 0) continue;
+    T* row = base + (int64_t)tok * row_stride;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(racc); ni += 2) {
+      const int c = get<1>(crc(mi, ni));
+      T pair[2] = {static_cast<T>(racc(mi, ni) * scale), static_cast<T>(racc(mi, ni + 1) * scale)};
+      *reinterpret_cast<uint32_t*>(row + c) = *reinterpret_cast<uint32_t*>(pair);
+    }
+  }
+}
+
+template <class Tr, int kBlockM, int kBlockN>
+struct DqSmem {
+  using T = typename Tr::T;
+  alignas(128) T q[kBlockM * Tr::kD];
+  alignas(128) T dout[kBlockM * Tr::kD];
+  alignas(128) T k[kBlockN * Tr::kD];
+  alignas(128) T v[kBlockN * Tr::kD];
+  QRow qrows[kBlockM];
+  KRow krows[kBlockN];
+};
+
+template <class Tr, int kBlockM, int kBlockN>
+__global__ void __launch_bounds__(Tr::kThreads)
+    dq_kernel(const Problem p, const typename Tr::T* __restrict__ q,
+              const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
+              const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
+              const float* __restrict__ delta, typename Tr::T* __restrict__ dq) {
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kD;
+  constexpr int kThreads = Tr::kThreads;
+  static_assert(kBlockM == Tr::kRowsMma, "one 16-row MMA slab per warp");
+  extern __shared__ __align__(128) char smem_raw[];
+  auto& sm = *reinterpret_cast<DqSmem<Tr, kBlockM, kBlockN>*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+
+  Group G;
+  int qt[kMaxRank];
+  if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
+  const int hkv = h / (int)(p.heads / p.kv_heads);
+  const int64_t n_tok = tokens_of(p);
+  const int64_t q_stride = p.heads * kD;
+  const int64_t kv_stride = p.kv_heads * kD;
+  const int64_t q_off = (b * n_tok * p.heads + h) * kD;
+  const int64_t kv_off = (b * n_tok * p.kv_heads + hkv) * kD;
+  const float* lb = lse + b * n_tok * p.heads + h;
+  const float* db = delta + b * n_tok * p.heads + h;
+
+  using SQ = typename Tr::template Smem<kBlockM>;
+  using SKV = typename Tr::template Smem<kBlockN>;
+  using SKVt = typename Tr::template SmemT<kBlockN>;
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q), SQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(sm.dout), SQ{});
+  Tensor sK = make_tensor(make_smem_ptr(sm.k), SKV{});
+  Tensor sKt = make_tensor(make_smem_ptr(sm.k), SKVt{});
+  Tensor sV = make_tensor(make_smem_ptr(sm.v), SKV{});
+
+  TileBox box;
+  box.total = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    int64_t lo, hi;
+    G.tiling(p, a).kv_range(qt[a], &lo, &hi);
+    box.lo[a] = (int)lo;
+    box.cnt[a] = (int)(hi - lo);
+    box.total *= box.cnt[a];
+  }
+
+  for (int r = tid; r < kBlockM; r += kThreads) {
+    QRow row = G.q_row(p, qt, r);
+    row.lse2 = row.tok >= 0 ? lb[(int64_t)row.tok * p.heads] * kLog2e : INFINITY;
+    row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
+    sm.qrows[r] = row;
+  }
+  int ii[kMaxRank];
+  auto q_tok = [&](int r) { return G.token(G.qdim, qt, G.qprod, r, ii); };
+  load_rows<kBlockM, kD, kThreads>(sm.q, SQ{}, q + q_off, q_stride, q_tok, tid);
+  load_rows<kBlockM, kD, kThreads>(sm.dout, SQ{}, dout + q_off, q_stride, q_tok, tid);
+  cp_async_commit();
+
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_dq);
+  Tensor cS = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cSrc = make_tensor(cS.data(), rowcol(cS.layout()));
+  const float scale2 = p.scale * kLog2e;
+
+  int kt[kMaxRank];
+  for (int it = 0; it < box.total; ++it) {
+    box.at(it, kt);
+    bool full = G.kvprod == kBlockN;
+    for (int a = 0; a < kMaxRank; ++a) full = full && G.tiling(p, a).full(qt[a], kt[a]);
+    __syncthreads();  // the previous tile's K, V and krows are no longer read
+    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(kt, r);
+    auto k_tok = [&](int r) { return G.token(G.kvdim, kt, G.kvprod, r, ii); };
+    load_rows<kBlockN, kD, kThreads>(sm.k, SKV{}, k + kv_off, kv_stride, k_tok, tid);
+    load_rows<kBlockN, kD, kThreads>(sm.v, SKV{}, v + kv_off, kv_stride, k_tok, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK, tid);
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_dp);
+    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_dp, sdO, sV, tid);
+    Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+    Tensor rdp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(rs); ++mi) {
+      const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        float pr = exp2f(rs(mi, ni) * scale2 - qr.lse2);
+        if (!full && !visible(qr, sm.krows[get<1>(cSrc(mi, ni))])) pr = 0.f;
+        rs(mi, ni) = pr * (rdp(mi, ni) - qr.delta);  // dS (without the softmax scale)
+      }
+    }
+    Tensor rdS = to_operand_a<T>(acc_s);
+    gemm_rs<typename Tr::LdsmT>(mma, acc_dq, rdS, sKt, tid);
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  store_rows(make_tensor(acc_dq.data(), rowcol(acc_dq.layout())),
+             make_tensor(cO.data(), rowcol(cO.layout())), dq + q_off, q_stride, p.scale,
+             [&](int r) { return sm.qrows[r].tok; });
+}
+
+template <class Tr, int kBlockN, int kChunk>
+struct DkdvSmem {
+  using T = typename Tr::T;
+  alignas(128) T k[kBlockN * Tr::kD];
+  alignas(128) T v[kBlockN * Tr::kD];
+  alignas(128) T q[kChunk * Tr::kD];
+  alignas(128) T dout[kChunk * Tr::kD];
+  KRow krows[kBlockN];
+  QRow qrows[kChunk];
+};
+
+template <class Tr, int kBlockN, int kChunk>
+__global__ void __launch_bounds__(Tr::kThreads)
+    dkdv_kernel(const Problem p, const typename Tr::T* __restrict__ q,
+                const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
+                const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
+                const float* __restrict__ delta, typename Tr::T* __restrict__ dk,
+                typename Tr::T* __restrict__ dv) {
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kD;
+  constexpr int kThreads = Tr::kThreads;
+  static_assert(kBlockN == Tr::kRowsMma, "one 16-row MMA slab per warp");
+  extern __shared__ __align__(128) char smem_raw[];
+  auto& sm = *reinterpret_cast<DkdvSmem<Tr, kBlockN, kChunk>*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  const int64_t b = blockIdx.z;
+
+  Group G;
+  int kt[kMaxRank];
+  if (!G.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
+  const int group_heads = (int)(p.heads / p.kv_heads);
+  const int64_t n_tok = tokens_of(p);
+  const int64_t q_stride = p.heads * kD;
+  const int64_t kv_stride = p.kv_heads * kD;
+  const int64_t kv_off = (b * n_tok * p.kv_heads + hkv) * kD;
+
+  using SKV = typename Tr::template Smem<kBlockN>;
+  using SC = typename Tr::template Smem<kChunk>;
+  using SCt = typename Tr::template SmemT<kChunk>;
+  Tensor sK = make_tensor(make_smem_ptr(sm.k), SKV{});
+  Tensor sV = make_tensor(make_smem_ptr(sm.v), SKV{});
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q), SC{});
+  Tensor sQt = make_tensor(make_smem_ptr(sm.q), SCt{});
+  Tensor sdO = make_tensor(make_smem_ptr(sm.dout), SC{});
+  Tensor sdOt = make_tensor(make_smem_ptr(sm.dout), SCt{});
+
+  TileBox box;
+  box.total = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    int64_t lo, hi;
+    G.tiling(p, a).q_range(kt[a], &lo, &hi);
+    box.lo[a] = (int)lo;
+    box.cnt[a] = (int)(hi - lo);
+    box.total *= box.cnt[a];
+  }
+  const int n_chunks = (G.qprod + kChunk - 1) / kChunk;
+
+  for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(kt, r);
+  int ii[kMaxRank];
+  auto k_tok = [&](int r) { return G.token(G.kvdim, kt, G.kvprod, r, ii); };
+  load_rows<kBlockN, kD, kThreads>(sm.k, SKV{}, k + kv_off, kv_stride, k_tok, tid);
+  load_rows<kBlockN, kD, kThreads>(sm.v, SKV{}, v + kv_off, kv_stride, k_tok, tid);
+  cp_async_commit();
+
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor acc_dk = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kD>>{});
+  Tensor acc_dv = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kD>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+  Tensor cS = thr.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kChunk>>{}));
+  Tensor cSrc = make_tensor(cS.data(), rowcol(cS.layout()));
+  const float scale2 = p.scale * kLog2e;
+
+  int qt[kMaxRank];
+  const int steps = group_heads * box.total * n_chunks;
+  for (int step = 0; step < steps; ++step) {
+    const int chunk = step % n_chunks;
+    const int tile = (step / n_chunks) % box.total;
+    const int h = hkv * group_heads + step / (n_chunks * box.total);
+    box.at(tile, qt);
+    bool full = G.kvprod == kBlockN;
+    for (int a = 0; a < kMaxRank; ++a) full = full && G.tiling(p, a).full(qt[a], kt[a]);
+    const int64_t q_off = (b * n_tok * p.heads + h) * kD;
+    const float* lb = lse + b * n_tok * p.heads + h;
+    const float* db = delta + b * n_tok * p.heads + h;
+
+    __syncthreads();  // the previous chunk's Q, dO and qrows are no longer read
+    for (int r = tid; r < kChunk; r += kThreads) {
+      QRow row = G.q_row(p, qt, chunk * kChunk + r);
+      row.lse2 = row.tok >= 0 ? lb[(int64_t)row.tok * p.heads] * kLog2e : INFINITY;
+      row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
+      sm.qrows[r] = row;
+    }
+    auto q_tok = [&](int r) { return G.token(G.qdim, qt, G.qprod, chunk * kChunk + r, ii); };
+    load_rows<kChunk, kD, kThreads>(sm.q, SC{}, q + q_off, q_stride, q_tok, tid);
+    load_rows<kChunk, kD, kThreads>(sm.dout, SC{}, dout + q_off, q_stride, q_tok, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kChunk>>{});
+    clear(acc_s);
+    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sK, sQ, tid);
+    Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(rs); ++mi) {
+      const KRow kr = sm.krows[get<0>(cSrc(mi, 0))];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        const QRow& qr = sm.qrows[get<1>(cSrc(mi, ni))];
+        float pr = exp2f(rs(mi, ni) * scale2 - qr.lse2);
+        if (!full && !visible(qr, kr)) pr = 0.f;
+        rs(mi, ni) = pr;
+      }
+    }
+    Tensor rP = to_operand_a<T>(acc_s);
+    gemm_rs<typename Tr::LdsmT>(mma, acc_dv, rP, sdOt, tid);
+
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kChunk>>{});
+    clear(acc_dp);
+    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_dp, sV, sdO, tid);
+    Tensor rdp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(rs); ++mi) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        const float dl = sm.qrows[get<1>(cSrc(mi, ni))].delta;
+        rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - dl);
+      }
+    }
+    Tensor rdS = to_operand_a<T>(acc_dp);
+    gemm_rs<typename Tr::LdsmT>(mma, acc_dk, rdS, sQt, tid);
+  }
+
+  cp_async_wait<0>();  // a KV tile no query sees still waits for its loads, then writes 0
+  __syncthreads();
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
+  Tensor cOrc = make_tensor(cO.data(), rowcol(cO.layout()));
+  auto out_tok = [&](int r) { return sm.krows[r].tok; };
+  store_rows(make_tensor(acc_dk.data(), rowcol(acc_dk.layout())), cOrc, dk + kv_off, kv_stride,
+             p.scale, out_tok);
+  store_rows(make_tensor(acc_dv.data(), rowcol(acc_dv.layout())), cOrc, dv + kv_off, kv_stride,
+             1.f, out_tok);
+}
+
+}  // namespace sm80
+}  // namespace gna

@@ -1,0 +1,76 @@
+// Host-side launch of the backward kernels (delta, dK/dV, dQ) for one (dtype, head dim).
+#pragma once
+
+#include "backward.cuh"
+#include "launch.cuh"
+
+namespace gna {
+namespace sm80 {
+
+// Query rows per dK/dV step: fewer for D = 128 so that dK, dV, S^T and dP^T fit registers.
+template <int kD>
+constexpr int dkdv_chunk() {
+  return kD == 128 ? 32 : 64;
+}
+
+template <class T, int kD, int kBlockM>
+std::string run_dq(const Problem& p, const T* q, const T* k, const T* v, const T* dout,
+                   const float* lse, const float* delta, T* dq, cudaStream_t stream) {
+  using Tr = Traits<T, kD, kBlockM / 16>;
+  auto kernel = dq_kernel<Tr, kBlockM, kKvTokens>;
+  const int smem = (int)sizeof(DqSmem<Tr, kBlockM, kKvTokens>);
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dq)", err);
+  const dim3 grid((unsigned)grid_tiles(p, p.q_tile), (unsigned)p.heads, (unsigned)p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta, dq);
+  return cuda_error("dq kernel launch", cudaGetLastError());
+}
+
+template <class T, int kD>
+std::string launch_backward(const Problem& p, const void* q_, const void* k_, const void* v_,
+                            const void* out_, const void* dout_, const float* lse, void* dq_,
+                            void* dk_, void* dv_, float* delta, cudaStream_t stream) {
+  const T* q = static_cast<const T*>(q_);
+  const T* k = static_cast<const T*>(k_);
+  const T* v = static_cast<const T*>(v_);
+  const T* out = static_cast<const T*>(out_);
+  const T* dout = static_cast<const T*>(dout_);
+
+  const int64_t rows = p.batch * p.tokens() * p.heads;
+  const int64_t threads = rows * (kD / 8);
+  delta_kernel<T, kD><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(rows, out, dout,
+                                                                           delta);
+  std::string e = cuda_error("delta kernel launch", cudaGetLastError());
+  if (!e.empty()) return e;
+
+  {
+    constexpr int kChunk = dkdv_chunk<kD>();
+    using Tr = Traits<T, kD, kKvTokens / 16>;
+    auto kernel = dkdv_kernel<Tr, kKvTokens, kChunk>;
+    const int smem = (int)sizeof(DkdvSmem<Tr, kKvTokens, kChunk>);
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dkdv)", err);
+    const dim3 grid((unsigned)grid_tiles(p, p.kv_tile), (unsigned)p.kv_heads,
+                    (unsigned)p.batch);
+    kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta,
+                                                 static_cast<T*>(dk_), static_cast<T*>(dv_));
+    e = cuda_error("dkdv kernel launch", cudaGetLastError());
+    if (!e.empty()) return e;
+  }
+
+  const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
+  if (q_tokens <= 64)
+    return run_dq<T, kD, 64>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), stream);
+  return run_dq<T, kD, 128>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), stream);
+}
+
+#define GNA_SM80_BACKWARD(T, D)                                                             \
+  template std::string launch_backward<T, D>(const Problem&, const void*, const void*,    \
+                                             const void*, const void*, const void*,       \
+                                             const float*, void*, void*, void*, float*,   \
+                                             cudaStream_t);
+
+}  // namespace sm80
+}  // namespace gna

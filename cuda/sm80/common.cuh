@@ -1,0 +1,318 @@
+// Building blocks shared by the sm80 GNA kernels: CuTe tensor-core traits, register GEMMs fed
+// by ldmatrix, gathered cp.async tile loads, and the per-CTA dilation-group geometry.
+//
+// Every tile is a box of group indices (see DESIGN.md §2/§3); its rows are gathered straight
+// from the heads-last [B, *spatial, H, D] layout by computing each row's token index, so
+// dilation needs no permutation pass. All window arithmetic comes from gna_geometry.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "../gna_geometry.h"
+#include "../gna_problem.h"
+
+namespace gna {
+namespace sm80 {
+
+using namespace cute;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <class T>
+struct MmaAtomFor;
+template <>
+struct MmaAtomFor<cutlass::bfloat16_t> {
+  using type = SM80_16x8x16_F32BF16BF16F32_TN;
+};
+template <>
+struct MmaAtomFor<cutlass::half_t> {
+  using type = SM80_16x8x16_F32F16F16F32_TN;
+};
+
+// Compile-time shapes of one kernel: element type, head dim and the MMA's warp count (each
+// warp owns 16 consecutive rows of every accumulator).
+template <class T_, int kD_, int kWarps_>
+struct Traits {
+  using T = T_;
+  static constexpr int kD = kD_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsMma = 16 * kWarps;
+  using TiledMma = TiledMMA<MMA_Atom<typename MmaAtomFor<T>::type>,
+                            Layout<Shape<Int<kWarps>, _1, _1>>,
+                            Tile<Int<kRowsMma>, _16, _16>>;
+  // 16-byte chunks XOR-swizzled by row so that ldmatrix (8 rows x 16 B) hits 8 distinct
+  // bank groups; rows of 32 elements (64 B) need one swizzle bit less.
+  static constexpr int kAtomCols = kD == 32 ? 32 : 64;
+  using SmemAtom = decltype(composition(
+      Swizzle<(kD == 32 ? 2 : 3), 3, 3>{},
+      Layout<Shape<_8, Int<kAtomCols>>, Stride<Int<kAtomCols>, _1>>{}));
+  // [rows, D] tile, and the same storage seen as [D, rows] (operand B of a GEMM over rows).
+  template <int kRows>
+  using Smem = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>>{}));
+  template <int kRows>
+  using SmemT = decltype(composition(Smem<kRows>{},
+                                     make_layout(Shape<Int<kD>, Int<kRows>>{}, GenRowMajor{})));
+  using LdsmN = Copy_Atom<SM75_U32x4_LDSM_N, T>;
+  using LdsmT = Copy_Atom<SM75_U16x8_LDSM_T, T>;
+};
+
+// ---------------------------------------------------------------- register-level helpers
+
+// Accumulator layout ((2 cols, 2 rows), M tiles, N tiles) viewed as (rows, cols).
+template <class L>
+__device__ __forceinline__ auto rowcol(L const& l) {
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// Accumulator layout of an m16n8 tile pair viewed as the A operand of an m16n8k16 MMA: two
+// neighbouring 8-column accumulator tiles hold exactly the 16 k-values the A fragment needs.
+template <class L>
+__device__ __forceinline__ auto acc_as_a(L const& l) {
+  auto n = logical_divide(get<2>(l), Layout<_2>{});
+  return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0>(n)), get<1>(l), get<1>(n));
+}
+
+// Converts a float accumulator into a T fragment laid out as operand A.
+template <class T, class Acc>
+__device__ __forceinline__ auto to_operand_a(Acc const& acc) {
+  Tensor r = make_tensor<T>(acc.layout());
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) r(i) = static_cast<T>(acc(i));
+  return make_tensor(r.data(), acc_as_a(r.layout()));
+}
+
+// acc[M, N] += A[M, K] · B[N, K]^T with both operands in shared memory, fed by ldmatrix and
+// double-buffered in registers over K.
+template <class AtomA, class AtomB, class Mma, class Acc, class SA, class SB>
+__device__ __forceinline__ void gemm_ss(Mma const& mma, Acc& acc, SA const& sA, SB const& sB,
+                                        int tid) {
+  auto thr = mma.get_thread_slice(tid);
+  Tensor rA = thr.partition_fragment_A(sA);
+  Tensor rB = thr.partition_fragment_B(sB);
+  auto cpA = make_tiled_copy_A(AtomA{}, mma);
+  auto cpB = make_tiled_copy_B(AtomB{}, mma);
+  auto tA = cpA.get_thread_slice(tid);
+  auto tB = cpB.get_thread_slice(tid);
+  Tensor sAp = tA.partition_S(sA);
+  Tensor rAv = tA.retile_D(rA);
+  Tensor sBp = tB.partition_S(sB);
+  Tensor rBv = tB.retile_D(rB);
+  constexpr int kK = decltype(size<2>(rA))::value;
+  copy(cpA, sAp(_, _, 0), rAv(_, _, 0));
+  copy(cpB, sBp(_, _, 0), rBv(_, _, 0));
+  CUTE_UNROLL
+  for (int kk = 0; kk < kK; ++kk) {
+    if (kk + 1 < kK) {
+      copy(cpA, sAp(_, _, kk + 1), rAv(_, _, kk + 1));
+      copy(cpB, sBp(_, _, kk + 1), rBv(_, _, kk + 1));
+    }
+    cute::gemm(mma, rA(_, _, kk), rB(_, _, kk), acc);
+  }
+}
+
+// acc[M, N] += A[M, K] · B[N, K]^T with A already in registers (operand-A layout).
+template <class AtomB, class Mma, class Acc, class RA, class SB>
+__device__ __forceinline__ void gemm_rs(Mma const& mma, Acc& acc, RA const& rA, SB const& sB,
+                                        int tid) {
+  auto thr = mma.get_thread_slice(tid);
+  Tensor rB = thr.partition_fragment_B(sB);
+  auto cpB = make_tiled_copy_B(AtomB{}, mma);
+  auto tB = cpB.get_thread_slice(tid);
+  Tensor sBp = tB.partition_S(sB);
+  Tensor rBv = tB.retile_D(rB);
+  constexpr int kK = decltype(size<2>(rA))::value;
+  copy(cpB, sBp(_, _, 0), rBv(_, _, 0));
+  CUTE_UNROLL
+  for (int kk = 0; kk < kK; ++kk) {
+    if (kk + 1 < kK) copy(cpB, sBp(_, _, kk + 1), rBv(_, _, kk + 1));
+    cute::gemm(mma, rA(_, _, kk), rB(_, _, kk), acc);
+  }
+}
+
+// Butterfly over the 4 lanes (a quad) that share an accumulator row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---------------------------------------------------------------- geometry of one CTA
+
+// Tokens per batch element (Problem::tokens() is host-only).
+__device__ __forceinline__ int64_t tokens_of(Problem const& p) {
+  int64_t n = 1;
+  for (int a = 0; a < kMaxRank; ++a) n *= p.axes[a].length;
+  return n;
+}
+
+// Query side of a tile row: its token (-1 for padding) and its window [start, end) per axis
+// in group indices. Padding rows get an unbounded window (they are never written back).
+struct QRow {
+  int start[kMaxRank];
+  int end[kMaxRank];
+  int tok;
+  float lse2;   // backward: lse · log2(e), +inf on padding rows so that P = 0 there
+  float delta;  // backward: rowsum(dO · O)
+};
+
+// Key side of a tile row: its group index per axis and token (-1 for padding).
+struct KRow {
+  int jj[kMaxRank];
+  int tok;
+};
+
+__device__ __forceinline__ bool visible(QRow const& q, KRow const& k) {
+  bool ok = k.tok >= 0;
+  CUTE_UNROLL
+  for (int a = 0; a < kMaxRank; ++a) ok = ok && k.jj[a] >= q.start[a] && k.jj[a] < q.end[a];
+  return ok;
+}
+
+// One dilation group of the problem, as a CTA sees it.
+struct Group {
+  int L[kMaxRank];       // axis lengths (tokens)
+  int d[kMaxRank];       // dilation
+  int g[kMaxRank];       // this CTA's group offset per axis
+  int Lg[kMaxRank];      // group lengths
+  int qdim[kMaxRank];    // Q tile box
+  int kvdim[kMaxRank];   // KV tile box
+  int qprod, kvprod;
+
+  __device__ __forceinline__ AxisTiling tiling(Problem const& p, int a) const {
+    return AxisTiling{Lg[a], p.axes[a].kernel, p.axes[a].stride, p.axes[a].causal,
+                      (int64_t)qdim[a], (int64_t)kvdim[a]};
+  }
+
+  // Splits a flat grid index into (dilation group, tile coordinate) for tiles of `dims`
+  // (group 0 is the longest, so its tile count bounds every group's). False if the tile lies
+  // past the end of this (shorter) group.
+  __device__ __forceinline__ bool init(Problem const& p, int64_t flat, bool kv_side,
+                                       int tile[kMaxRank]) {
+    qprod = kvprod = 1;
+    int n[kMaxRank];
+    int64_t n_tiles = 1;
+    for (int a = 0; a < kMaxRank; ++a) {
+      L[a] = (int)p.axes[a].length;
+      d[a] = (int)p.axes[a].dilation;
+      qdim[a] = (int)p.q_tile[a];
+      kvdim[a] = (int)p.kv_tile[a];
+      qprod *= qdim[a];
+      kvprod *= kvdim[a];
+      const int dim = kv_side ? kvdim[a] : qdim[a];
+      n[a] = (int)ceil_div(group_length(L[a], d[a], 0), dim);
+      n_tiles *= n[a];
+    }
+    int64_t t = flat % n_tiles;
+    int64_t grp = flat / n_tiles;
+    bool ok = true;
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      tile[a] = (int)(t % n[a]);
+      t /= n[a];
+      g[a] = (int)(grp % d[a]);
+      grp /= d[a];
+      Lg[a] = (int)group_length(L[a], d[a], g[a]);
+      const int dim = kv_side ? kvdim[a] : qdim[a];
+      ok = ok && (int64_t)tile[a] * dim < Lg[a];
+    }
+    return ok;
+  }
+
+  // Token of row `r` of the tile at `coord` with box `dims` (-1 if padding); group indices
+  // per axis go to `ii`.
+  __device__ __forceinline__ int token(const int dims[kMaxRank], const int coord[kMaxRank],
+                                       int prod, int r, int ii[kMaxRank]) const {
+    int local[kMaxRank];
+    int rem = r;
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      local[a] = rem % dims[a];
+      rem /= dims[a];
+    }
+    bool ok = r < prod;
+    int tok = 0;
+    for (int a = 0; a < kMaxRank; ++a) {
+      ii[a] = coord[a] * dims[a] + local[a];
+      ok = ok && ii[a] < Lg[a];
+      tok = tok * L[a] + ii[a] * d[a] + g[a];
+    }
+    return ok ? tok : -1;
+  }
+
+  __device__ __forceinline__ QRow q_row(Problem const& p, const int coord[kMaxRank],
+                                        int r) const {
+    int ii[kMaxRank];
+    QRow row;
+    row.tok = token(qdim, coord, qprod, r, ii);
+    for (int a = 0; a < kMaxRank; ++a) {
+      if (row.tok >= 0) {
+        int64_t s, e;
+        window_bounds(ii[a], Lg[a], p.axes[a].kernel, p.axes[a].stride, p.axes[a].causal,
+                      &s, &e);
+        row.start[a] = (int)s;
+        row.end[a] = (int)e;
+      } else {
+        row.start[a] = 0;
+        row.end[a] = INT_MAX;
+      }
+    }
+    row.lse2 = 0.f;
+    row.delta = 0.f;
+    return row;
+  }
+
+  __device__ __forceinline__ KRow k_row(const int coord[kMaxRank], int r) const {
+    KRow row;
+    row.tok = token(kvdim, coord, kvprod, r, row.jj);
+    return row;
+  }
+};
+
+// Box of tiles [lo, lo + cnt) per axis, walked with the last axis fastest.
+struct TileBox {
+  int lo[kMaxRank];
+  int cnt[kMaxRank];
+  int total;
+  __device__ __forceinline__ void at(int i, int out[kMaxRank]) const {
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      out[a] = lo[a] + i % cnt[a];
+      i /= cnt[a];
+    }
+  }
+};
+
+// Gathers a [kRows, kD] tile into swizzled shared memory with cp.async (16 B per copy, zero
+// fill for padding rows). `tok_of(r)` gives row r's token or -1; `row_stride` is the element
+// distance between consecutive tokens (heads · D).
+template <int kRows, int kD, int kThreads, class T, class SLayout, class TokFn>
+__device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* base,
+                                          int64_t row_stride, TokFn const& tok_of, int tid) {
+  constexpr int kChunks = kD / 8;
+  static_assert(kThreads % kChunks == 0, "threads must cover whole rows");
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  const int c = tid % kChunks;
+  CUTE_UNROLL
+  for (int r0 = 0; r0 < kRows; r0 += kRowsPerPass) {
+    const int r = r0 + tid / kChunks;
+    if (kRows % kRowsPerPass != 0 && r >= kRows) break;
+    const int tok = tok_of(r);
+    const T* src = tok >= 0 ? base + (int64_t)tok * row_stride + c * 8 : base;
+    T* dst = smem + sl(r, c * 8);
+    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+        *reinterpret_cast<const uint128_t*>(src), *reinterpret_cast<uint128_t*>(dst), tok >= 0);
+  }
+}
+
+__device__ __forceinline__ void cp_async_commit() { cp_async_fence(); }
+
+}  // namespace sm80
+}  // namespace gna

@@ -1,0 +1,191 @@
+// sm80 GNA forward: one CTA per (Q tile of one dilation group, head, batch). It walks the box
+// of KV tiles that the geometry says the Q tile sees; full tiles run without mask code,
+// partial tiles mask element-wise. Online softmax in fp32 (exp2), P stays in registers as the
+// A operand of the PV GEMM. K of the next tile streams in (cp.async) during the PV GEMM, V of
+// the current tile during the QK^T GEMM.
+#pragma once
+
+#include "common.cuh"
+
+namespace gna {
+namespace sm80 {
+
+template <class Tr, int kBlockM, int kBlockN>
+struct FwdSmem {
+  using T = typename Tr::T;
+  alignas(128) T q[kBlockM * Tr::kD];
+  alignas(128) T k[kBlockN * Tr::kD];
+  alignas(128) T v[kBlockN * Tr::kD];
+  QRow qrows[kBlockM];
+  KRow krows[kBlockN];
+};
+
+template <class Tr, int kBlockM, int kBlockN>
+__global__ void __launch_bounds__(Tr::kThreads)
+    fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
+               const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
+               typename Tr::T* __restrict__ out, float* __restrict__ lse) {
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kD;
+  constexpr int kThreads = Tr::kThreads;
+  static_assert(kBlockM == Tr::kRowsMma, "one 16-row MMA slab per warp");
+  extern __shared__ __align__(128) char smem_raw[];
+  auto& sm = *reinterpret_cast<FwdSmem<Tr, kBlockM, kBlockN>*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+
+  Group G;
+  int qt[kMaxRank];
+  if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
+  const int hkv = h / (int)(p.heads / p.kv_heads);
+  const int64_t n_tok = tokens_of(p);
+  const int64_t q_stride = p.heads * kD;
+  const int64_t kv_stride = p.kv_heads * kD;
+  const T* qb = q + (b * n_tok * p.heads + h) * kD;
+  const T* kb = k + (b * n_tok * p.kv_heads + hkv) * kD;
+  const T* vb = v + (b * n_tok * p.kv_heads + hkv) * kD;
+
+  using SQ = typename Tr::template Smem<kBlockM>;
+  using SKV = typename Tr::template Smem<kBlockN>;
+  using SKVt = typename Tr::template SmemT<kBlockN>;
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q), SQ{});
+  Tensor sK = make_tensor(make_smem_ptr(sm.k), SKV{});
+  Tensor sVt = make_tensor(make_smem_ptr(sm.v), SKVt{});
+
+  // KV box seen by this Q tile, per axis.
+  TileBox box;
+  box.total = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    int64_t lo, hi;
+    G.tiling(p, a).kv_range(qt[a], &lo, &hi);
+    box.lo[a] = (int)lo;
+    box.cnt[a] = (int)(hi - lo);
+    box.total *= box.cnt[a];
+  }
+
+  for (int r = tid; r < kBlockM; r += kThreads) sm.qrows[r] = G.q_row(p, qt, r);
+  int ii[kMaxRank];
+  load_rows<kBlockM, kD, kThreads>(sm.q, SQ{}, qb, q_stride,
+                                   [&](int r) { return G.token(G.qdim, qt, G.qprod, r, ii); },
+                                   tid);
+  cp_async_commit();
+
+  int kt[kMaxRank];
+  auto stage_k = [&](int it) {
+    box.at(it, kt);
+    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(kt, r);
+    load_rows<kBlockN, kD, kThreads>(
+        sm.k, SKV{}, kb, kv_stride,
+        [&](int r) { return G.token(G.kvdim, kt, G.kvprod, r, ii); }, tid);
+    cp_async_commit();
+  };
+  if (box.total > 0) stage_k(0);
+
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_o);
+  Tensor ro = make_tensor(acc_o.data(), rowcol(acc_o.layout()));
+  constexpr int kRowsPerThread = decltype(size<0>(ro))::value;
+  float row_max[kRowsPerThread];
+  float row_sum[kRowsPerThread];
+  CUTE_UNROLL
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    row_max[i] = -INFINITY;
+    row_sum[i] = 0.f;
+  }
+  Tensor cS = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cSrc = make_tensor(cS.data(), rowcol(cS.layout()));
+  const float scale2 = p.scale * kLog2e;
+
+  for (int it = 0; it < box.total; ++it) {
+    box.at(it, kt);
+    bool full = G.kvprod == kBlockN;
+    for (int a = 0; a < kMaxRank; ++a) full = full && G.tiling(p, a).full(qt[a], kt[a]);
+
+    cp_async_wait<0>();
+    __syncthreads();
+    load_rows<kBlockN, kD, kThreads>(
+        sm.v, SKV{}, vb, kv_stride, [&](int r) { return G.token(G.kvdim, kt, G.kvprod, r, ii); },
+        tid);
+    cp_async_commit();
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK, tid);
+    Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRowsPerThread; ++mi) {
+      float mx = row_max[mi];
+      if (full) {
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          rs(mi, ni) *= scale2;
+          mx = fmaxf(mx, rs(mi, ni));
+        }
+      } else {
+        const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          const KRow kr = sm.krows[get<1>(cSrc(mi, ni))];
+          rs(mi, ni) = visible(qr, kr) ? rs(mi, ni) * scale2 : -INFINITY;
+          mx = fmaxf(mx, rs(mi, ni));
+        }
+      }
+      mx = quad_max(mx);
+      // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float corr = exp2f(row_max[mi] - base);
+      row_max[mi] = mx;
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        rs(mi, ni) = exp2f(rs(mi, ni) - base);
+        sum += rs(mi, ni);
+      }
+      row_sum[mi] = row_sum[mi] * corr + sum;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(ro); ++ni) ro(mi, ni) *= corr;
+    }
+    Tensor rP = to_operand_a<T>(acc_s);
+
+    cp_async_wait<0>();
+    __syncthreads();
+    if (it + 1 < box.total) stage_k(it + 1);
+    gemm_rs<typename Tr::LdsmT>(mma, acc_o, rP, sVt, tid);
+  }
+
+  // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
+  cp_async_wait<0>();
+  __syncthreads();
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cOrc = make_tensor(cO.data(), rowcol(cO.layout()));
+  T* ob = out + (b * n_tok * p.heads + h) * kD;
+  float* lb = lse + b * n_tok * p.heads + h;
+  const int lane = tid % 32;
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRowsPerThread; ++mi) {
+    const float sum = quad_sum(row_sum[mi]);
+    const int r = get<0>(cOrc(mi, 0));
+    const int tok = sm.qrows[r].tok;
+    if (tok < 0) continue;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    T* orow = ob + (int64_t)tok * q_stride;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(ro); ni += 2) {
+      const int c = get<1>(cOrc(mi, ni));
+      // Consecutive value pairs are adjacent columns: store them as one 32-bit word.
+      T pair[2] = {static_cast<T>(ro(mi, ni) * inv), static_cast<T>(ro(mi, ni + 1) * inv)};
+      *reinterpret_cast<uint32_t*>(orow + c) = *reinterpret_cast<uint32_t*>(pair);
+    }
+    if (lane % 4 == 0) {
+      lb[(int64_t)tok * p.heads] =
+          sum > 0.f ? (row_max[mi] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+}  // namespace sm80
+}  // namespace gna

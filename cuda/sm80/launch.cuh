@@ -1,0 +1,33 @@
+// Launchers of the sm80 kernels, one explicit instantiation per (dtype, head dim) in the
+// forward_*.cu / backward_*.cu files so that the build parallelises over them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "../gna_problem.h"
+
+namespace gna {
+namespace sm80 {
+
+constexpr int kKvTokens = 64;    // compiled KV tile (rows of K/V per tile)
+constexpr int kMaxQTokens = 128; // largest compiled Q tile
+
+// Number of CTAs along grid x for tiles of `tile` over all dilation groups (group 0 is the
+// longest, so its tile count is used for every group; shorter groups' extra CTAs exit).
+int64_t grid_tiles(const Problem& p, const int64_t* tile);
+
+std::string cuda_error(const char* what, cudaError_t err);
+
+template <class T, int kD>
+std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,
+                           void* out, float* lse, cudaStream_t stream);
+
+template <class T, int kD>
+std::string launch_backward(const Problem& p, const void* q, const void* k, const void* v,
+                            const void* out, const void* dout, const float* lse, void* dq,
+                            void* dk, void* dv, float* delta, cudaStream_t stream);
+
+}  // namespace sm80
+}  // namespace gna
