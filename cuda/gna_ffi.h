@@ -1,0 +1,173 @@
+// The XLA FFI contract of the GNA custom calls, shared by every platform's handler.
+//
+// Targets (one pair per platform, same buffers and attributes):
+//   forward:  (q, k, v) -> (out, lse)
+//   backward: (q, k, v, out, lse, dout[, dlse]) -> (dq, dk, dv)
+// q/out/dout/dq: [*lead, *spatial, H, D]; k/v/dk/dv: [*lead, *spatial, H_kv, D];
+// lse/dlse: [*lead, *spatial, H] float32. All leading dimensions (batch and any vmapped axes)
+// are flattened into Problem::batch. `dlse`, the cotangent of lse, is optional.
+//
+// Attributes (jax_gna/native.py passes them with exactly these numpy types):
+//   kernel, stride, dilation, causal, q_tile, kv_tile: int64 arrays, one entry per spatial
+//     axis (their common length is the spatial rank);
+//   scale: float32; deterministic: bool.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "gna_problem.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace gna {
+
+namespace ffi = ::xla::ffi;
+
+// Every attribute of both targets, decoded by XLA in one go (`Binding::Attrs<FfiAttrs>()`).
+struct FfiAttrs {
+  ffi::Span<const int64_t> kernel;
+  ffi::Span<const int64_t> stride;
+  ffi::Span<const int64_t> dilation;
+  ffi::Span<const int64_t> causal;
+  ffi::Span<const int64_t> q_tile;
+  ffi::Span<const int64_t> kv_tile;
+  float scale;
+  bool deterministic;
+};
+
+}  // namespace gna
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    ::gna::FfiAttrs,
+    ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("kernel"),
+    ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("stride"),
+    ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("dilation"),
+    ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("causal"),
+    ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("q_tile"),
+    ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("kv_tile"),
+    ::xla::ffi::StructMember<float>("scale"),
+    ::xla::ffi::StructMember<bool>("deterministic"));
+
+namespace gna {
+
+// Appends the forward target's buffers and attributes to a platform binding (which may
+// already carry platform context such as the stream). Handler parameters, in order:
+// (context..., q, k, v, out, lse, attrs).
+template <typename Binding>
+auto BindForward(Binding&& b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()                // q
+      .template Arg<ffi::AnyBuffer>()                // k
+      .template Arg<ffi::AnyBuffer>()                // v
+      .template Ret<ffi::AnyBuffer>()                // out
+      .template Ret<ffi::Buffer<ffi::F32>>()         // lse
+      .template Attrs<FfiAttrs>();
+}
+
+// Handler parameters: (context..., q, k, v, out, lse, dout, optional dlse, dq, dk, dv, attrs).
+template <typename Binding>
+auto BindBackward(Binding&& b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()                // q
+      .template Arg<ffi::AnyBuffer>()                // k
+      .template Arg<ffi::AnyBuffer>()                // v
+      .template Arg<ffi::AnyBuffer>()                // out
+      .template Arg<ffi::Buffer<ffi::F32>>()         // lse
+      .template Arg<ffi::AnyBuffer>()                // dout
+      .template OptionalArg<ffi::Buffer<ffi::F32>>()  // dlse
+      .template Ret<ffi::AnyBuffer>()                // dq
+      .template Ret<ffi::AnyBuffer>()                // dk
+      .template Ret<ffi::AnyBuffer>()                // dv
+      .template Attrs<FfiAttrs>();
+}
+
+namespace detail {
+
+inline std::string dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+inline bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+}  // namespace detail
+
+// Fills `p` from the q/k shapes and the attributes; returns "" or what is wrong. The Python
+// layer validates user input first, so an error here means a caller bypassed it.
+inline std::string MakeProblem(const FfiAttrs& a, ffi::Span<const int64_t> q_dims,
+                               ffi::Span<const int64_t> k_dims, Problem* p) {
+  const size_t rank = a.kernel.size();
+  if (rank < 1 || rank > static_cast<size_t>(kMaxRank))
+    return "GNA custom call: kernel must have 1 to 3 entries, got " + std::to_string(rank);
+  for (auto s : {a.stride, a.dilation, a.causal, a.q_tile, a.kv_tile})
+    if (s.size() != rank)
+      return "GNA custom call: kernel, stride, dilation, causal, q_tile and kv_tile must "
+             "have one entry per spatial axis";
+  if (q_dims.size() < rank + 3)
+    return "GNA custom call: q " + detail::dims_str(q_dims) + " must be [batch, " +
+           std::to_string(rank) + " spatial axes, heads, head_dim]";
+  if (k_dims.size() != q_dims.size())
+    return "GNA custom call: k " + detail::dims_str(k_dims) + " and q " +
+           detail::dims_str(q_dims) + " must have the same rank";
+  const size_t lead = q_dims.size() - rank - 2;
+  for (size_t i = 0; i < lead + rank; ++i)
+    if (q_dims[i] != k_dims[i])
+      return "GNA custom call: q " + detail::dims_str(q_dims) + " and k " +
+             detail::dims_str(k_dims) + " differ in a batch or spatial dimension";
+  p->rank = static_cast<int>(rank);
+  p->batch = 1;
+  for (size_t i = 0; i < lead; ++i) p->batch *= q_dims[i];
+  p->heads = q_dims[lead + rank];
+  p->kv_heads = k_dims[lead + rank];
+  p->head_dim = q_dims[lead + rank + 1];
+  if (k_dims[lead + rank + 1] != p->head_dim)
+    return "GNA custom call: q and k head_dim differ";
+  if (p->kv_heads < 1 || p->heads % p->kv_heads != 0)
+    return "GNA custom call: heads " + std::to_string(p->heads) +
+           " must be a multiple of kv heads " + std::to_string(p->kv_heads);
+  for (int ax = 0; ax < kMaxRank; ++ax) {
+    if (static_cast<size_t>(ax) >= rank) {
+      p->axes[ax] = Axis{1, 1, 1, 1, false};
+      p->q_tile[ax] = p->kv_tile[ax] = 1;
+      continue;
+    }
+    const Axis axis{q_dims[lead + ax], a.kernel[ax], a.stride[ax], a.dilation[ax],
+                    a.causal[ax] != 0};
+    const std::string where = " on spatial axis " + std::to_string(ax);
+    if (axis.dilation < 1 || axis.kernel < 1 || axis.kernel * axis.dilation > axis.length)
+      return "GNA custom call: need 1 <= kernel and kernel * dilation <= length" + where;
+    if (axis.stride < 1 || axis.stride > axis.kernel)
+      return "GNA custom call: need 1 <= stride <= kernel" + where;
+    if (a.q_tile[ax] < 1 || a.kv_tile[ax] < 1)
+      return "GNA custom call: tile sizes must be positive" + where;
+    p->axes[ax] = axis;
+    p->q_tile[ax] = a.q_tile[ax];
+    p->kv_tile[ax] = a.kv_tile[ax];
+  }
+  p->scale = a.scale;
+  p->deterministic = a.deterministic;
+  return "";
+}
+
+// Checks that a buffer has the expected shape; returns "" or a message naming it.
+inline std::string CheckDims(const char* name, ffi::Span<const int64_t> got,
+                             ffi::Span<const int64_t> want) {
+  if (detail::same_dims(got, want)) return "";
+  return std::string("GNA custom call: ") + name + " has shape " + detail::dims_str(got) +
+         ", expected " + detail::dims_str(want);
+}
+
+// The lse shape: q's shape without head_dim.
+inline std::string CheckLseDims(const char* name, ffi::Span<const int64_t> got,
+                                ffi::Span<const int64_t> q_dims) {
+  if (q_dims.size() == 0) return "GNA custom call: q must not be a scalar";
+  return CheckDims(name, got, q_dims.first(q_dims.size() - 1));
+}
+
+}  // namespace gna

@@ -1,0 +1,22 @@
+// The FFI handler symbols the Python extension hands to XLA (see jax_gna/native.py).
+// CPU handlers always exist; CUDA handlers only in builds with JAX_GNA_HAS_CUDA.
+#pragma once
+
+#include "xla/ffi/api/c_api.h"
+
+extern "C" {
+XLA_FFI_Error* JaxGnaCpuForward(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxGnaCpuBackward(XLA_FFI_CallFrame* call_frame);
+#ifdef JAX_GNA_HAS_CUDA
+XLA_FFI_Error* JaxGnaCudaForward(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxGnaCudaBackward(XLA_FFI_CallFrame* call_frame);
+#endif
+}
+
+namespace gna {
+
+// Comma-separated list of the SASS architectures the sm80-family kernels were compiled for
+// (e.g. "80,90"); empty in CPU-only builds.
+const char* cuda_sm80_archs();
+
+}  // namespace gna

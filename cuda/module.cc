@@ -1,0 +1,107 @@
+// The Python extension `_jax_gna_native` (a top-level module, see CMakeLists.txt): FFI
+// handler capsules for jax_gna/native.py, build facts, and the C++ tile geometry for
+// tests/test_native_geometry.py.
+//
+// No CUDA headers here: the CUDA handlers are plain symbols declared in handlers.h.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu_attention.h"
+#include "gna_geometry.h"
+#include "handlers.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+nb::capsule handler_capsule(XLA_FFI_Error* (*fn)(XLA_FFI_CallFrame*)) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+// {target name: capsule} for one platform ("cpu" or "cuda"); empty if not built.
+nb::dict handlers(const std::string& platform) {
+  nb::dict out;
+  if (platform == "cpu") {
+    out["jax_gna_cpu_forward"] = handler_capsule(JaxGnaCpuForward);
+    out["jax_gna_cpu_backward"] = handler_capsule(JaxGnaCpuBackward);
+  } else if (platform == "cuda") {
+#ifdef JAX_GNA_HAS_CUDA
+    out["jax_gna_cuda_forward"] = handler_capsule(JaxGnaCudaForward);
+    out["jax_gna_cuda_backward"] = handler_capsule(JaxGnaCudaBackward);
+#endif
+  } else {
+    throw nb::value_error("platform must be 'cpu' or 'cuda'");
+  }
+  return out;
+}
+
+// Per-axis tile geometry as computed by gna_geometry.h (mirrors geometry.axis_tiling).
+nb::dict axis_tiling(int64_t length, int64_t kernel, int64_t stride, bool causal,
+                     int64_t q_tile, int64_t kv_tile) {
+  if (length < 1 || kernel < 1 || kernel > length || stride < 1 || stride > kernel ||
+      q_tile < 1 || kv_tile < 1)
+    throw nb::value_error("axis_tiling needs 1 <= stride <= kernel <= length and tiles >= 1");
+  const gna::AxisTiling t{length, kernel, stride, causal, q_tile, kv_tile};
+  const int64_t n_q = t.n_q(), n_kv = t.n_kv();
+  std::vector<int64_t> kv_lo(n_q), kv_hi(n_q), q_lo(n_kv), q_hi(n_kv);
+  std::vector<std::vector<bool>> full(n_q, std::vector<bool>(n_kv));
+  for (int64_t qt = 0; qt < n_q; ++qt) {
+    t.kv_range(qt, &kv_lo[qt], &kv_hi[qt]);
+    for (int64_t kt = 0; kt < n_kv; ++kt) full[qt][kt] = t.full(qt, kt);
+  }
+  for (int64_t kt = 0; kt < n_kv; ++kt) t.q_range(kt, &q_lo[kt], &q_hi[kt]);
+  nb::dict out;
+  out["kv_lo"] = kv_lo;
+  out["kv_hi"] = kv_hi;
+  out["q_lo"] = q_lo;
+  out["q_hi"] = q_hi;
+  out["full"] = full;
+  return out;
+}
+
+// Window [start, end) of every group index of an axis (mirrors geometry.window_bounds).
+nb::tuple windows(int64_t group_len, int64_t kernel, int64_t stride, bool causal) {
+  if (group_len < 1 || kernel < 1 || kernel > group_len || stride < 1 || stride > kernel)
+    throw nb::value_error("windows needs 1 <= stride <= kernel <= group_len");
+  std::vector<int64_t> start(group_len), end(group_len);
+  for (int64_t ii = 0; ii < group_len; ++ii)
+    gna::window_bounds(ii, group_len, kernel, stride, causal, &start[ii], &end[ii]);
+  return nb::make_tuple(start, end);
+}
+
+}  // namespace
+
+NB_MODULE(_jax_gna_native, m) {
+  m.doc() = "jax_gna native part: XLA FFI handlers and the C++ tile geometry.";
+  m.def("handlers", &handlers, nb::arg("platform"),
+        "{FFI target name: handler capsule} of a platform ('cpu' or 'cuda').");
+  m.def("has_cuda", []() {
+#ifdef JAX_GNA_HAS_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build contains the CUDA handlers and kernels.");
+  m.def("cuda_sm80_archs", []() {
+#ifdef JAX_GNA_HAS_CUDA
+    return std::string(gna::cuda_sm80_archs());
+#else
+    return std::string();
+#endif
+  }, "SASS architectures of the sm80 kernel family ('' without CUDA).");
+  m.def("axis_tiling", &axis_tiling, nb::arg("length"), nb::arg("kernel"), nb::arg("stride"),
+        nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"),
+        "gna_geometry.h's AxisTiling as {kv_lo, kv_hi, q_lo, q_hi, full}.");
+  m.def("windows", &windows, nb::arg("group_len"), nb::arg("kernel"), nb::arg("stride"),
+        nb::arg("causal"), "gna_geometry.h's window_bounds for every group index.");
+  m.def("f16_roundtrip", [](float x) { return gna::cpu::f16_to_float(gna::cpu::float_to_f16(x)); },
+        nb::arg("x"), "float -> float16 -> float with the CPU handler's conversion.");
+  m.def("bf16_roundtrip",
+        [](float x) { return gna::cpu::bf16_to_float(gna::cpu::float_to_bf16(x)); },
+        nb::arg("x"), "float -> bfloat16 -> float with the CPU handler's conversion.");
+}
