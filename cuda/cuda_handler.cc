@@ -1,0 +1,172 @@
+// XLA FFI handlers of the `cuda` implementation: unpack the call into a gna::Problem, pick
+// the kernel family for the device's compute capability and call it (gna_kernels.h).
+// Plain C++ (no device code): the kernels live in cuda/sm80/*.cu.
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <string>
+
+#include "gna_ffi.h"
+#include "gna_kernels.h"
+#include "handlers.h"
+
+#ifndef JAX_GNA_SM80_ARCHS
+#error "CMake defines JAX_GNA_SM80_ARCHS (e.g. \"80,90\") for builds with CUDA"
+#endif
+
+namespace gna {
+
+const char* cuda_sm80_archs() { return JAX_GNA_SM80_ARCHS; }
+
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+// Compute capability (10 * major + minor) of `device`, cached; 0 and a message on failure.
+int compute_capability(int32_t device, std::string* err) {
+  static std::atomic<int> cache[kMaxDevices] = {};
+  if (device >= 0 && device < kMaxDevices) {
+    if (int cc = cache[device].load(std::memory_order_relaxed)) return cc;
+  }
+  int major = 0, minor = 0;
+  cudaError_t e1 = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaError_t e2 = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (e1 != cudaSuccess || e2 != cudaSuccess) {
+    *err = std::string("implementation='cuda': cannot query device ") + std::to_string(device) +
+           ": " + cudaGetErrorString(e1 != cudaSuccess ? e1 : e2);
+    return 0;
+  }
+  const int cc = 10 * major + minor;
+  if (device >= 0 && device < kMaxDevices) cache[device].store(cc, std::memory_order_relaxed);
+  return cc;
+}
+
+// SASS built for sm_XY runs on devices of the same major version and minor >= Y.
+bool sm80_runs_on(int cc) {
+  const std::string archs = JAX_GNA_SM80_ARCHS;
+  size_t pos = 0;
+  while (pos < archs.size()) {
+    size_t comma = archs.find(',', pos);
+    if (comma == std::string::npos) comma = archs.size();
+    const int arch = std::stoi(archs.substr(pos, comma - pos));
+    if (arch / 10 == cc / 10 && arch % 10 <= cc % 10) return true;
+    pos = comma + 1;
+  }
+  return false;
+}
+
+// The kernel dtype of a buffer, or an error message.
+std::string cuda_dtype(ffi::DataType dtype, DType* out) {
+  switch (dtype) {
+    case ffi::DataType::F16: *out = DType::kFloat16; return "";
+    case ffi::DataType::BF16: *out = DType::kBFloat16; return "";
+    default: return "implementation='cuda' takes bfloat16 or float16 inputs";
+  }
+}
+
+std::string same_dtype(std::initializer_list<ffi::DataType> dtypes) {
+  for (ffi::DataType d : dtypes)
+    if (d != *dtypes.begin()) return "GNA custom call: q, k, v and outputs must share a dtype";
+  return "";
+}
+
+// Checks that a kernel family exists for the device and accepts the problem.
+ffi::Error select_kernels(const Problem& p, DType dtype, int32_t device) {
+  std::string err;
+  const int cc = compute_capability(device, &err);
+  if (cc == 0) return ffi::Error::Internal(err);
+  if (!sm80_runs_on(cc))
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      "implementation='cuda' has no kernels for compute capability " +
+                          std::to_string(cc / 10) + "." + std::to_string(cc % 10) +
+                          " in this build (sm80 kernels built for sm_" +
+                          std::string(JAX_GNA_SM80_ARCHS) + "); use implementation='xla'");
+  err = sm80_supports(p, dtype);
+  if (!err.empty())
+    return ffi::Error(ffi::ErrorCode::kUnimplemented, "implementation='cuda': " + err);
+  return ffi::Error::Success();
+}
+
+ffi::Error CudaForward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                       ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
+                       ffi::Result<ffi::Buffer<ffi::F32>> lse, FfiAttrs attrs) {
+  Problem p;
+  DType dtype = DType::kBFloat16;
+  for (const std::string& err :
+       {MakeProblem(attrs, q.dimensions(), k.dimensions(), &p),
+        CheckDims("v", v.dimensions(), k.dimensions()),
+        CheckDims("out", out->dimensions(), q.dimensions()),
+        CheckLseDims("lse", lse->dimensions(), q.dimensions()),
+        same_dtype({q.element_type(), k.element_type(), v.element_type(),
+                    out->element_type()}),
+        cuda_dtype(q.element_type(), &dtype)})
+    if (!err.empty()) return ffi::Error::InvalidArgument(err);
+  if (p.batch == 0) return ffi::Error::Success();
+  if (ffi::Error e = select_kernels(p, dtype, device); e.failure()) return e;
+  std::string err = sm80_forward(p, dtype, q.untyped_data(), k.untyped_data(),
+                                 v.untyped_data(), out->untyped_data(), lse->typed_data(),
+                                 stream);
+  if (!err.empty()) return ffi::Error::Internal("implementation='cuda': " + err);
+  return ffi::Error::Success();
+}
+
+ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
+                        ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
+                        std::optional<ffi::Buffer<ffi::F32>> dlse,
+                        ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                        ffi::Result<ffi::AnyBuffer> dv, FfiAttrs attrs) {
+  Problem p;
+  DType dtype = DType::kBFloat16;
+  for (const std::string& err :
+       {MakeProblem(attrs, q.dimensions(), k.dimensions(), &p),
+        CheckDims("v", v.dimensions(), k.dimensions()),
+        CheckDims("out", out.dimensions(), q.dimensions()),
+        CheckDims("dout", dout.dimensions(), q.dimensions()),
+        CheckLseDims("lse", lse.dimensions(), q.dimensions()),
+        CheckDims("dq", dq->dimensions(), q.dimensions()),
+        CheckDims("dk", dk->dimensions(), k.dimensions()),
+        CheckDims("dv", dv->dimensions(), k.dimensions()),
+        same_dtype({q.element_type(), k.element_type(), v.element_type(), out.element_type(),
+                    dout.element_type(), dq->element_type(), dk->element_type(),
+                    dv->element_type()}),
+        cuda_dtype(q.element_type(), &dtype)})
+    if (!err.empty()) return ffi::Error::InvalidArgument(err);
+  // The sm80 interface has no lse cotangent yet; jax_gna/native.py adds that term itself and
+  // never passes dlse to this target.
+  if (dlse.has_value())
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      "implementation='cuda': the backward kernels take no lse cotangent");
+  if (p.batch == 0) return ffi::Error::Success();
+  if (ffi::Error e = select_kernels(p, dtype, device); e.failure()) return e;
+  void* workspace = nullptr;
+  if (const size_t bytes = sm80_backward_workspace(p); bytes > 0) {
+    std::optional<void*> mem = scratch.Allocate(bytes, 256);
+    if (!mem.has_value())
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "implementation='cuda': cannot allocate " + std::to_string(bytes) +
+                            " bytes of backward workspace");
+    workspace = *mem;
+  }
+  std::string err = sm80_backward(p, dtype, q.untyped_data(), k.untyped_data(),
+                                  v.untyped_data(), out.untyped_data(), dout.untyped_data(),
+                                  lse.typed_data(), dq->untyped_data(), dk->untyped_data(),
+                                  dv->untyped_data(), workspace, stream);
+  if (!err.empty()) return ffi::Error::Internal("implementation='cuda': " + err);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace gna
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxGnaCudaForward, gna::CudaForward,
+    gna::BindForward(xla::ffi::Ffi::Bind()
+                         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                         .Ctx<xla::ffi::DeviceOrdinal>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxGnaCudaBackward, gna::CudaBackward,
+    gna::BindBackward(xla::ffi::Ffi::Bind()
+                          .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                          .Ctx<xla::ffi::DeviceOrdinal>()
+                          .Ctx<xla::ffi::ScratchAllocator>()));
