@@ -13,3 +13,12 @@ from jax_gna import xla  # noqa: E402  (kept next to its registration)
 
 api.register(api.Implementation(
     name="xla", fn=xla.attention, unavailable=lambda: None, priority=10))
+
+from jax_gna import native  # noqa: E402  (kept next to its registration)
+
+api.register(api.Implementation(
+    name="cpu", fn=native.cpu_attention, unavailable=native.cpu_unavailable, priority=5,
+    dtypes=native.CPU_DTYPES))
+api.register(api.Implementation(
+    name="cuda", fn=native.cuda_attention, unavailable=native.cuda_unavailable, priority=20,
+    dtypes=native.CUDA_DTYPES))
