@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds tests/native/sm80_check.cu with the sm80 kernels and runs it.
+#   tests/native/run_sm80_check.sh [check [n] [seed] | sanitize | time | all]
+# CUTLASS headers: $CUTLASS_INCLUDE, else ./.cutlass (copied there for the GPU machine), else
+# the nvidia-cutlass wheel of /work/venv. BUILD_DIR (default /tmp/sm80_check) holds objects.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+INC=${CUTLASS_INCLUDE:-}
+if [[ -z "$INC" ]]; then
+  if [[ -d .cutlass/include ]]; then INC=.cutlass/include
+  else INC=/work/venv/lib/python3.11/site-packages/cutlass_library/source/include; fi
+fi
+OUT_DIR=${BUILD_DIR:-/tmp/sm80_check}
+mkdir -p "$OUT_DIR"
+FLAGS=(-gencode arch=compute_80,code=sm_80 -O3 -std=c++17 -I cuda -I "$INC" -lineinfo)
+pids=()
+for src in cuda/sm80/*.cu; do
+  obj="$OUT_DIR/$(basename "$src" .cu).o"
+  nvcc "${FLAGS[@]}" ${NVCC_EXTRA:-} -c "$src" -o "$obj" &
+  pids+=($!)
+done
+nvcc "${FLAGS[@]}" -Xcompiler -fopenmp -c tests/native/sm80_check.cu -o "$OUT_DIR/sm80_check.o" &
+pids+=($!)
+for pid in "${pids[@]}"; do wait "$pid"; done
+nvcc "${FLAGS[@]}" -Xcompiler -fopenmp "$OUT_DIR"/*.o -o "$OUT_DIR/sm80_check"
+BIN="$OUT_DIR/sm80_check"
+mode=${1:-all}
+if [[ "$mode" == all ]]; then
+  # Every stage runs even if an earlier one fails; the exit status reports any failure.
+  status=0
+  "$BIN" check "${2:-300}" "${3:-1234}" || status=1
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 3 "$BIN" sanitize || status=1
+  done
+  "$BIN" time || status=1
+  exit $status
+else
+  shift || true
+  "$BIN" "$mode" "$@"
+fi

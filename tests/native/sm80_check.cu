@@ -1,0 +1,487 @@
+// Standalone check of the sm80 GNA kernels against a float64 CPU reference.
+//
+//   sm80_check check [n_configs] [seed]   random sweep: out, lse, dq, dk, dv + determinism
+//   sm80_check sanitize                   one small 2-D and one 3-D case (compute-sanitizer)
+//   sm80_check time                       the six DESIGN.md §4 problems, bf16, D = 128
+//
+// The reference is written from the semantics (DESIGN.md §2) using gna_geometry.h's
+// window_bounds; inputs are fresh seeded random values, outputs are poisoned (all-ones bytes,
+// NaN in bf16/f16) before every run so that an unwritten element fails.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gna_kernels.h"
+
+using gna::Axis;
+using gna::DType;
+using gna::Problem;
+
+#define CK(x)                                                                        \
+  do {                                                                               \
+    cudaError_t e_ = (x);                                                            \
+    if (e_ != cudaSuccess) {                                                         \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,                 \
+                   cudaGetErrorString(e_));                                          \
+      std::exit(2);                                                                  \
+    }                                                                                \
+  } while (0)
+
+static void ok_or_die(const std::string& s, const char* what) {
+  if (!s.empty()) {
+    std::fprintf(stderr, "%s: %s\n", what, s.c_str());
+    std::exit(2);
+  }
+}
+
+// ------------------------------------------------------------------ host half conversions
+static uint16_t to_half(float x, DType t) {
+  if (t == DType::kBFloat16) {
+    __nv_bfloat16 h = __float2bfloat16(x);
+    uint16_t u;
+    std::memcpy(&u, &h, 2);
+    return u;
+  }
+  __half h = __float2half(x);
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+static double from_half(uint16_t u, DType t) {
+  if (t == DType::kBFloat16) {
+    __nv_bfloat16 h;
+    std::memcpy(&h, &u, 2);
+    return (double)__bfloat162float(h);
+  }
+  __half h;
+  std::memcpy(&h, &u, 2);
+  return (double)__half2float(h);
+}
+
+// ------------------------------------------------------------------ problem construction
+static std::vector<int64_t> fit_tile(std::vector<int64_t> tile, const Problem& p) {
+  // Port of jax_gna.geometry.fit_tile (only used to pick test tiles).
+  const int n = p.rank;
+  std::vector<int64_t> longest(n);
+  for (int a = 0; a < n; ++a) longest[a] = gna::group_length(p.axes[a].length, p.axes[a].dilation, 0);
+  for (int a = 0; a < n; ++a) {
+    while (tile[a] > 1 && tile[a] / 2 >= longest[a]) {
+      tile[a] /= 2;
+      int best = -1;
+      double best_r = -1;
+      for (int b = 0; b < n; ++b) {
+        if (b == a || tile[b] * 2 > longest[b]) continue;
+        const double r = (double)longest[b] / tile[b];
+        if (r > best_r) best_r = r, best = b;
+      }
+      if (best >= 0) tile[best] *= 2;
+    }
+  }
+  return tile;
+}
+
+static void default_tiles(Problem& p) {
+  static const std::vector<int64_t> q_menu[3] = {{128}, {8, 16}, {2, 8, 8}};
+  static const std::vector<int64_t> kv_menu[3] = {{64}, {8, 8}, {2, 4, 8}};
+  auto q = fit_tile(q_menu[p.rank - 1], p);
+  auto kv = fit_tile(kv_menu[p.rank - 1], p);
+  for (int a = 0; a < 3; ++a) {
+    p.q_tile[a] = a < p.rank ? q[a] : 1;
+    p.kv_tile[a] = a < p.rank ? kv[a] : 1;
+  }
+}
+
+static Problem make_problem(int rank, std::vector<Axis> axes, int64_t b, int64_t h, int64_t hkv,
+                            int64_t d) {
+  Problem p{};
+  p.rank = rank;
+  p.batch = b;
+  p.heads = h;
+  p.kv_heads = hkv;
+  p.head_dim = d;
+  for (int a = 0; a < 3; ++a) p.axes[a] = a < rank ? axes[a] : Axis{1, 1, 1, 1, false};
+  p.scale = 1.f / std::sqrt((float)d);
+  p.deterministic = true;
+  default_tiles(p);
+  return p;
+}
+
+static Problem random_problem(std::mt19937& g) {
+  auto U = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(g); };
+  const int rank = U(1, 3);
+  const int lmax[3] = {300, 26, 10};
+  const int lmin[3] = {8, 4, 3};
+  std::vector<Axis> axes;
+  for (int a = 0; a < rank; ++a) {
+    const int L = U(lmin[rank - 1], lmax[rank - 1]);
+    int d = U(0, 2) == 0 ? U(1, 3) : 1;
+    while (d > 1 && 2 * d > L) --d;
+    const int kmax = L / d;
+    int k = U(0, 5) == 0 ? kmax : U(2, std::max(2, std::min(kmax, rank == 1 ? 40 : 9)));
+    k = std::min(k, kmax);
+    const int s = U(0, 2) == 0 ? 1 : U(1, k);
+    const bool causal = U(0, 3) == 0;
+    axes.push_back(Axis{L, k, s, d, causal});
+  }
+  const int dims[3] = {32, 64, 128};
+  const int hs[3] = {1, 2, 4};
+  const int64_t H = hs[U(0, 2)];
+  int64_t Hkv = H;
+  if (U(0, 1)) Hkv = std::max<int64_t>(1, H / hs[U(0, 2)]);  // GQA / MQA
+  Problem p = make_problem(rank, axes, U(1, 2), H, Hkv, dims[U(0, 2)]);
+  p.scale *= std::uniform_real_distribution<float>(0.5f, 1.5f)(g);
+  if (U(0, 2) == 0) {  // odd, random tile boxes (padding rows, the 64-row variants)
+    for (int tries = 0; tries < 100; ++tries) {
+      int64_t q = 1, kv = 1;
+      for (int a = 0; a < rank; ++a) {
+        p.q_tile[a] = U(1, rank == 1 ? 128 : (rank == 2 ? 16 : 8));
+        p.kv_tile[a] = U(1, rank == 1 ? 64 : 8);
+        q *= p.q_tile[a];
+        kv *= p.kv_tile[a];
+      }
+      if (q <= 128 && kv <= 64) break;
+      default_tiles(p);
+    }
+  }
+  return p;
+}
+
+static std::string describe(const Problem& p, DType t) {
+  char buf[512];
+  std::string axes;
+  for (int a = 0; a < p.rank; ++a) {
+    const Axis& x = p.axes[a];
+    std::snprintf(buf, sizeof buf, "%s[L%ld k%ld s%ld d%ld%s q%ld kv%ld]", a ? " " : "",
+                  (long)x.length, (long)x.kernel, (long)x.stride, (long)x.dilation,
+                  x.causal ? " c" : "", (long)p.q_tile[a], (long)p.kv_tile[a]);
+    axes += buf;
+  }
+  std::snprintf(buf, sizeof buf, "%s B%ld H%ld/%ld D%ld %s",
+                t == DType::kBFloat16 ? "bf16" : "f16", (long)p.batch, (long)p.heads,
+                (long)p.kv_heads, (long)p.head_dim, axes.c_str());
+  return buf;
+}
+
+// ------------------------------------------------------------------ float64 reference
+// Keys (token indices) visible from query token `i`, straight from DESIGN.md §2.
+static std::vector<int64_t> neighbourhood(const Problem& p, int64_t i) {
+  int64_t coord[3], rem = i;
+  for (int a = 2; a >= 0; --a) coord[a] = rem % p.axes[a].length, rem /= p.axes[a].length;
+  std::vector<int64_t> lo(3), hi(3);
+  for (int a = 0; a < 3; ++a) {
+    const Axis& x = p.axes[a];
+    const int64_t g = coord[a] % x.dilation, ii = coord[a] / x.dilation;
+    const int64_t Lg = gna::group_length(x.length, x.dilation, g);
+    int64_t s, e;
+    gna::window_bounds(ii, Lg, x.kernel, x.stride, x.causal, &s, &e);
+    lo[a] = s * x.dilation + g;  // first token on this axis
+    hi[a] = e;                   // group-index end
+  }
+  std::vector<int64_t> keys;
+  for (int64_t j0 = lo[0]; j0 / p.axes[0].dilation < hi[0] && j0 < p.axes[0].length; j0 += p.axes[0].dilation)
+    for (int64_t j1 = lo[1]; j1 / p.axes[1].dilation < hi[1] && j1 < p.axes[1].length; j1 += p.axes[1].dilation)
+      for (int64_t j2 = lo[2]; j2 / p.axes[2].dilation < hi[2] && j2 < p.axes[2].length; j2 += p.axes[2].dilation)
+        keys.push_back((j0 * p.axes[1].length + j1) * p.axes[2].length + j2);
+  return keys;
+}
+
+struct Ref {
+  std::vector<double> out, lse, dq, dk, dv;
+};
+
+static Ref reference(const Problem& p, const std::vector<double>& q, const std::vector<double>& k,
+                     const std::vector<double>& v, const std::vector<double>& dout) {
+  const int64_t N = p.tokens(), H = p.heads, Hk = p.kv_heads, D = p.head_dim, B = p.batch;
+  const int64_t G = H / Hk;
+  Ref r;
+  r.out.assign(B * N * H * D, 0);
+  r.lse.assign(B * N * H, 0);
+  r.dq.assign(B * N * H * D, 0);
+  r.dk.assign(B * N * Hk * D, 0);
+  r.dv.assign(B * N * Hk * D, 0);
+  std::vector<std::vector<int64_t>> nb(N);
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t i = 0; i < N; ++i) nb[i] = neighbourhood(p, i);
+  // dK/dV are reduced per (b, kv head) in a fixed order: parallelise over (b, kv head).
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t bh = 0; bh < B * Hk; ++bh) {
+    const int64_t b = bh / Hk, hk = bh % Hk;
+    std::vector<double> s, pr, dp;
+    for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+      for (int64_t i = 0; i < N; ++i) {
+        const auto& keys = nb[i];
+        const double* qi = &q[((b * N + i) * H + h) * D];
+        const double* gi = &dout[((b * N + i) * H + h) * D];
+        s.resize(keys.size());
+        pr.resize(keys.size());
+        dp.resize(keys.size());
+        double mx = -INFINITY;
+        for (size_t n = 0; n < keys.size(); ++n) {
+          const double* kj = &k[((b * N + keys[n]) * Hk + hk) * D];
+          double acc = 0;
+          for (int64_t d = 0; d < D; ++d) acc += qi[d] * kj[d];
+          s[n] = acc * p.scale;
+          mx = std::max(mx, s[n]);
+        }
+        double sum = 0;
+        for (size_t n = 0; n < keys.size(); ++n) sum += (pr[n] = std::exp(s[n] - mx));
+        double* oi = &r.out[((b * N + i) * H + h) * D];
+        for (size_t n = 0; n < keys.size(); ++n) {
+          pr[n] /= sum;
+          const double* vj = &v[((b * N + keys[n]) * Hk + hk) * D];
+          for (int64_t d = 0; d < D; ++d) oi[d] += pr[n] * vj[d];
+        }
+        r.lse[(b * N + i) * H + h] = mx + std::log(sum);
+        double delta = 0;
+        for (int64_t d = 0; d < D; ++d) delta += gi[d] * oi[d];
+        double* dqi = &r.dq[((b * N + i) * H + h) * D];
+        for (size_t n = 0; n < keys.size(); ++n) {
+          const int64_t kv = ((b * N + keys[n]) * Hk + hk) * D;
+          double acc = 0;
+          for (int64_t d = 0; d < D; ++d) acc += gi[d] * v[kv + d];
+          const double ds = pr[n] * (acc - delta) * p.scale;
+          for (int64_t d = 0; d < D; ++d) {
+            dqi[d] += ds * k[kv + d];
+            r.dk[kv + d] += ds * qi[d];
+            r.dv[kv + d] += pr[n] * gi[d];
+          }
+        }
+      }
+    }
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------ device buffers
+struct Buf {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  explicit Buf(size_t n) : bytes(n) { CK(cudaMalloc(&ptr, std::max<size_t>(n, 16))); }
+  ~Buf() { cudaFree(ptr); }
+  Buf(const Buf&) = delete;
+  void poison() { CK(cudaMemset(ptr, 0xFF, bytes)); }
+};
+
+static std::vector<uint16_t> random_half(size_t n, std::mt19937& g, DType t, float sd = 1.f) {
+  std::normal_distribution<float> dist(0.f, sd);
+  std::vector<uint16_t> out(n);
+  for (auto& x : out) x = to_half(dist(g), t);
+  return out;
+}
+
+static std::vector<double> widen(const std::vector<uint16_t>& x, DType t) {
+  std::vector<double> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = from_half(x[i], t);
+  return out;
+}
+
+// Relative L2 error; +inf if any element is not finite.
+static double rel_err(const std::vector<double>& got, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += (got[i] - ref[i]) * (got[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+template <class X>
+static std::vector<X> download(const Buf& b) {
+  std::vector<X> out(b.bytes / sizeof(X));
+  CK(cudaMemcpy(out.data(), b.ptr, b.bytes, cudaMemcpyDeviceToHost));
+  return out;
+}
+
+struct Errors {
+  double out, lse, dq, dk, dv;
+  bool deterministic;
+};
+
+static Errors run_one(const Problem& p, DType t, std::mt19937& g, bool with_ref) {
+  ok_or_die(gna::sm80_supports(p, t), "sm80_supports");
+  const size_t nq = p.batch * p.tokens() * p.heads * p.head_dim;
+  const size_t nk = p.batch * p.tokens() * p.kv_heads * p.head_dim;
+  const size_t nl = p.batch * p.tokens() * p.heads;
+  auto hq = random_half(nq, g, t), hk = random_half(nk, g, t), hv = random_half(nk, g, t);
+  auto hdo = random_half(nq, g, t);
+  Buf q(nq * 2), k(nk * 2), v(nk * 2), out(nq * 2), lse(nl * 4), dout(nq * 2), dq(nq * 2),
+      dk(nk * 2), dv(nk * 2), ws(std::max<size_t>(gna::sm80_backward_workspace(p), 16));
+  CK(cudaMemcpy(q.ptr, hq.data(), nq * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(k.ptr, hk.data(), nk * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(v.ptr, hv.data(), nk * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dout.ptr, hdo.data(), nq * 2, cudaMemcpyHostToDevice));
+  for (Buf* b : {&out, &lse, &dq, &dk, &dv, &ws}) b->poison();
+  ok_or_die(gna::sm80_forward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr, 0), "forward");
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  ok_or_die(gna::sm80_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, (const float*)lse.ptr,
+                               dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
+            "backward");
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  auto g_dq = download<uint16_t>(dq), g_dk = download<uint16_t>(dk), g_dv = download<uint16_t>(dv);
+  // Determinism: a second backward into poisoned buffers must give identical bits.
+  for (Buf* b : {&dq, &dk, &dv, &ws}) b->poison();
+  ok_or_die(gna::sm80_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, (const float*)lse.ptr,
+                               dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
+            "backward (repeat)");
+  CK(cudaDeviceSynchronize());
+  Errors e{};
+  e.deterministic = download<uint16_t>(dq) == g_dq && download<uint16_t>(dk) == g_dk &&
+                    download<uint16_t>(dv) == g_dv;
+  if (!with_ref) return e;
+  Ref r = reference(p, widen(hq, t), widen(hk, t), widen(hv, t), widen(hdo, t));
+  auto g_lse = download<float>(lse);
+  e.out = rel_err(widen(download<uint16_t>(out), t), r.out);
+  e.lse = rel_err(std::vector<double>(g_lse.begin(), g_lse.end()), r.lse);
+  e.dq = rel_err(widen(g_dq, t), r.dq);
+  e.dk = rel_err(widen(g_dk, t), r.dk);
+  e.dv = rel_err(widen(g_dv, t), r.dv);
+  return e;
+}
+
+// ------------------------------------------------------------------ modes
+static int check(int n, unsigned seed) {
+  std::mt19937 g(seed);
+  int failed = 0;
+  double worst[5] = {0, 0, 0, 0, 0};
+  for (int c = 0; c < n; ++c) {
+    Problem p = random_problem(g);
+    const DType t = c % 2 ? DType::kFloat16 : DType::kBFloat16;
+    // bf16 has 8 mantissa bits, f16 11: the backward rounds P and dS to the input type.
+    const double tol_f = t == DType::kBFloat16 ? 2e-2 : 5e-3;
+    const double tol_b = t == DType::kBFloat16 ? 4e-2 : 1e-2;
+    Errors e = run_one(p, t, g, true);
+    const double errs[5] = {e.out, e.lse, e.dq, e.dk, e.dv};
+    bool ok = e.deterministic && e.out < tol_f && e.lse < tol_f && e.dq < tol_b &&
+              e.dk < tol_b && e.dv < tol_b;
+    for (int i = 0; i < 5; ++i) worst[i] = std::max(worst[i], errs[i]);
+    if (!ok || c < 3) {
+      std::printf("%s config %d: %s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e det %d\n",
+                  ok ? "ok  " : "FAIL", c, describe(p, t).c_str(), e.out, e.lse, e.dq, e.dk,
+                  e.dv, (int)e.deterministic);
+    }
+    failed += !ok;
+  }
+  std::printf("check: %d configs, %d failed; worst rel err out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n",
+              n, failed, worst[0], worst[1], worst[2], worst[3], worst[4]);
+  return failed ? 1 : 0;
+}
+
+static int sanitize() {
+  std::mt19937 g(7);
+  Problem p2 = make_problem(2, {{13, 5, 2, 1, false}, {11, 4, 1, 2, true}}, 1, 2, 1, 64);
+  Problem p3 = make_problem(3, {{5, 3, 1, 1, true}, {6, 3, 3, 1, false}, {9, 2, 1, 3, false}}, 1,
+                            2, 2, 32);
+  int bad = 0;
+  for (auto* p : {&p2, &p3}) {
+    Errors e = run_one(*p, DType::kBFloat16, g, true);
+    const bool ok = e.out < 2e-2 && e.dq < 4e-2 && e.dk < 4e-2 && e.dv < 4e-2 && e.deterministic;
+    std::printf("sanitize %s: out %.2e dq %.2e dk %.2e dv %.2e %s\n",
+                describe(*p, DType::kBFloat16).c_str(), e.out, e.dq, e.dk, e.dv,
+                ok ? "ok" : "FAIL");
+    bad += !ok;
+  }
+  return bad ? 1 : 0;
+}
+
+static double neighbourhood_sum(const Problem& p) {
+  // Non-causal problems: every query sees exactly prod(kernel) keys.
+  double n = (double)p.tokens();
+  for (int a = 0; a < p.rank; ++a) n *= (double)p.axes[a].kernel;
+  return n;
+}
+
+static int timing() {
+  struct Case {
+    const char* name;
+    Problem p;
+  };
+  std::vector<Case> cases = {
+      {"FLUX-4K GNA", make_problem(2, {{256, 80, 16, 1, false}, {256, 80, 16, 1, false}}, 1, 24, 24, 128)},
+      {"Hunyuan GNA", make_problem(3, {{30, 18, 16, 1, false}, {48, 24, 8, 1, false}, {80, 24, 8, 1, false}}, 1, 24, 24, 128)},
+      {"FLUX-4K NA", make_problem(2, {{256, 80, 1, 1, false}, {256, 80, 1, 1, false}}, 1, 24, 24, 128)},
+      {"Hunyuan NA", make_problem(3, {{30, 18, 1, 1, false}, {48, 24, 1, 1, false}, {80, 24, 1, 1, false}}, 1, 24, 24, 128)},
+      {"1-D 32k GNA s256", make_problem(1, {{32768, 2048, 256, 1, false}}, 1, 1, 1, 128)},
+      {"1-D 32k NA", make_problem(1, {{32768, 2048, 1, 1, false}}, 1, 1, 1, 128)},
+  };
+  std::mt19937 g(3);
+  const DType t = DType::kBFloat16;
+  std::printf("%-18s %-26s %10s %10s %10s %10s\n", "problem", "tiles q/kv", "fwd ms", "fwd TF/s",
+              "bwd ms", "bwd TF/s");
+  for (auto& c : cases) {
+    const Problem& p = c.p;
+    ok_or_die(gna::sm80_supports(p, t), c.name);
+    const size_t nq = p.batch * p.tokens() * p.heads * p.head_dim;
+    const size_t nk = p.batch * p.tokens() * p.kv_heads * p.head_dim;
+    const size_t nl = p.batch * p.tokens() * p.heads;
+    Buf q(nq * 2), k(nk * 2), v(nk * 2), out(nq * 2), lse(nl * 4), dout(nq * 2), dq(nq * 2),
+        dk(nk * 2), dv(nk * 2), ws(gna::sm80_backward_workspace(p));
+    for (Buf* b : {&q, &k, &v, &dout}) {
+      auto h = random_half(b->bytes / 2, g, t);
+      CK(cudaMemcpy(b->ptr, h.data(), b->bytes, cudaMemcpyHostToDevice));
+    }
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    auto fwd = [&] {
+      ok_or_die(gna::sm80_forward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr, 0), "fwd");
+    };
+    auto bwd = [&] {
+      ok_or_die(gna::sm80_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr,
+                                   (const float*)lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
+                "bwd");
+    };
+    auto time_ms = [&](auto&& fn, int iters) {
+      fn();
+      CK(cudaDeviceSynchronize());
+      std::vector<float> ms;
+      for (int i = 0; i < iters; ++i) {
+        CK(cudaEventRecord(e0));
+        fn();
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float m;
+        CK(cudaEventElapsedTime(&m, e0, e1));
+        ms.push_back(m);
+      }
+      CK(cudaGetLastError());
+      std::sort(ms.begin(), ms.end());
+      return (double)ms[ms.size() / 2];
+    };
+    const double flops = 4.0 * p.batch * p.heads * p.head_dim * neighbourhood_sum(p);
+    const double f = time_ms(fwd, 7), bw = time_ms(bwd, 5);
+    char tiles[64];
+    std::snprintf(tiles, sizeof tiles, "%ldx%ldx%ld/%ldx%ldx%ld", (long)p.q_tile[0],
+                  (long)p.q_tile[1], (long)p.q_tile[2], (long)p.kv_tile[0], (long)p.kv_tile[1],
+                  (long)p.kv_tile[2]);
+    std::printf("%-18s %-26s %10.3f %10.1f %10.3f %10.1f\n", c.name, tiles, f,
+                flops / f * 1e-9, bw, 2.5 * flops / bw * 1e-9);
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+  }
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "check";
+  if (mode == "check") {
+    const int n = argc > 2 ? std::atoi(argv[2]) : 300;
+    const unsigned seed = argc > 3 ? (unsigned)std::atoi(argv[3]) : 1234u;
+    return check(n, seed);
+  }
+  if (mode == "sanitize") return sanitize();
+  if (mode == "time") return timing();
+  std::fprintf(stderr, "usage: %s check [n] [seed] | sanitize | time\n", argv[0]);
+  return 2;
+}
