@@ -289,3 +289,38 @@ def test_simulate_bad_input():
         jax_gna.simulate((8, 8), GNAConfig(3), kv_tile_shape=(4,))
     with pytest.raises(ValueError, match="arch"):
         jax_gna.simulate((8, 8), GNAConfig(3), arch="sm10")
+
+
+# ----------------------------------------------------------------------------------------
+# The xla implementation visits exactly what the simulator counts.
+# ----------------------------------------------------------------------------------------
+
+def test_xla_visit_lists_match_simulator():
+    """Counts the valid entries of the `xla` path's own visit lists (forward and backward).
+
+    The `xla` path processes all dilation groups of an axis together, padded to
+    ``ceil(L / d)`` (`geometry.padded_group_tiling`): when ``d`` divides every ``L`` this is
+    exact and its counts must equal the simulator's; otherwise it may only visit more.
+    """
+    from jax_gna import xla
+    rng = np.random.default_rng(5)
+    checked_exact = 0
+    for trial in range(150):
+        shape, cfg, tq, tk = _random_problem(rng)
+        axes = cfg.resolve(shape)
+        plan = xla.make_plan(axes, 1.0, 32, tq, tk)
+        visits = xla._visits(plan)
+        groups = math.prod(a.dilation for a in axes)
+        n_full = groups * int(visits["full"].valid.sum())
+        n_visited = n_full + groups * int(visits["partial"].valid.sum())
+        n_visited_t = groups * int(visits["full_t"].valid.sum() + visits["partial_t"].valid.sum())
+        r = jax_gna.simulate(shape, cfg, q_tile_shape=tq, kv_tile_shape=tk)
+        where = f"trial {trial}: {shape} {cfg} {tq} {tk}"
+        assert n_visited_t == n_visited, where
+        if all(a.length % a.dilation == 0 for a in axes):
+            checked_exact += 1
+            assert n_visited == r.visited_tiles, where
+            assert n_full == r.full_tiles, where
+        else:
+            assert n_visited >= r.visited_tiles, where
+    assert checked_exact >= 100
