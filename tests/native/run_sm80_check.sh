@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds tests/native/sm80_check.cu with the sm80 kernels and runs it.
+# Builds tests/native/sm80_check.cu with the sm80 kernels (SASS for sm_80 and sm_90: sm_80
+# SASS does not run on Hopper) and runs it.
 #   tests/native/run_sm80_check.sh [check [n] [seed] | sanitize | time | all]
 # CUTLASS headers: $CUTLASS_INCLUDE, else ./.cutlass (copied there for the GPU machine), else
 # the nvidia-cutlass wheel of /work/venv. BUILD_DIR (default /tmp/sm80_check) holds objects.
@@ -12,7 +13,7 @@ if [[ -z "$INC" ]]; then
 fi
 OUT_DIR=${BUILD_DIR:-/tmp/sm80_check}
 mkdir -p "$OUT_DIR"
-FLAGS=(-gencode arch=compute_80,code=sm_80 -O3 -std=c++17 -I cuda -I "$INC" -lineinfo)
+FLAGS=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -O3 -std=c++17 -I cuda -I "$INC" -lineinfo)
 pids=()
 for src in cuda/sm80/*.cu; do
   obj="$OUT_DIR/$(basename "$src" .cu).o"
