@@ -429,8 +429,10 @@ def cmd_draw(args) -> int:
                plt.Line2D([], [], color="red", marker="*", linestyle="", label="query")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
               frameon=False)
+    extra = "".join([f" dilation {cfg.dilation}" if cfg.dilation != 1 else "",
+                     f" causal {cfg.is_causal}" if cfg.is_causal else ""])
     ax.set_title(
-        f"{'x'.join(map(str, shape))} window {cfg.kernel_size} stride {cfg.stride}"
+        f"{'x'.join(map(str, shape))} window {cfg.kernel_size} stride {cfg.stride}{extra}"
         f"{title_slice}\nQ tile {sim.q_tile_shape}, KV tile {sim.kv_tile_shape}: "
         f"tile speedup {sim.tile_speedup:.2f}x of {sim.flop_speedup:.2f}x "
         f"({'block-sparse' if sim.block_sparse else f'{sim.partial_fraction:.0%} partial'})",
