@@ -319,9 +319,10 @@ def run(problems: Iterable[Problem], implementations: Sequence[str] | None = Non
 
     Returns:
       Records (dicts, JSON-ready) with ``ms``, ``effective_tflops``, ``tflops`` (the FLOPs the
-      contestant itself performs: GNA's for GNA rows, dense for dense rows), ``ratio``
-      (baseline ms / ms, GNA rows), ``flop_bound`` and ``tile_speedup`` (simulator), or
-      ``error`` / ``skipped`` strings when a measurement could not be made.
+      contestant itself performs: GNA's for GNA rows, dense for dense rows), for GNA rows
+      ``ratios`` (baseline ms / ms for every baseline that ran), ``ratio`` and
+      ``ratio_baseline`` (the first of them), ``flop_bound`` and ``tile_speedup``
+      (simulator); or ``error`` / ``skipped`` strings when a measurement could not be made.
 
     Raises:
       ValueError: unknown mode, baseline or implementation name.
@@ -349,7 +350,7 @@ def run(problems: Iterable[Problem], implementations: Sequence[str] | None = Non
         args = make_inputs(problem)
         mask = None
         for mode in modes:
-            dense_ms = None
+            dense_ms: dict[str, float] = {}
             for baseline in baselines:
                 if bar:
                     bar.step(f"{problem.name} {mode} {baseline}")
@@ -367,8 +368,8 @@ def run(problems: Iterable[Problem], implementations: Sequence[str] | None = Non
                     _measure(rec, dense_function(problem, baseline, mode), (*args, *extra),
                              problem.dense_flops(mode), problem.gna_flops(mode), reps,
                              min_time)
-                    if dense_ms is None and "ms" in rec:
-                        dense_ms = rec["ms"]
+                    if "ms" in rec:
+                        dense_ms[baseline] = rec["ms"]
                 records.append(rec)
             for name in implementations:
                 if bar:
@@ -378,12 +379,10 @@ def run(problems: Iterable[Problem], implementations: Sequence[str] | None = Non
                 rec["tile_speedup"] = sim.tile_speedup
                 _measure(rec, gna_function(problem, name, mode), args,
                          problem.gna_flops(mode), problem.gna_flops(mode), reps, min_time)
-                if dense_ms is not None and "ms" in rec:
-                    rec["ratio"] = dense_ms / rec["ms"]
-                    rec["ratio_baseline"] = next(
-                        r["contestant"] for r in records
-                        if r["problem"] == problem.name and r["mode"] == mode and "ms" in r
-                        and r["kind"] == "dense")
+                if dense_ms and "ms" in rec:
+                    rec["ratios"] = {b: ms / rec["ms"] for b, ms in dense_ms.items()}
+                    rec["ratio_baseline"] = next(iter(dense_ms))
+                    rec["ratio"] = rec["ratios"][rec["ratio_baseline"]]
                 records.append(rec)
         del mask
     if bar:
@@ -427,9 +426,11 @@ def write_json(path: str, records: Sequence[dict], meta: dict | None = None) -> 
 
 
 def format_table(records: Sequence[dict]) -> str:
-    """A short fixed-width table of the records."""
+    """A short fixed-width table: one row per record, one ratio column per baseline."""
+    baselines = list(dict.fromkeys(r["contestant"] for r in records
+                                   if r["kind"] == "dense" and "ms" in r))
     head = (f"{'problem':<14} {'mode':<7} {'contestant':<10} {'ms':>9} {'eff TF/s':>9} "
-            f"{'TF/s':>8} {'ratio':>7} {'bound':>6}")
+            f"{'TF/s':>8} {'bound':>6}" + "".join(f" {'vs ' + b:>12}" for b in baselines))
     lines = [head, "-" * len(head)]
     for r in records:
         if "ms" not in r:
@@ -437,11 +438,13 @@ def format_table(records: Sequence[dict]) -> str:
             lines.append(f"{r['problem']:<14} {r['mode']:<7} {r['contestant']:<10} "
                          f"{'-':>9}  {'skipped' if 'skipped' in r else 'ERROR'}: {note[:70]}")
             continue
-        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
         bound = f"{r['flop_bound']:.1f}x" if "flop_bound" in r else ""
+        ratios = r.get("ratios", {})
         lines.append(f"{r['problem']:<14} {r['mode']:<7} {r['contestant']:<10} "
                      f"{_num(r['ms']):>9} {_num(r['effective_tflops']):>9} "
-                     f"{_num(r['tflops']):>8} {ratio:>7} {bound:>6}")
+                     f"{_num(r['tflops']):>8} {bound:>6}"
+                     + "".join(f" {f'{ratios[b]:.2f}x' if b in ratios else '':>12}"
+                               for b in baselines))
     return "\n".join(lines)
 
 

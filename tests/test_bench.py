@@ -112,6 +112,7 @@ def test_run_records_and_json(tmp_path):
                          and d["contestant"] == "xla-mask")
             assert r["ratio"] == pytest.approx(dense["ms"] / r["ms"])
             assert r["ratio_baseline"] == "xla-mask"
+            assert r["ratios"]["xla-mask"] == r["ratio"]
             assert r["flop_bound"] == sim.flop_speedup
             assert r["tile_speedup"] == sim.tile_speedup
         else:
