@@ -7,6 +7,12 @@
 
 #include "common.cuh"
 
+// Minimum resident CTAs per SM the forward is compiled for (register cap); 1 lets the
+// compiler use up to 255 registers per thread.
+#ifndef GNA_SM80_FWD_MIN_BLOCKS
+#define GNA_SM80_FWD_MIN_BLOCKS 1
+#endif
+
 namespace gna {
 namespace sm80 {
 
@@ -21,7 +27,7 @@ struct FwdSmem {
 };
 
 template <class Tr, int kBlockM, int kBlockN>
-__global__ void __launch_bounds__(Tr::kThreads)
+__global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                typename Tr::T* __restrict__ out, float* __restrict__ lse) {
