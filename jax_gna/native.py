@@ -169,10 +169,18 @@ def _backward_roles(with_dlse: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return operands, ("q", "kv", "kv")
 
 
-def _factors(role: str, lead: int, rank: int) -> str:
+def _factors(role: str, lead: int, rank: int, heads: int, kv_heads: int) -> str:
     batch = [f"b{i}" for i in range(lead)]
     spatial = [f"s{a}" for a in range(rank)]
-    heads = {"q": "(hk g)", "kv": "hk", "row": "(hk g)"}[role]
+    # Query heads are (kv head, head within its group). Shardy rejects size-1 parts of a
+    # compound factor, so MHA and MQA name the one non-trivial part alone.
+    if heads == kv_heads:
+        q_heads = "hk"
+    elif kv_heads == 1:
+        q_heads = "g"
+    else:
+        q_heads = "(hk g)"
+    heads = {"q": q_heads, "kv": "hk", "row": q_heads}[role]
     tail = [] if role == "row" else ["d"]
     return " ".join(batch + spatial + [heads] + tail)
 
@@ -185,10 +193,16 @@ def _sharding_rule(roles, c: _Call, mesh, operand_types, result_types):
     lead = len(q_shape) - c.rank - 2
     heads, kv_heads = q_shape[-2], operand_types[1].shape[-2]
     operands, results = roles
-    rule = (", ".join(_factors(r, lead, c.rank) for r in operands) + " -> " +
-            ", ".join(_factors(r, lead, c.rank) for r in results))
-    replicated = tuple(f"s{a}" for a in range(c.rank)) + ("g", "d")
-    return rule, dict(need_replication_factors=replicated, g=heads // kv_heads)
+    rule = (", ".join(_factors(r, lead, c.rank, heads, kv_heads) for r in operands) + " -> " +
+            ", ".join(_factors(r, lead, c.rank, heads, kv_heads) for r in results))
+    # Listed in order of first appearance in the rule, as Shardy requires.
+    replicated = tuple(f"s{a}" for a in range(c.rank))
+    sizes = {}
+    if heads != kv_heads:
+        replicated += ("g",)
+        if kv_heads > 1:
+            sizes["g"] = heads // kv_heads  # only named inside the compound factor
+    return rule, dict(need_replication_factors=replicated + ("d",), **sizes)
 
 
 def _mesh_axis_size(mesh, axis) -> int:
@@ -225,7 +239,7 @@ def _partitioned(roles, raw_call):
     def shardings(c, mesh, arg_infos):
         specs = _local_specs(c, mesh, arg_infos[0], arg_infos[1].shape[-2])
         operands, results = roles
-        return ([NamedSharding(mesh, specs[r]) for r in operands[:len(arg_infos)]],
+        return (tuple(NamedSharding(mesh, specs[r]) for r in operands[:len(arg_infos)]),
                 tuple(NamedSharding(mesh, specs[r]) for r in results))
 
     @functools.partial(custom_partitioning, static_argnums=(0,))
@@ -273,7 +287,7 @@ def _batch_folding(fn, c: _Call):
         arrays = [x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
                   for x, b in zip(arrays, in_batched)]
         outs = call(*arrays)
-        return outs, [True] * len(outs)
+        return outs, tuple(True for _ in outs)
 
     return call
 
