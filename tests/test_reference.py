@@ -1,0 +1,7 @@
+"""The `reference` implementation passes the shared battery."""
+
+import battery
+
+
+class TestReference(battery.GNABattery):
+    implementation = "reference"
