@@ -136,7 +136,8 @@ def _dense_forward(q, k, v, scale, backend):
     if backend == "cudnn":
         try:
             return _dense_cudnn(q, k, v, scale)
-        except (ImportError, AttributeError, NotImplementedError, TypeError, ValueError):
+        except (ImportError, AttributeError, NotImplementedError, RuntimeError, TypeError,
+                ValueError):
             # cuDNN rejected the shape/version at trace time, or the private wrapper moved
             # in this jax version: the jnp path computes the same thing.
             pass

@@ -84,10 +84,8 @@ def union_reference(q, k, v, ak, av, cfg, scale, d_out=None, d_lse=None):
 
 
 def _implementations():
-    names = ["reference"]
-    if "xla" in jax_gna.available_implementations():
-        names.append("xla")
-    return names
+    return [n for n in ("reference", "xla", "cpu")
+            if n == "reference" or n in jax_gna.available_implementations()]
 
 
 CASES = [
