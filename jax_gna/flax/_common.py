@@ -1,5 +1,5 @@
-"""Pieces shared by the NNX and Linen layers: argument checks, the QKV split, the GNA call,
-and the ``attention_fn`` adapter for Flax's multi-head attention modules."""
+"""Pieces shared by the NNX and Linen layers: argument checks, the QKV split, and the
+``attention_fn`` adapter for Flax's multi-head attention modules."""
 
 from __future__ import annotations
 
