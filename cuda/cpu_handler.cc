@@ -51,7 +51,9 @@ ffi::Error CpuBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
                        ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
                        std::optional<ffi::Buffer<ffi::F32>> dlse,
                        ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                       ffi::Result<ffi::AnyBuffer> dv, FfiAttrs attrs) {
+                       ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> workspace,
+                       FfiAttrs attrs) {
+  (void)workspace;  // the CPU backward keeps its scratch on the heap
   Problem p;
   cpu::Elem elem = cpu::Elem::kFloat32;
   for (const std::string& err :

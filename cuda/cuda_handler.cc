@@ -18,6 +18,8 @@ namespace gna {
 
 const char* cuda_sm80_archs() { return JAX_GNA_SM80_ARCHS; }
 
+size_t cuda_backward_workspace(const Problem& p) { return sm80_backward_workspace(p); }
+
 namespace {
 
 constexpr int kMaxDevices = 64;
@@ -110,12 +112,12 @@ ffi::Error CudaForward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ff
   return ffi::Error::Success();
 }
 
-ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
-                        ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
                         std::optional<ffi::Buffer<ffi::F32>> dlse,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                        ffi::Result<ffi::AnyBuffer> dv, FfiAttrs attrs) {
+                        ffi::Result<ffi::AnyBuffer> dv,
+                        ffi::Result<ffi::AnyBuffer> workspace, FfiAttrs attrs) {
   Problem p;
   DType dtype = DType::kBFloat16;
   for (const std::string& err :
@@ -139,19 +141,18 @@ ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::ScratchAllocat
                       "implementation='cuda': the backward kernels take no lse cotangent");
   if (p.batch == 0) return ffi::Error::Success();
   if (ffi::Error e = select_kernels(p, dtype, device); e.failure()) return e;
-  void* workspace = nullptr;
-  if (const size_t bytes = sm80_backward_workspace(p); bytes > 0) {
-    std::optional<void*> mem = scratch.Allocate(bytes, 256);
-    if (!mem.has_value())
-      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                        "implementation='cuda': cannot allocate " + std::to_string(bytes) +
-                            " bytes of backward workspace");
-    workspace = *mem;
-  }
+  // The workspace is an XLA-allocated result (FFI scratch allocation is not available on
+  // every runtime); jax_gna/native.py sizes it with cuda_backward_workspace().
+  const size_t bytes = sm80_backward_workspace(p);
+  if (workspace->size_bytes() < bytes)
+    return ffi::Error::InvalidArgument(
+        "implementation='cuda': backward workspace has " +
+        std::to_string(workspace->size_bytes()) + " bytes, needs " + std::to_string(bytes));
   std::string err = sm80_backward(p, dtype, q.untyped_data(), k.untyped_data(),
                                   v.untyped_data(), out.untyped_data(), dout.untyped_data(),
                                   lse.typed_data(), dq->untyped_data(), dk->untyped_data(),
-                                  dv->untyped_data(), workspace, stream);
+                                  dv->untyped_data(), bytes ? workspace->untyped_data() : nullptr,
+                                  stream);
   if (!err.empty()) return ffi::Error::Internal("implementation='cuda': " + err);
   return ffi::Error::Success();
 }
@@ -168,5 +169,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxGnaCudaBackward, gna::CudaBackward,
     gna::BindBackward(xla::ffi::Ffi::Bind()
                           .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                          .Ctx<xla::ffi::DeviceOrdinal>()
-                          .Ctx<xla::ffi::ScratchAllocator>()));
+                          .Ctx<xla::ffi::DeviceOrdinal>()));

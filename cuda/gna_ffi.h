@@ -2,10 +2,12 @@
 //
 // Targets (one pair per platform, same buffers and attributes):
 //   forward:  (q, k, v) -> (out, lse)
-//   backward: (q, k, v, out, lse, dout[, dlse]) -> (dq, dk, dv)
+//   backward: (q, k, v, out, lse, dout[, dlse]) -> (dq, dk, dv, workspace)
 // q/out/dout/dq: [*lead, *spatial, H, D]; k/v/dk/dv: [*lead, *spatial, H_kv, D];
 // lse/dlse: [*lead, *spatial, H] float32. All leading dimensions (batch and any vmapped axes)
-// are flattened into Problem::batch. `dlse`, the cotangent of lse, is optional.
+// are flattened into Problem::batch. `dlse`, the cotangent of lse, is optional. `workspace`
+// is a uint8 scratch result of BackwardWorkspaceBytes() bytes (XLA allocates it with the
+// outputs; the Python side drops it).
 //
 // Attributes (jax_gna/native.py passes them with exactly these numpy types):
 //   kernel, stride, dilation, causal, q_tile, kv_tile: int64 arrays, one entry per spatial
@@ -64,7 +66,8 @@ auto BindForward(Binding&& b) {
       .template Attrs<FfiAttrs>();
 }
 
-// Handler parameters: (context..., q, k, v, out, lse, dout, optional dlse, dq, dk, dv, attrs).
+// Handler parameters:
+// (context..., q, k, v, out, lse, dout, optional dlse, dq, dk, dv, workspace, attrs).
 template <typename Binding>
 auto BindBackward(Binding&& b) {
   return std::move(b)
@@ -78,6 +81,7 @@ auto BindBackward(Binding&& b) {
       .template Ret<ffi::AnyBuffer>()                // dq
       .template Ret<ffi::AnyBuffer>()                // dk
       .template Ret<ffi::AnyBuffer>()                // dv
+      .template Ret<ffi::AnyBuffer>()                // workspace
       .template Attrs<FfiAttrs>();
 }
 

@@ -2,6 +2,8 @@
 // CPU handlers always exist; CUDA handlers only in builds with JAX_GNA_HAS_CUDA.
 #pragma once
 
+#include <cstddef>
+
 #include "xla/ffi/api/c_api.h"
 
 extern "C" {
@@ -14,6 +16,11 @@ XLA_FFI_Error* JaxGnaCudaBackward(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace gna {
+
+struct Problem;
+
+// Bytes of the backward target's `workspace` result on the CUDA platform (0 on CPU).
+size_t cuda_backward_workspace(const Problem& p);
 
 // Comma-separated list of the SASS architectures the sm80-family kernels were compiled for
 // (e.g. "80,90"); empty in CPU-only builds.

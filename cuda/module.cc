@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu_attention.h"
+#include "gna_ffi.h"
 #include "gna_geometry.h"
 #include "handlers.h"
 
@@ -38,6 +39,29 @@ nb::dict handlers(const std::string& platform) {
     throw nb::value_error("platform must be 'cpu' or 'cuda'");
   }
   return out;
+}
+
+using I64s = std::vector<int64_t>;
+
+// Bytes of the backward target's workspace result for these (local) shapes and attributes.
+size_t backward_workspace_bytes(const std::string& platform, const I64s& q_shape,
+                                const I64s& k_shape, const I64s& kernel, const I64s& stride,
+                                const I64s& dilation, const I64s& causal, const I64s& q_tile,
+                                const I64s& kv_tile) {
+  if (platform == "cpu") return 0;
+  if (platform != "cuda") throw nb::value_error("platform must be 'cpu' or 'cuda'");
+#ifdef JAX_GNA_HAS_CUDA
+  using Span = gna::ffi::Span<const int64_t>;
+  auto span = [](const I64s& v) { return Span(v.data(), v.size()); };
+  const gna::FfiAttrs attrs{span(kernel), span(stride), span(dilation), span(causal),
+                            span(q_tile), span(kv_tile), 1.0f, false};
+  gna::Problem p;
+  const std::string err = gna::MakeProblem(attrs, span(q_shape), span(k_shape), &p);
+  if (!err.empty()) throw nb::value_error(err.c_str());
+  return gna::cuda_backward_workspace(p);
+#else
+  throw nb::value_error("this build has no CUDA handlers");
+#endif
 }
 
 // Per-axis tile geometry as computed by gna_geometry.h (mirrors geometry.axis_tiling).
@@ -94,6 +118,10 @@ NB_MODULE(_jax_gna_native, m) {
     return std::string();
 #endif
   }, "SASS architectures of the sm80 kernel family ('' without CUDA).");
+  m.def("backward_workspace_bytes", &backward_workspace_bytes, nb::arg("platform"),
+        nb::arg("q_shape"), nb::arg("k_shape"), nb::arg("kernel"), nb::arg("stride"),
+        nb::arg("dilation"), nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"),
+        "Bytes of the backward custom call's workspace result.");
   m.def("axis_tiling", &axis_tiling, nb::arg("length"), nb::arg("kernel"), nb::arg("stride"),
         nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"),
         "gna_geometry.h's AxisTiling as {kv_lo, kv_hi, q_lo, q_hi, full}.");

@@ -36,6 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jax_gna import geometry
 from jax_gna.config import AxisParams
 
+# The extension is imported after jax and numpy (above) on purpose: built by a compiler that
+# links libstdc++ statically, loading it before ml_dtypes makes ml_dtypes crash.
 try:  # the compiled part; absent in a source checkout that was never built
     import _jax_gna_native as _ext
     _IMPORT_ERROR: str | None = None
@@ -146,13 +148,24 @@ def _call_forward(c: _Call, q, k, v):
 
 
 def _call_backward(c: _Call, q, k, v, out, lse, dout, *dlse):
-    """``(dq, dk, dv)`` from the backward target; `dlse` is an optional trailing operand."""
+    """``(dq, dk, dv)`` from the backward target; `dlse` is an optional trailing operand.
+
+    The target's fourth result is the kernels' scratch space, sized here from the (local)
+    shapes and dropped.
+    """
+    attrs = c.attributes()
+    workspace = _ext.backward_workspace_bytes(
+        c.platform, q.shape, k.shape,
+        *(attrs[n].tolist() for n in ("kernel", "stride", "dilation", "causal", "q_tile",
+                                      "kv_tile")))
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype))
-    return tuple(jax.ffi.ffi_call(c.target("backward"), out_types,
-                                  vmap_method="broadcast_all")(
-        q, k, v, out, lse, dout, *dlse, **c.attributes()))
+                 jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct((workspace,), jnp.uint8))
+    dq, dk, dv, _ = jax.ffi.ffi_call(c.target("backward"), out_types,
+                                     vmap_method="broadcast_all")(
+        q, k, v, out, lse, dout, *dlse, **attrs)
+    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------

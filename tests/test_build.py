@@ -84,12 +84,15 @@ def test_cpu_only_build_compiles_imports_and_computes(tmp_path):
     assert ".cu.o" not in logs[1]
     script = textwrap.dedent(f"""
         import sys
+        # jax first, as jax_gna does: on a machine whose compiler links libstdc++
+        # statically, loading the extension before numpy/ml_dtypes crashes ml_dtypes.
+        import numpy as np, jax, jax.numpy as jnp
         sys.path.insert(0, {str(build)!r})
         import _jax_gna_native
         assert _jax_gna_native.__file__.startswith({str(build)!r}), _jax_gna_native.__file__
         assert _jax_gna_native.has_cuda() is False
         assert _jax_gna_native.handlers("cuda") == {{}}
-        import numpy as np, jax.numpy as jnp, jax_gna
+        import jax_gna
         assert "cpu" in jax_gna.available_implementations()
         assert "cuda" not in jax_gna.available_implementations()
         rng = np.random.default_rng(0)
