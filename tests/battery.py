@@ -15,6 +15,10 @@ Hooks (class attributes a subclass sets)
     False for a forward-only implementation: the gradient tests then skip, saying why.
 ``tolerances``, ``grad_tolerances`` (dict: dtype name -> ``dict(atol=, rtol=)``)
     Override the defaults below if an implementation legitimately rounds differently.
+``options(case)`` (method)
+    Extra keyword arguments for `jax_gna.attention` in the sweep, gradient and vmap tests,
+    e.g. small ``q_tile_shape``/``kv_tile_shape`` so that tiny test layouts still span many
+    tiles. Default: none.
 
 Use it from a test module like this (import the *module*, never the class name, or pytest
 collects the base class itself)::
@@ -331,7 +335,13 @@ class GNABattery(chex.TestCase):
                                 v.reshape(b, n, -1, d), mask, scale)
         return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
+    def options(self, case: Case) -> dict:
+        """Hook: extra `jax_gna.attention` keyword arguments for `case`."""
+        del case
+        return {}
+
     def attention_fn(self, case: Case, **kwargs):
+        kwargs = {**self.options(case), **kwargs}
         return lambda q, k, v: jax_gna.attention(q, k, v, case.cfg,
                                                  implementation=self.implementation,
                                                  return_lse=True, **kwargs)
