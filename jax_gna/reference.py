@@ -40,11 +40,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: tuple[AxisParams, 
     qf = q.reshape(b, n, h_kv, h // h_kv, d).astype(acc)
     kf = k.reshape(b, n, h_kv, d).astype(acc)
     vf = v.reshape(b, n, h_kv, d).astype(acc)
-    s = jnp.einsum("bqkgd,bjkd->bkgqj", qf, kf) * jnp.asarray(scale, acc)
+    # HIGHEST: on GPUs the default f32 matmul drops to TF32 (~1e-3 error), too loose here.
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("bqkgd,bjkd->bkgqj", qf, kf, precision=hi) * jnp.asarray(scale, acc)
     s = jnp.where(jnp.asarray(_mask(axes)), s, -jnp.inf)
     lse = jax.nn.logsumexp(s, axis=-1)
     p = jnp.exp(s - lse[..., None])
-    out = jnp.einsum("bkgqj,bjkd->bqkgd", p, vf)
+    out = jnp.einsum("bkgqj,bjkd->bqkgd", p, vf, precision=hi)
     out = out.reshape(q.shape).astype(q.dtype)
     lse = jnp.moveaxis(lse.reshape(b, h, n), 1, -1).reshape(b, *spatial, h)
     return out, lse.astype(jnp.float32)
