@@ -437,7 +437,7 @@ def make_plan(axes: Sequence[AxisParams], scale: float, head_dim: int,
               kv_tile_shape: Sequence[int] | None = None,
               deterministic: bool = False) -> _Plan:
     """The static plan of a call: tile shapes default to `geometry.default_tile_shapes`."""
-    q_tile, kv_tile = geometry.default_tile_shapes(tuple(axes), head_dim)
+    q_tile, kv_tile = geometry.default_tile_shapes(tuple(axes), head_dim, arch="xla")
     return _Plan(axes=tuple(axes),
                  q_tile=tuple(q_tile_shape) if q_tile_shape is not None else q_tile,
                  kv_tile=tuple(kv_tile_shape) if kv_tile_shape is not None else kv_tile,

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One lease of the GPU machine: build, GPU tests, benchmarks, end-to-end stacks.
+# Usage (on the device, repo root): bash benchmarks/device_run.sh [build|test|bench|e2e]...
+# Needs the nvidia-cutlass wheel in .whl/ (the device has no network). Writes logs to $OUT.
+set -uo pipefail
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+# The extension module lands in /tmp/gna; the Python package is read from this checkout.
+export PYTHONPATH=/tmp/gna:/tmp/site
+step() { echo "=== $1 ($(date +%T))"; }
+for what in "$@"; do case "$what" in
+build)
+  step build
+  # Only Hopper runs here: build the sm80 sources for 90-real alone to save device time.
+  JAX_GNA_SM80_ARCHS=90-real CMAKE_BUILD_PARALLEL_LEVEL=16 \
+    python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/gna . \
+    > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  python3 -c "import jax_gna; print(jax_gna.available_implementations())"
+  ;;
+test)
+  step test
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+    tests/test_merge.py tests/test_reference.py 2>&1 | tee "$OUT/test.log" | tail -15
+  ;;
+bench)
+  step bench
+  timeout 300 python3 -m jax_gna bench --no-progress \
+    --problem flux-4k-gna hunyuan-gna flux-4k-na hunyuan-na 1d-32k-gna 1d-32k-na \
+    --impl cuda --baseline cudnn --mode fwd fwd+bwd --reps 3 --min-time 0.3 \
+    --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log" | tail -20
+  timeout 120 python3 -m jax_gna bench --no-progress \
+    --problem xla-16k-na --impl xla cuda --baseline cudnn xla-mask --mode fwd --reps 3 \
+    --min-time 0.3 --json "$OUT/bench_xla.json" 2>&1 | tee "$OUT/bench_xla.log" | tail -8
+  timeout 100 python3 -m jax_gna bench --no-progress \
+    --problem flux-4k-gna --impl xla --baseline none --mode fwd --reps 2 --min-time 0.2 \
+    --json "$OUT/bench_xla_flux.json" 2>&1 | tail -5
+  ;;
+e2e)
+  step e2e
+  for layout in video flux; do
+    timeout 150 python3 examples/video_dit.py --layout $layout \
+      --blocks 2 --iters 5 --implementation cuda --out "$OUT/e2e_$layout.json" 2>&1 | tail -14
+  done
+  ;;
+esac; done
