@@ -40,7 +40,7 @@ e2e)
   step e2e
   for layout in video flux; do
     timeout 150 python3 examples/video_dit.py --layout $layout \
-      --blocks 2 --iters 5 --implementation cuda --out "$OUT/e2e_$layout.json" 2>&1 | tail -14
+      --blocks 2 --iters 5 --configs gna --implementation cuda --out "$OUT/e2e_$layout.json" 2>&1 | tail -14
   done
   ;;
 esac; done

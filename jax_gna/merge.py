@@ -90,10 +90,16 @@ def _check_merge_inputs(outputs: list, lses: list) -> None:
 # Dense attention against a few extra tokens, with its LSE.
 # ----------------------------------------------------------------------------------------
 
+def _einsum(spec, a, b, **kwargs):
+    # Full float32 products: GPUs default to TF32 for f32 matmuls, which would cost the
+    # extra-token attention three decimal digits (the N x S_extra products are cheap).
+    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST, **kwargs)
+
+
 def _scores(q, k, scale):
     """``q [B,N,Hkv,G,D]``, ``k [B,S,Hkv,D]`` -> float scores ``[B,Hkv,G,N,S]``."""
     acc = _acc_dtype(q.dtype)
-    s = jnp.einsum("bnkgd,bskd->bkgns", q, k, preferred_element_type=acc)
+    s = _einsum("bnkgd,bskd->bkgns", q, k, preferred_element_type=acc)
     return s.astype(acc) * jnp.asarray(scale, acc)
 
 
@@ -105,7 +111,7 @@ def _dense_einsum(q, k, v, scale):
     s = _scores(qg, k, scale)
     lse = jax.nn.logsumexp(s, axis=-1)                                  # [B,Hkv,G,N]
     p = jnp.exp(s - lse[..., None])
-    out = jnp.einsum("bkgns,bskd->bnkgd", p, v.astype(p.dtype))
+    out = _einsum("bkgns,bskd->bnkgd", p, v.astype(p.dtype))
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, n, h)
     return out.reshape(q.shape).astype(q.dtype), lse.astype(jnp.float32)
 
@@ -187,13 +193,13 @@ def _dense_bwd(scale, backend, residuals, cotangents):
     lse_g = jnp.transpose(lse.reshape(b, n, h_kv, g), (0, 2, 3, 1)).astype(acc)
     p = jnp.exp(_scores(qg, k, scale) - lse_g[..., None])               # [B,Hkv,G,N,S]
     do = d_out.reshape(b, n, h_kv, g, d).astype(acc)
-    dp = jnp.einsum("bnkgd,bskd->bkgns", do, v.astype(acc))
+    dp = _einsum("bnkgd,bskd->bkgns", do, v.astype(acc))
     delta = jnp.sum(p * dp, axis=-1, keepdims=True)
     dl = jnp.transpose(d_lse.reshape(b, n, h_kv, g), (0, 2, 3, 1)).astype(acc)[..., None]
     ds = p * (dp - delta + dl) * jnp.asarray(scale, acc)
-    dq = jnp.einsum("bkgns,bskd->bnkgd", ds, k.astype(acc)).reshape(q.shape)
-    dk = jnp.einsum("bkgns,bnkgd->bskd", ds, qg.astype(acc))
-    dv = jnp.einsum("bkgns,bnkgd->bskd", p, do)
+    dq = _einsum("bkgns,bskd->bnkgd", ds, k.astype(acc)).reshape(q.shape)
+    dk = _einsum("bkgns,bnkgd->bskd", ds, qg.astype(acc))
+    dv = _einsum("bkgns,bnkgd->bskd", p, do)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
