@@ -23,7 +23,10 @@ struct FwdSmem {
   alignas(128) T k[kBlockN * Tr::kD];
   alignas(128) T v[kBlockN * Tr::kD];
   QRow qrows[kBlockM];
-  KRow krows[kBlockN];
+  // Double-buffered: rows of tile it+1 are built while tile it is in use, so that the K and V
+  // gathers read each row's token instead of recomputing it (integer divisions) per chunk.
+  KRow krows[2][kBlockN];
+  bool full[2];  // tile needs no element mask (computed once, by thread 0, with its rows)
 };
 
 template <class Tr, int kBlockM, int kBlockN>
@@ -77,16 +80,27 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
                                    tid);
   cp_async_commit();
 
-  int kt[kMaxRank];
-  auto stage_k = [&](int it) {
-    box.at(it, kt);
-    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(kt, r);
-    load_rows<kBlockN, kD, kThreads>(
-        sm.k, SKV{}, kb, kv_stride,
-        [&](int r) { return G.token(G.kvdim, kt, G.kvprod, r, ii); }, tid);
+  auto fill_krows = [&](int j) {
+    int kj[kMaxRank];
+    box.at(j, kj);
+    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j & 1][r] = G.k_row(kj, r);
+    if (tid == 0) {
+      bool f = G.kvprod == kBlockN;
+      for (int a = 0; a < kMaxRank; ++a) f = f && G.tiling(p, a).full(qt[a], kj[a]);
+      sm.full[j & 1] = f;
+    }
+  };
+  auto stage_k = [&](int j) {
+    const KRow* kr = sm.krows[j & 1];
+    load_rows<kBlockN, kD, kThreads>(sm.k, SKV{}, kb, kv_stride,
+                                     [&](int r) { return kr[r].tok; }, tid);
     cp_async_commit();
   };
-  if (box.total > 0) stage_k(0);
+  if (box.total > 0) {
+    fill_krows(0);
+    __syncthreads();
+    stage_k(0);
+  }
 
   typename Tr::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -106,16 +120,15 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   const float scale2 = p.scale * kLog2e;
 
   for (int it = 0; it < box.total; ++it) {
-    box.at(it, kt);
-    bool full = G.kvprod == kBlockN;
-    for (int a = 0; a < kMaxRank; ++a) full = full && G.tiling(p, a).full(qt[a], kt[a]);
-
     cp_async_wait<0>();
     __syncthreads();
-    load_rows<kBlockN, kD, kThreads>(
-        sm.v, SKV{}, vb, kv_stride, [&](int r) { return G.token(G.kvdim, kt, G.kvprod, r, ii); },
-        tid);
+    const bool full = sm.full[it & 1];
+    const KRow* krows = sm.krows[it & 1];
+    load_rows<kBlockN, kD, kThreads>(sm.v, SKV{}, vb, kv_stride,
+                                     [&](int r) { return krows[r].tok; }, tid);
     cp_async_commit();
+    // Buffer (it+1)&1 was last read in iteration it-1, before its second barrier.
+    if (it + 1 < box.total) fill_krows(it + 1);
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
@@ -135,7 +148,7 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
         const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
         CUTE_UNROLL
         for (int ni = 0; ni < size<1>(rs); ++ni) {
-          const KRow kr = sm.krows[get<1>(cSrc(mi, ni))];
+          const KRow kr = krows[get<1>(cSrc(mi, ni))];
           rs(mi, ni) = visible(qr, kr) ? rs(mi, ni) * scale2 : -INFINITY;
           mx = fmaxf(mx, rs(mi, ni));
         }
