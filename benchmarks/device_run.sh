@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine: build, GPU tests, benchmarks, end-to-end stacks.
-# Usage (on the device, repo root): bash benchmarks/device_run.sh [build|test|bench|e2e]...
+# Usage (on the device, repo root):
+#   bash benchmarks/device_run.sh [build|native|test|bench|bench-xla|e2e]...
 # Needs the nvidia-cutlass wheel in .whl/ (the device has no network). Writes logs to $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -20,8 +21,8 @@ build)
   ;;
 test)
   step test
-  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
-    tests/test_merge.py tests/test_reference.py 2>&1 | tee "$OUT/test.log" | tail -15
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests/test_merge.py 2>&1 | tee "$OUT/test.log" | tail -15
   ;;
 bench)
   step bench
@@ -29,12 +30,20 @@ bench)
     --problem flux-4k-gna hunyuan-gna flux-4k-na hunyuan-na 1d-32k-gna 1d-32k-na \
     --impl cuda --baseline cudnn --mode fwd fwd+bwd --reps 3 --min-time 0.3 \
     --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log" | tail -20
+  ;;
+bench-xla)
+  step bench-xla
   timeout 120 python3 -m jax_gna bench --no-progress \
     --problem xla-16k-na --impl xla cuda --baseline cudnn xla-mask --mode fwd --reps 3 \
     --min-time 0.3 --json "$OUT/bench_xla.json" 2>&1 | tee "$OUT/bench_xla.log" | tail -8
   timeout 100 python3 -m jax_gna bench --no-progress \
     --problem flux-4k-gna --impl xla --baseline none --mode fwd --reps 2 --min-time 0.2 \
     --json "$OUT/bench_xla_flux.json" 2>&1 | tail -5
+  ;;
+native)
+  step native  # kernel sweep, compute-sanitizer memcheck + racecheck, harness timings
+  timeout 300 bash tests/native/run_sm80_check.sh all 300 777 > "$OUT/native.log" 2>&1
+  echo "native rc=$?"; grep -iE "fail|error summary|hazard|passed|configs" "$OUT/native.log" | tail -8
   ;;
 e2e)
   step e2e
