@@ -72,9 +72,31 @@ def has_cuda() -> bool:
     return _ext is not None and bool(_ext.has_cuda())
 
 
-def cpu_unavailable() -> str | None:
-    """None if ``implementation="cpu"`` can run, else why not."""
+def extension_unavailable() -> str | None:
+    """None if the compiled extension imported, else why not."""
     return _IMPORT_ERROR
+
+
+def _default_platform() -> str:
+    """Platform a jitted call runs on by default: `jax.default_device` if set, else the
+    default backend."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.default_backend()
+    return device if isinstance(device, str) else device.platform
+
+
+def cpu_unavailable() -> str | None:
+    """None if ``implementation="cpu"`` can run on the default device, else why not."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    platform = _default_platform()
+    if platform != "cpu":
+        # Its handler is registered for XLA's CPU platform only; a GPU computation would
+        # fail at compile time with an unhelpful "no FFI handler" error.
+        return (f"it runs on JAX's CPU backend and the default device is on {platform!r}; "
+                "use `with jax.default_device(jax.devices('cpu')[0]):` or JAX_PLATFORMS=cpu")
+    return None
 
 
 def cuda_unavailable() -> str | None:

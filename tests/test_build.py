@@ -24,8 +24,8 @@ from jax_gna import native
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
-    native.cpu_unavailable() is not None,
-    reason=f"the native extension is not built: {native.cpu_unavailable()}")
+    native.extension_unavailable() is not None,
+    reason=f"the native extension is not built: {native.extension_unavailable()}")
 
 
 def test_extension_reports_its_build():

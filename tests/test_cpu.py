@@ -20,11 +20,12 @@ import battery
 import jax_gna
 from jax_gna import geometry, native
 
-pytestmark = pytest.mark.skipif(
-    native.cpu_unavailable() is not None,
-    reason=f"the native extension is not built: {native.cpu_unavailable()}")
-
 _CPU = jax.devices("cpu")[0]
+
+with jax.default_device(_CPU):  # the tests below run on the CPU device, GPU or not
+    _UNAVAILABLE = native.cpu_unavailable()
+pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None,
+                                reason=f"implementation='cpu' unavailable: {_UNAVAILABLE}")
 
 
 class _OnCpu:

@@ -12,8 +12,8 @@ import pytest
 from jax_gna import geometry, native
 
 pytestmark = pytest.mark.skipif(
-    native.cpu_unavailable() is not None,
-    reason=f"the native extension is not built: {native.cpu_unavailable()}")
+    native.extension_unavailable() is not None,
+    reason=f"the native extension is not built: {native.extension_unavailable()}")
 
 
 def _random_axes(count: int, seed: int):

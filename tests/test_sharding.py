@@ -21,8 +21,8 @@ import pytest
 from jax_gna import native
 
 pytestmark = pytest.mark.skipif(
-    native.cpu_unavailable() is not None,
-    reason=f"the native extension is not built: {native.cpu_unavailable()}")
+    native.extension_unavailable() is not None,
+    reason=f"the native extension is not built: {native.extension_unavailable()}")
 
 _COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce",
                 "reduce-scatter")
