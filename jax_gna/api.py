@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jax_gna import geometry
+from jax_gna import geometry, merge
 from jax_gna.config import AxisParams, GNAConfig
 
 
@@ -52,6 +52,13 @@ def available_implementations() -> tuple[str, ...]:
     """Names of the implementations that can run on this machine, best first."""
     ready = [i for i in _REGISTRY.values() if i.unavailable() is None]
     return tuple(i.name for i in sorted(ready, key=lambda i: -i.priority))
+
+
+def implementation_dtypes(name: str) -> tuple[str, ...]:
+    """Input dtype names that implementation `name` accepts (ValueError if unknown)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"implementation={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name].dtypes
 
 
 def _pick(implementation: str | None, dtype) -> Implementation:
@@ -155,7 +162,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, *,
     out, lse = impl.fn(q, k, v, axes, float(scale), q_tile_shape=q_tile,
                        kv_tile_shape=kv_tile, deterministic=bool(deterministic))
     if additional_keys is not None:
-        from jax_gna import merge  # local: merge depends on this module's dispatch
         out, lse = merge.attend_additional(q, out, lse, additional_keys, additional_values,
                                            float(scale))
     return (out, lse) if return_lse else out

@@ -179,11 +179,8 @@ def _pick_demo_implementation(name: str | None):
     dtypes = [jnp.bfloat16, jnp.float32] if jax.default_backend() == "gpu" else [jnp.float32]
     for impl in candidates:
         for dtype in dtypes:
-            try:
-                api._pick(impl, dtype)
-            except TypeError:
-                continue
-            return impl, dtype
+            if jnp.dtype(dtype).name in api.implementation_dtypes(impl):
+                return impl, dtype
     raise ValueError(f"no implementation among {candidates} accepts {dtypes}")
 
 
@@ -254,11 +251,8 @@ def _check_case(impl, shape, cfg, heads, kv_heads, head_dim):
     k = jax.random.normal(keys[1], (2, *shape, kv_heads, head_dim), jnp.float32)
     v = jax.random.normal(keys[2], (2, *shape, kv_heads, head_dim), jnp.float32)
     ct = jax.random.normal(keys[3], q.shape, jnp.float32)
-    dtype = jnp.float32
-    try:
-        jax_gna.api._pick(impl, dtype)
-    except TypeError:
-        dtype = jnp.bfloat16
+    accepted = jax_gna.api.implementation_dtypes(impl)
+    dtype = jnp.float32 if "float32" in accepted else jnp.bfloat16
     q, k, v = (x.astype(dtype) for x in (q, k, v))
 
     def run(name, q, k, v):
