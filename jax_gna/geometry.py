@@ -76,14 +76,25 @@ def neighborhood_mask(spatial_shape: Sequence[int], cfg: GNAConfig) -> np.ndarra
 
     For teaching and debugging small layouts; it is quadratic in the number of tokens.
     """
-    axes = cfg.resolve(tuple(spatial_shape))
+    return axes_mask(cfg.resolve(tuple(spatial_shape)))
+
+
+def axes_mask(axes: Sequence[AxisParams],
+              frames: Sequence["AxisFrame"] | None = None) -> np.ndarray:
+    """Boolean ``[N_q, N_kv]`` mask over row-major tokens of the (framed) Q and K/V buffers.
+
+    Without frames both are the whole token grid. K/V rows outside the axis are never seen.
+    """
     mask = np.ones((1, 1), dtype=bool)
-    for axis in axes:
-        idx = np.arange(axis.length)
-        m = axis_mask(idx[:, None], idx[None, :], axis)
+    for a, axis in enumerate(axes):
+        frame = frames[a] if frames is not None else AxisFrame.whole(axis.length)
+        i = np.arange(frame.q_length) + frame.q_offset
+        j = np.arange(frame.kv_length) + frame.kv_offset
+        # Keys outside [0, L) have group indices outside [0, Lg), so no window holds them.
+        m = axis_mask(i[:, None], j[None, :], axis)
         # Row-major: the earlier axis is the slower one.
         mask = (mask[:, None, :, None] & m[None, :, None, :]).reshape(
-            mask.shape[0] * axis.length, mask.shape[1] * axis.length)
+            mask.shape[0] * m.shape[0], mask.shape[1] * m.shape[1])
     return mask
 
 
@@ -146,21 +157,32 @@ class AxisTiling:
 
 @functools.lru_cache(maxsize=512)
 def axis_tiling(length: int, kernel: int, stride: int, causal: bool, q_tile: int,
-                kv_tile: int) -> AxisTiling:
-    """Builds the `AxisTiling` of one group axis (cached; arrays must not be mutated)."""
-    n_q = -(-length // q_tile)
-    n_kv = -(-length // kv_tile)
-    ii = np.arange(length)
+                kv_tile: int, q_offset: int = 0, q_len: int | None = None,
+                kv_offset: int = 0, kv_len: int | None = None) -> AxisTiling:
+    """Builds the `AxisTiling` of one group axis (cached; arrays must not be mutated).
+
+    Windows are those of a group axis of `length` indices. The tiles cover a *frame* of it:
+    Q tiles cover group indices ``[q_offset, q_offset + q_len)`` and KV tiles cover
+    ``[kv_offset, kv_offset + kv_len)`` (by default both are the whole axis). The KV frame
+    may reach past either end of the axis; every window of the Q frame must lie inside it
+    (see `check_frame`). All indices in the result are local to the frames.
+    """
+    q_len = length if q_len is None else q_len
+    kv_len = length if kv_len is None else kv_len
+    n_q = -(-q_len // q_tile)
+    n_kv = -(-kv_len // kv_tile)
+    ii = np.arange(q_len) + q_offset
     start, end = window_bounds(ii, length, kernel, stride, causal)
+    start, end = start - kv_offset, end - kv_offset          # into the KV frame
     first = np.arange(n_q) * q_tile                          # first query of each Q tile
-    last = np.minimum(first + q_tile, length) - 1            # last valid query
+    last = np.minimum(first + q_tile, q_len) - 1             # last valid query
     kv_lo = start[first] // kv_tile
     kv_hi = -(-end[last] // kv_tile)
     kt = np.arange(n_kv)
     visible = (kt[None, :] >= kv_lo[:, None]) & (kt[None, :] < kv_hi[:, None])
     key_first = kt * kv_tile
     key_end = key_first + kv_tile
-    full = ((key_end[None, :] <= length)
+    full = ((key_end[None, :] <= kv_len)
             & (start[last][:, None] <= key_first[None, :])
             & (end[first][:, None] >= key_end[None, :]))
     # Inverse: Q tiles whose key range meets the KV tile. `visible` has contiguous rows and
@@ -174,28 +196,103 @@ def axis_tiling(length: int, kernel: int, stride: int, causal: bool, q_tile: int
                       q_hi, visible, full)
 
 
-def group_tilings(axis: AxisParams, q_tile: int, kv_tile: int) -> list[tuple[int, AxisTiling]]:
-    """``(number of dilation groups, tiling)`` for each distinct group length of `axis`.
+# ----------------------------------------------------------------------------------------
+# Frames: a local slab of queries and of keys/values inside a global axis (context
+# parallelism). Token-level; offsets are multiples of the dilation so that a local token's
+# dilation group is its global one.
+# ----------------------------------------------------------------------------------------
 
-    At most two distinct lengths exist (``L // d`` and ``ceil(L / d)``).
+@dataclasses.dataclass(frozen=True)
+class AxisFrame:
+    """Which global positions of one axis the local Q and K/V buffers hold.
+
+    Q holds ``[q_offset, q_offset + q_length)``, which must lie inside ``[0, L)``. K/V hold
+    ``[kv_offset, kv_offset + kv_length)``, which may reach past either border: those rows
+    are padding that no query sees (their gradients are zero).
     """
-    counts: dict[int, int] = {}
+
+    q_offset: int
+    q_length: int
+    kv_offset: int
+    kv_length: int
+
+    @staticmethod
+    def whole(length: int) -> "AxisFrame":
+        return AxisFrame(0, length, 0, length)
+
+    def groups(self, axis: AxisParams, g: int) -> dict[str, int]:
+        """The frame of dilation group `g` in group indices (`axis_tiling` keywords)."""
+        d = axis.dilation
+        return dict(q_offset=self.q_offset // d, q_len=group_length(self.q_length, d, g),
+                    kv_offset=self.kv_offset // d, kv_len=group_length(self.kv_length, d, g))
+
+
+def kv_span(axis: AxisParams, q_start: int, q_end: int) -> tuple[int, int]:
+    """Global key range ``[lo, hi)`` (tokens) that the queries ``[q_start, q_end)`` see."""
+    if not 0 <= q_start < q_end <= axis.length:
+        raise ValueError(f"query range [{q_start}, {q_end}) must be a non-empty part of "
+                         f"[0, {axis.length})")
+    d = axis.dilation
+    lo, hi = axis.length, 0
+    for g in range(d):
+        lg = group_length(axis.length, d, g)
+        first = max(0, -(-(q_start - g) // d))               # first group index >= q_start
+        last = (q_end - 1 - g) // d                           # last group index < q_end
+        if last < first or first >= lg:
+            continue
+        s, _ = window_bounds(first, lg, axis.kernel, axis.stride, axis.causal)
+        _, e = window_bounds(last, lg, axis.kernel, axis.stride, axis.causal)
+        lo, hi = min(lo, int(s) * d + g), max(hi, (int(e) - 1) * d + g + 1)
+    return lo, hi
+
+
+def check_frame(axis: AxisParams, frame: AxisFrame, name: str = "frame") -> None:
+    """Raises ValueError unless `frame` is valid on `axis` (see `AxisFrame`)."""
+    d = axis.dilation
+    if frame.q_offset % d or frame.kv_offset % d:
+        raise ValueError(f"{name}: q_offset={frame.q_offset} and kv_offset={frame.kv_offset} "
+                         f"must be multiples of the dilation {d}")
+    if frame.q_length < 1 or frame.kv_length < 1:
+        raise ValueError(f"{name}: q_length and kv_length must be positive")
+    if frame.q_offset < 0 or frame.q_offset + frame.q_length > axis.length:
+        raise ValueError(f"{name}: queries [{frame.q_offset}, "
+                         f"{frame.q_offset + frame.q_length}) must lie inside [0, "
+                         f"{axis.length})")
+    lo, hi = kv_span(axis, frame.q_offset, frame.q_offset + frame.q_length)
+    if lo < frame.kv_offset or hi > frame.kv_offset + frame.kv_length:
+        raise ValueError(f"{name}: the queries' windows need keys [{lo}, {hi}) but the K/V "
+                         f"frame holds [{frame.kv_offset}, "
+                         f"{frame.kv_offset + frame.kv_length})")
+
+
+def group_tilings(axis: AxisParams, q_tile: int, kv_tile: int,
+                  frame: AxisFrame | None = None) -> list[tuple[int, AxisTiling]]:
+    """``(number of dilation groups, tiling)`` for each distinct group geometry of `axis`.
+
+    Without a frame at most two distinct ones exist (``L // d`` and ``ceil(L / d)``). They
+    are sorted so that the last one has the most Q and KV tiles.
+    """
+    counts: dict[tuple, int] = {}
     for g in range(axis.dilation):
         lg = group_length(axis.length, axis.dilation, g)
-        counts[lg] = counts.get(lg, 0) + 1
-    return [(n, axis_tiling(lg, axis.kernel, axis.stride, axis.causal, q_tile, kv_tile))
-            for lg, n in sorted(counts.items())]
+        sub = frame.groups(axis, g) if frame is not None else {}
+        key = (lg, tuple(sorted(sub.items())))
+        counts[key] = counts.get(key, 0) + 1
+    tilings = [(n, axis_tiling(lg, axis.kernel, axis.stride, axis.causal, q_tile, kv_tile,
+                               **dict(sub)))
+               for (lg, sub), n in counts.items()]
+    return sorted(tilings, key=lambda nt: (nt[1].n_q, nt[1].n_kv, nt[1].length))
 
 
-def padded_group_tiling(axis: AxisParams, q_tile: int, kv_tile: int) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
+def padded_group_tiling(axis: AxisParams, q_tile: int, kv_tile: int,
+                        frame: AxisFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(visible, full)`` over tiles of the longest group, valid for every group.
 
     For implementations that pad every dilation group to ``ceil(L / d)`` and process them
     together: a tile pair is visited if any group needs it, and runs unmasked only if it is
     full in every group. Exact (no extra visits) when `d` divides `L`.
     """
-    tilings = [t for _, t in group_tilings(axis, q_tile, kv_tile)]
+    tilings = [t for _, t in group_tilings(axis, q_tile, kv_tile, frame)]
     longest = tilings[-1]
     visible = np.zeros_like(longest.visible)
     full = np.ones_like(longest.full)

@@ -57,19 +57,27 @@ class _Plan:
     kv_tile: tuple[int, ...]
     scale: float
     deterministic: bool
+    frames: tuple[geometry.AxisFrame, ...]
 
     @property
-    def group_len(self) -> tuple[int, ...]:
-        """Length of the longest dilation group per axis (``ceil(L / d)``)."""
-        return tuple(geometry.group_length(a.length, a.dilation, 0) for a in self.axes)
+    def q_len(self) -> tuple[int, ...]:
+        """Tokens of the Q buffer per axis (the whole axis unless framed)."""
+        return tuple(f.q_length for f in self.frames)
+
+    @property
+    def kv_len(self) -> tuple[int, ...]:
+        return tuple(f.kv_length for f in self.frames)
 
     @property
     def n_q(self) -> tuple[int, ...]:
-        return tuple(-(-lg // t) for lg, t in zip(self.group_len, self.q_tile))
+        """Q tiles per axis over the longest dilation group (group 0)."""
+        return tuple(-(-geometry.group_length(n, a.dilation, 0) // t)
+                     for a, n, t in zip(self.axes, self.q_len, self.q_tile))
 
     @property
     def n_kv(self) -> tuple[int, ...]:
-        return tuple(-(-lg // t) for lg, t in zip(self.group_len, self.kv_tile))
+        return tuple(-(-geometry.group_length(n, a.dilation, 0) // t)
+                     for a, n, t in zip(self.axes, self.kv_len, self.kv_tile))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +103,8 @@ def _pair_matrices(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
     """``(visible, full)`` as ``[NQ, NK]`` bool over flat multi-dimensional tile indices."""
     visible = np.ones((1, 1), dtype=bool)
     full = np.ones((1, 1), dtype=bool)
-    for axis, tq, tk in zip(plan.axes, plan.q_tile, plan.kv_tile):
-        vis_a, full_a = geometry.padded_group_tiling(axis, tq, tk)
+    for axis, tq, tk, frame in zip(plan.axes, plan.q_tile, plan.kv_tile, plan.frames):
+        vis_a, full_a = geometry.padded_group_tiling(axis, tq, tk, frame)
 
         def outer(m, m_a):
             # Row-major flattening: the earlier axis is the slower one.
@@ -140,8 +148,9 @@ def _to_tiles(x: jax.Array, plan: _Plan, tile: Sequence[int],
     """
     rank = len(plan.axes)
     b, h, d = x.shape[0], x.shape[-2], x.shape[-1]
-    pad = [(0, 0)] + [(0, a.dilation * n * t - a.length)
-                      for a, n, t in zip(plan.axes, n_tiles, tile)] + [(0, 0), (0, 0)]
+    pad = [(0, 0)] + [(0, a.dilation * n * t - length)
+                      for a, n, t, length in zip(plan.axes, n_tiles, tile, x.shape[1:-2])]
+    pad += [(0, 0), (0, 0)]
     x = jnp.pad(x, pad)
     split = [b]
     for a, n, t in zip(plan.axes, n_tiles, tile):
@@ -156,9 +165,9 @@ def _to_tiles(x: jax.Array, plan: _Plan, tile: Sequence[int],
                      math.prod(tile), d)
 
 
-def _from_tiles(x: jax.Array, plan: _Plan, tile: Sequence[int],
-                n_tiles: Sequence[int]) -> jax.Array:
-    """Inverse of `_to_tiles` (drops the padding)."""
+def _from_tiles(x: jax.Array, plan: _Plan, tile: Sequence[int], n_tiles: Sequence[int],
+                lengths: Sequence[int]) -> jax.Array:
+    """Inverse of `_to_tiles` for an axis of `lengths` tokens (drops the padding)."""
     rank = len(plan.axes)
     b, h, d = x.shape[0], x.shape[3], x.shape[-1]
     x = x.reshape(b, *(a.dilation for a in plan.axes), *n_tiles, h, *tile, d)
@@ -168,7 +177,7 @@ def _from_tiles(x: jax.Array, plan: _Plan, tile: Sequence[int],
         order += [1 + rank + a, 2 + 2 * rank + a, 1 + a]
     x = x.transpose(*order, 1 + 2 * rank, 2 + 3 * rank)
     x = x.reshape(b, *(a.dilation * n * t for a, n, t in zip(plan.axes, n_tiles, tile)), h, d)
-    return x[(slice(None), *(slice(0, a.length) for a in plan.axes))]
+    return x[(slice(None), *(slice(0, n) for n in lengths))]
 
 
 def _q_tiles(x: jax.Array, plan: _Plan, h_kv: int) -> jax.Array:
@@ -180,7 +189,7 @@ def _q_tiles(x: jax.Array, plan: _Plan, h_kv: int) -> jax.Array:
 def _q_untile(t: jax.Array, plan: _Plan) -> jax.Array:
     """Inverse of `_q_tiles`."""
     t = t.reshape(*t.shape[:3], t.shape[3] * t.shape[4], *t.shape[5:])
-    return _from_tiles(t, plan, plan.q_tile, plan.n_q)
+    return _from_tiles(t, plan, plan.q_tile, plan.n_q, plan.q_len)
 
 
 def _kv_tiles(x: jax.Array, plan: _Plan) -> jax.Array:
@@ -199,22 +208,25 @@ def _element_mask(plan: _Plan, q_coords: Sequence[jax.Array],
     Args:
       q_coords, kv_coords: per axis ``[M]`` int tile coordinates of the M pairs.
 
-    A key must lie inside the query's window and inside its dilation group's true length
-    (``window_bounds`` gets every group's length as an array), so padding keys are masked
-    and the result is exact for every group.
+    Tile coordinates are local to the frames; windows are those of the global axis
+    (``window_bounds`` gets every group's global length as an array). A key must lie inside
+    the query's window, which never reaches outside the axis, and inside its group of the
+    K/V buffer, so padding keys are masked and the result is exact for every group.
     """
     rank = len(plan.axes)
     mask = None
-    for a, axis in enumerate(plan.axes):
-        tq, tk = plan.q_tile[a], plan.kv_tile[a]
-        lg = jnp.asarray([geometry.group_length(axis.length, axis.dilation, g)
-                          for g in range(axis.dilation)], jnp.int32)[:, None, None]
+    for a, (axis, frame) in enumerate(zip(plan.axes, plan.frames)):
+        tq, tk, d = plan.q_tile[a], plan.kv_tile[a], axis.dilation
+        lg, kv_lg = (jnp.asarray([geometry.group_length(n, d, g) for g in range(d)],
+                                 jnp.int32)[:, None, None]
+                     for n in (axis.length, frame.kv_length))
         ii = jnp.asarray(q_coords[a])[None, :, None] * tq + jnp.arange(tq)      # [1, M, TQ]
         jj = jnp.asarray(kv_coords[a])[None, :, None] * tk + jnp.arange(tk)     # [1, M, TK]
-        start, end = geometry.window_bounds(ii, lg, axis.kernel, axis.stride, axis.causal,
-                                            xp=jnp)
-        m = ((jj[:, :, None, :] >= start[..., None]) & (jj[:, :, None, :] < end[..., None])
-             & (jj[:, :, None, :] < lg[..., None]))                             # [d, M, TQ, TK]
+        start, end = geometry.window_bounds(ii + frame.q_offset // d, lg, axis.kernel,
+                                            axis.stride, axis.causal, xp=jnp)
+        jg = jj[:, :, None, :] + frame.kv_offset // d                          # global index
+        m = ((jg >= start[..., None]) & (jg < end[..., None])
+             & (jj[:, :, None, :] < kv_lg[..., None]))                          # [d, M, TQ, TK]
         # Place (d_a, M, TQ_a, TK_a) at positions (a, r, r+1+a, 2r+1+a) of the full layout.
         shape = [1] * (3 * rank + 1)
         shape[a], shape[rank] = axis.dilation, m.shape[1]
@@ -410,8 +422,8 @@ def _backward(plan: _Plan, res, cotangents):
         dk, dv = carry
 
     dq = _q_untile(dq, plan).astype(dtype)
-    dk = _from_tiles(dk, plan, plan.kv_tile, plan.n_kv).astype(dtype)
-    dv = _from_tiles(dv, plan, plan.kv_tile, plan.n_kv).astype(dtype)
+    dk = _from_tiles(dk, plan, plan.kv_tile, plan.n_kv, plan.kv_len).astype(dtype)
+    dv = _from_tiles(dv, plan, plan.kv_tile, plan.n_kv, plan.kv_len).astype(dtype)
     return dq, dk, dv
 
 
@@ -435,19 +447,24 @@ _attention.defvjp(_attention_fwd, _backward)
 def make_plan(axes: Sequence[AxisParams], scale: float, head_dim: int,
               q_tile_shape: Sequence[int] | None = None,
               kv_tile_shape: Sequence[int] | None = None,
-              deterministic: bool = False) -> _Plan:
+              deterministic: bool = False,
+              frames: Sequence[geometry.AxisFrame] | None = None) -> _Plan:
     """The static plan of a call: tile shapes default to `geometry.default_tile_shapes`."""
     q_tile, kv_tile = geometry.default_tile_shapes(tuple(axes), head_dim, arch="xla")
+    if frames is None:
+        frames = tuple(geometry.AxisFrame.whole(a.length) for a in axes)
     return _Plan(axes=tuple(axes),
                  q_tile=tuple(q_tile_shape) if q_tile_shape is not None else q_tile,
                  kv_tile=tuple(kv_tile_shape) if kv_tile_shape is not None else kv_tile,
-                 scale=float(scale), deterministic=bool(deterministic))
+                 scale=float(scale), deterministic=bool(deterministic), frames=tuple(frames))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: tuple[AxisParams, ...],
               scale: float, *, q_tile_shape: Sequence[int] | None = None,
               kv_tile_shape: Sequence[int] | None = None,
-              deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
+              deterministic: bool = False,
+              frames: Sequence[geometry.AxisFrame] | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """Tiled GNA; the `xla` implementation.
 
     Args:
@@ -456,10 +473,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: tuple[AxisParams, 
       q_tile_shape, kv_tile_shape: tile shapes in dilation-group indices, one int per axis
         (default `geometry.default_tile_shapes`). The result does not depend on them.
       deterministic: compute ``dk, dv`` without scatter-adds (bitwise reproducible).
+      frames: per-axis `geometry.AxisFrame`: q and k/v hold these slabs of the global
+        problem `axes` (context parallelism); default: the whole axes.
 
     Returns:
       ``(out, lse)``: out like q; lse ``[B, *spatial, H]`` float32.
     """
-    plan = make_plan(axes, scale, q.shape[-1], q_tile_shape, kv_tile_shape, deterministic)
+    plan = make_plan(axes, scale, q.shape[-1], q_tile_shape, kv_tile_shape, deterministic,
+                     frames)
     out, lse = _attention(q, k, v, plan)
     return out, lse.astype(jnp.float32)
