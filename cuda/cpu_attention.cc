@@ -7,6 +7,12 @@
 //             that see it (q_range), for every query head of the kv head;
 //             pass 2, one task per (batch, head, group, Q tile): dQ over its KV-tile box.
 // Tile pairs that are full on every axis skip the element mask.
+//
+// Frames (gna_geometry.h): Q-side rows (q, out, lse, dout, dq) are indexed in the Q buffer,
+// K/V-side rows (k, v, dk, dv) in the K/V buffer; windows are computed in global group
+// indices and shifted into K/V-frame indices once per Q row, so the element test compares
+// local indices. K/V rows outside the global axis are in no window: they are never used and
+// their dk/dv rows are written as 0.
 #include "cpu_attention.h"
 
 #include <algorithm>
@@ -138,10 +144,9 @@ void axpy(float alpha, const float* x, float* y, int64_t n) {
 // Geometry of one dilation group and boxes of rows inside it.
 // ---------------------------------------------------------------------------------------
 
-// One dilation group (one residue per axis) and its per-axis tilings.
+// One dilation group (one residue per axis) and its per-axis (framed) tilings.
 struct Group {
   int64_t g[kMaxRank];
-  int64_t len[kMaxRank];
   AxisTiling tiling[kMaxRank];
 };
 
@@ -156,24 +161,22 @@ std::vector<Group> make_groups(const Problem& p) {
       const Axis& ax = p.axes[a];
       grp.g[a] = rest % ax.dilation;
       rest /= ax.dilation;
-      grp.len[a] = group_length(ax.length, ax.dilation, grp.g[a]);
-      grp.tiling[a] = AxisTiling{grp.len[a], ax.kernel, ax.stride, ax.causal, p.q_tile[a],
-                                 p.kv_tile[a]};
+      grp.tiling[a] = group_tiling(ax, grp.g[a], p.q_tile[a], p.kv_tile[a]);
     }
   }
   return groups;
 }
 
-// Rows of a box [lo, hi) of group indices (row-major over the axes): their flat spatial token
-// index and their group coordinates.
+// Rows of a box [lo, hi) of frame-local group indices (row-major over the axes): their flat
+// spatial token index in the Q or K/V buffer and their group coordinates.
 struct Rows {
   int64_t n = 0;
   std::vector<int64_t> token;
   std::vector<int64_t> ii[kMaxRank];
 };
 
-void fill_rows(const Problem& p, const Group& grp, const int64_t* lo, const int64_t* hi,
-               Rows* rows) {
+void fill_rows(const Problem& p, const Group& grp, bool kv_side, const int64_t* lo,
+               const int64_t* hi, Rows* rows) {
   int64_t n = 1;
   for (int a = 0; a < kMaxRank; ++a) n *= hi[a] - lo[a];
   rows->n = n;
@@ -187,25 +190,27 @@ void fill_rows(const Problem& p, const Group& grp, const int64_t* lo, const int6
         int64_t token = 0;
         for (int a = 0; a < kMaxRank; ++a) {
           rows->ii[a][r] = idx[a];
-          token = token * p.axes[a].length + grp.g[a] + p.axes[a].dilation * idx[a];
+          const Axis& ax = p.axes[a];
+          token = token * (kv_side ? ax.kv_length : ax.q_length) + grp.g[a] +
+                  ax.dilation * idx[a];
         }
         rows->token[r] = token;
       }
 }
 
-// Group-index box of tile `t` (one index per axis) for tiles of shape `tile`; false if the
-// tile lies beyond this group's length (shorter groups have fewer tiles).
-bool tile_box(const Group& grp, const int64_t* t, const int64_t* tile, int64_t* lo,
-              int64_t* hi) {
+// Group-index box of tile `t` (one index per axis) of the Q or K/V frame for tiles of shape
+// `tile`; false if the tile lies beyond this group's frame (shorter groups have fewer tiles).
+bool tile_box(const Group& grp, bool kv_side, const int64_t* t, const int64_t* tile,
+              int64_t* lo, int64_t* hi) {
   for (int a = 0; a < kMaxRank; ++a) {
     lo[a] = t[a] * tile[a];
-    hi[a] = std::min(lo[a] + tile[a], grp.len[a]);
+    hi[a] = std::min(lo[a] + tile[a], kv_side ? grp.tiling[a].kv_len : grp.tiling[a].q_len);
     if (lo[a] >= hi[a]) return false;
   }
   return true;
 }
 
-// Per query row and axis, the window [start, end) in group indices.
+// Per query row and axis, the window [start, end) in K/V-frame group indices.
 struct Windows {
   std::vector<int64_t> start[kMaxRank];
   std::vector<int64_t> end[kMaxRank];
@@ -215,10 +220,14 @@ void fill_windows(const Problem& p, const Group& grp, const Rows& q, Windows* w)
   for (int a = 0; a < kMaxRank; ++a) {
     w->start[a].resize(q.n);
     w->end[a].resize(q.n);
-    const Axis& ax = p.axes[a];
-    for (int64_t r = 0; r < q.n; ++r)
-      window_bounds(q.ii[a][r], grp.len[a], ax.kernel, ax.stride, ax.causal, &w->start[a][r],
-                    &w->end[a][r]);
+    const AxisTiling& t = grp.tiling[a];
+    for (int64_t r = 0; r < q.n; ++r) {
+      int64_t start, end;
+      window_bounds(q.ii[a][r] + t.q_offset, t.length, t.kernel, t.stride, t.causal, &start,
+                    &end);
+      w->start[a][r] = start - t.kv_offset;
+      w->end[a][r] = end - t.kv_offset;
+    }
   }
 }
 
@@ -242,7 +251,7 @@ struct Task {
 
 struct TaskSpace {
   int64_t batch, heads, groups;
-  int64_t tiles[kMaxRank];  // tiles per axis of the longest group (group 0)
+  int64_t tiles[kMaxRank];  // tiles per axis of the longest group's frame (group 0)
 
   int64_t size() const {
     return batch * heads * groups * tiles[0] * tiles[1] * tiles[2];
@@ -262,10 +271,15 @@ struct TaskSpace {
   }
 };
 
-TaskSpace task_space(const Problem& p, int64_t heads, int64_t groups, const int64_t* tile) {
+// Tasks over the tiles of the Q frame (kv_side false) or the K/V frame.
+TaskSpace task_space(const Problem& p, int64_t heads, int64_t groups, bool kv_side,
+                     const int64_t* tile) {
   TaskSpace s{p.batch, heads, groups, {1, 1, 1}};
-  for (int a = 0; a < kMaxRank; ++a)
-    s.tiles[a] = ceil_div(group_length(p.axes[a].length, p.axes[a].dilation, 0), tile[a]);
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = p.axes[a];
+    s.tiles[a] = ceil_div(group_length(kv_side ? ax.kv_length : ax.q_length, ax.dilation, 0),
+                          tile[a]);
+  }
   return s;
 }
 
@@ -327,9 +341,10 @@ inline int64_t row_offset(int64_t b, int64_t token, int64_t h, int64_t tokens, i
   return ((b * tokens + token) * heads + h) * d;
 }
 
+// Loads `rows` of head `h` of batch `b` from a [batch, n, heads, D] buffer.
 void gather(const Problem& p, Elem elem, const void* base, int64_t b, int64_t h, int64_t heads,
-            const Rows& rows, std::vector<float>* dst) {
-  const int64_t d = p.head_dim, n = p.tokens();
+            int64_t n, const Rows& rows, std::vector<float>* dst) {
+  const int64_t d = p.head_dim;
   dst->resize(rows.n * d);
   for (int64_t r = 0; r < rows.n; ++r)
     load_row(base, elem, row_offset(b, rows.token[r], h, n, heads, d), d, dst->data() + r * d);
@@ -354,10 +369,11 @@ void scores(const Problem& p, const Scratch& sc, bool full, std::vector<float>* 
 bool load_kv_tile(const Problem& p, Elem elem, const Tensors& t, const Group& grp, int64_t b,
                   int64_t hk, const int64_t* kt, Scratch* sc) {
   int64_t lo[kMaxRank], hi[kMaxRank];
-  if (!tile_box(grp, kt, p.kv_tile, lo, hi)) return false;
-  fill_rows(p, grp, lo, hi, &sc->k_rows);
-  gather(p, elem, t.k, b, hk, p.kv_heads, sc->k_rows, &sc->k);
-  gather(p, elem, t.v, b, hk, p.kv_heads, sc->k_rows, &sc->v);
+  if (!tile_box(grp, /*kv_side=*/true, kt, p.kv_tile, lo, hi)) return false;
+  fill_rows(p, grp, /*kv_side=*/true, lo, hi, &sc->k_rows);
+  const int64_t n = p.kv_tokens();
+  gather(p, elem, t.k, b, hk, p.kv_heads, n, sc->k_rows, &sc->k);
+  gather(p, elem, t.v, b, hk, p.kv_heads, n, sc->k_rows, &sc->v);
   return true;
 }
 
@@ -371,13 +387,14 @@ bool full_pair(const Problem& p, const Group& grp, const int64_t* qt, const int6
 bool load_q_tile(const Problem& p, Elem elem, const Tensors& t, const Group& grp, int64_t b,
                  int64_t h, const int64_t* qt, const std::vector<float>* di, Scratch* sc) {
   int64_t lo[kMaxRank], hi[kMaxRank];
-  if (!tile_box(grp, qt, p.q_tile, lo, hi)) return false;
-  fill_rows(p, grp, lo, hi, &sc->q_rows);
+  if (!tile_box(grp, /*kv_side=*/false, qt, p.q_tile, lo, hi)) return false;
+  fill_rows(p, grp, /*kv_side=*/false, lo, hi, &sc->q_rows);
   fill_windows(p, grp, sc->q_rows, &sc->windows);
-  gather(p, elem, t.q, b, h, p.heads, sc->q_rows, &sc->q);
+  const int64_t n = p.q_tokens();
+  gather(p, elem, t.q, b, h, p.heads, n, sc->q_rows, &sc->q);
   if (di != nullptr) {
-    gather(p, elem, t.dout, b, h, p.heads, sc->q_rows, &sc->dout);
-    const int64_t nq = sc->q_rows.n, n = p.tokens();
+    gather(p, elem, t.dout, b, h, p.heads, n, sc->q_rows, &sc->dout);
+    const int64_t nq = sc->q_rows.n;
     sc->lse.resize(nq);
     sc->di.resize(nq);
     for (int64_t r = 0; r < nq; ++r) {
@@ -429,7 +446,7 @@ void q_box(const Group& grp, const int64_t* kt, int64_t* lo, int64_t* hi) {
 double pair_flops(const Problem& p) {
   double per_query = 1;
   for (int a = 0; a < p.rank; ++a) per_query *= static_cast<double>(p.axes[a].kernel);
-  return 4.0 * per_query * p.head_dim * p.batch * p.heads * p.tokens();
+  return 4.0 * per_query * p.head_dim * p.batch * p.heads * p.q_tokens();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -471,7 +488,7 @@ void forward_task(const Problem& p, Elem elem, const Tensors& t,
       sc->m[r] = m_new;
     }
   });
-  const int64_t n = p.tokens();
+  const int64_t n = p.q_tokens();
   for (int64_t r = 0; r < nq; ++r) {
     float* acc = sc->acc.data() + r * d;
     const float l = sc->l[r];
@@ -490,7 +507,7 @@ void forward_task(const Problem& p, Elem elem, const Tensors& t,
 
 // di[b, token, h] = dout . out - dlse: the softmax-backward row term.
 std::vector<float> row_terms(const Problem& p, Elem elem, const Tensors& t) {
-  const int64_t rows = p.batch * p.tokens() * p.heads, d = p.head_dim;
+  const int64_t rows = p.batch * p.q_tokens() * p.heads, d = p.head_dim;
   std::vector<float> di(rows);
   struct RowScratch {
     std::vector<float> a, b;
@@ -513,7 +530,7 @@ std::vector<float> row_terms(const Problem& p, Elem elem, const Tensors& t) {
 void dkdv_task(const Problem& p, Elem elem, const Tensors& t, const std::vector<Group>& groups,
                const std::vector<float>& di, const Task& task, Scratch* sc) {
   const Group& grp = groups[task.group];
-  const int64_t b = task.b, hk = task.h, d = p.head_dim, n = p.tokens();
+  const int64_t b = task.b, hk = task.h, d = p.head_dim, n = p.kv_tokens();
   if (!load_kv_tile(p, elem, t, grp, b, hk, task.tile, sc)) return;
   const int64_t nk = sc->k_rows.n;
   sc->dk.assign(nk * d, 0.0f);
@@ -548,7 +565,7 @@ void dq_task(const Problem& p, Elem elem, const Tensors& t, const std::vector<Gr
   const Group& grp = groups[task.group];
   const int64_t b = task.b, h = task.h, hk = h / (p.heads / p.kv_heads), d = p.head_dim;
   if (!load_q_tile(p, elem, t, grp, b, h, task.tile, &di, sc)) return;
-  const int64_t nq = sc->q_rows.n, n = p.tokens();
+  const int64_t nq = sc->q_rows.n, n = p.q_tokens();
   sc->acc.assign(nq * d, 0.0f);
   int64_t lo[kMaxRank], hi[kMaxRank];
   kv_box(grp, task.tile, lo, hi);
@@ -583,7 +600,8 @@ std::string forward(const Problem& p, Elem elem, const void* q, const void* k, c
   if (p.batch == 0) return "";
   const std::vector<Group> groups = make_groups(p);
   const Tensors t{q, k, v, nullptr, nullptr, nullptr, nullptr, out, lse, nullptr, nullptr};
-  const TaskSpace space = task_space(p, p.heads, static_cast<int64_t>(groups.size()), p.q_tile);
+  const TaskSpace space = task_space(p, p.heads, static_cast<int64_t>(groups.size()),
+                                      /*kv_side=*/false, p.q_tile);
   run_tasks<Scratch>(space.size(), thread_count(space.size(), pair_flops(p)),
                      [&](int64_t i, Scratch& sc) {
     forward_task(p, elem, t, groups, space.decode(i), &sc);
@@ -601,12 +619,12 @@ std::string backward(const Problem& p, Elem elem, const void* q, const void* k, 
   const std::vector<float> di = row_terms(p, elem, t);
   const int64_t n_groups = static_cast<int64_t>(groups.size());
   const double flops = 2.0 * pair_flops(p);
-  const TaskSpace kv_space = task_space(p, p.kv_heads, n_groups, p.kv_tile);
+  const TaskSpace kv_space = task_space(p, p.kv_heads, n_groups, /*kv_side=*/true, p.kv_tile);
   run_tasks<Scratch>(kv_space.size(), thread_count(kv_space.size(), flops),
                      [&](int64_t i, Scratch& sc) {
     dkdv_task(p, elem, t, groups, di, kv_space.decode(i), &sc);
   });
-  const TaskSpace q_space = task_space(p, p.heads, n_groups, p.q_tile);
+  const TaskSpace q_space = task_space(p, p.heads, n_groups, /*kv_side=*/false, p.q_tile);
   run_tasks<Scratch>(q_space.size(), thread_count(q_space.size(), flops),
                      [&](int64_t i, Scratch& sc) {
     dq_task(p, elem, t, groups, di, q_space.decode(i), &sc);

@@ -20,25 +20,13 @@ std::string cpu_elem(ffi::DataType dtype, cpu::Elem* elem) {
   }
 }
 
-// All listed buffers must have the dtype of the first.
-std::string same_dtype(std::initializer_list<ffi::DataType> dtypes) {
-  for (ffi::DataType d : dtypes)
-    if (d != *dtypes.begin()) return "GNA custom call: q, k, v and outputs must share a dtype";
-  return "";
-}
-
 ffi::Error CpuForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                       FfiAttrs attrs) {
   Problem p;
   cpu::Elem elem = cpu::Elem::kFloat32;
   for (const std::string& err :
-       {MakeProblem(attrs, q.dimensions(), k.dimensions(), &p),
-        CheckDims("v", v.dimensions(), k.dimensions()),
-        CheckDims("out", out->dimensions(), q.dimensions()),
-        CheckLseDims("lse", lse->dimensions(), q.dimensions()),
-        same_dtype({q.element_type(), k.element_type(), v.element_type(),
-                    out->element_type()}),
+       {CheckForwardCall(attrs, q, k, v, *out, lse->dimensions(), &p),
         cpu_elem(q.element_type(), &elem)})
     if (!err.empty()) return ffi::Error::InvalidArgument(err);
   std::string err = cpu::forward(p, elem, q.untyped_data(), k.untyped_data(), v.untyped_data(),
@@ -56,19 +44,10 @@ ffi::Error CpuBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
   (void)workspace;  // the CPU backward keeps its scratch on the heap
   Problem p;
   cpu::Elem elem = cpu::Elem::kFloat32;
+  const auto dlse_dims = dlse ? dlse->dimensions() : ffi::Span<const int64_t>();
   for (const std::string& err :
-       {MakeProblem(attrs, q.dimensions(), k.dimensions(), &p),
-        CheckDims("v", v.dimensions(), k.dimensions()),
-        CheckDims("out", out.dimensions(), q.dimensions()),
-        CheckDims("dout", dout.dimensions(), q.dimensions()),
-        CheckLseDims("lse", lse.dimensions(), q.dimensions()),
-        dlse ? CheckLseDims("dlse", dlse->dimensions(), q.dimensions()) : std::string(),
-        CheckDims("dq", dq->dimensions(), q.dimensions()),
-        CheckDims("dk", dk->dimensions(), k.dimensions()),
-        CheckDims("dv", dv->dimensions(), k.dimensions()),
-        same_dtype({q.element_type(), k.element_type(), v.element_type(), out.element_type(),
-                    dout.element_type(), dq->element_type(), dk->element_type(),
-                    dv->element_type()}),
+       {CheckBackwardCall(attrs, q, k, v, out, lse.dimensions(), dout,
+                          dlse ? &dlse_dims : nullptr, *dq, *dk, *dv, &p),
         cpu_elem(q.element_type(), &elem)})
     if (!err.empty()) return ffi::Error::InvalidArgument(err);
   std::string err = cpu::backward(

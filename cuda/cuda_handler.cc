@@ -66,12 +66,6 @@ std::string cuda_dtype(ffi::DataType dtype, DType* out) {
   }
 }
 
-std::string same_dtype(std::initializer_list<ffi::DataType> dtypes) {
-  for (ffi::DataType d : dtypes)
-    if (d != *dtypes.begin()) return "GNA custom call: q, k, v and outputs must share a dtype";
-  return "";
-}
-
 // Checks that a kernel family exists for the device and accepts the problem.
 ffi::Error select_kernels(const Problem& p, DType dtype, int32_t device) {
   std::string err;
@@ -95,12 +89,7 @@ ffi::Error CudaForward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ff
   Problem p;
   DType dtype = DType::kBFloat16;
   for (const std::string& err :
-       {MakeProblem(attrs, q.dimensions(), k.dimensions(), &p),
-        CheckDims("v", v.dimensions(), k.dimensions()),
-        CheckDims("out", out->dimensions(), q.dimensions()),
-        CheckLseDims("lse", lse->dimensions(), q.dimensions()),
-        same_dtype({q.element_type(), k.element_type(), v.element_type(),
-                    out->element_type()}),
+       {CheckForwardCall(attrs, q, k, v, *out, lse->dimensions(), &p),
         cuda_dtype(q.element_type(), &dtype)})
     if (!err.empty()) return ffi::Error::InvalidArgument(err);
   if (p.batch == 0) return ffi::Error::Success();
@@ -112,7 +101,8 @@ ffi::Error CudaForward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ff
   return ffi::Error::Success();
 }
 
-ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
+                        ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
                         std::optional<ffi::Buffer<ffi::F32>> dlse,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
@@ -120,18 +110,10 @@ ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, f
                         ffi::Result<ffi::AnyBuffer> workspace, FfiAttrs attrs) {
   Problem p;
   DType dtype = DType::kBFloat16;
+  const auto dlse_dims = dlse ? dlse->dimensions() : ffi::Span<const int64_t>();
   for (const std::string& err :
-       {MakeProblem(attrs, q.dimensions(), k.dimensions(), &p),
-        CheckDims("v", v.dimensions(), k.dimensions()),
-        CheckDims("out", out.dimensions(), q.dimensions()),
-        CheckDims("dout", dout.dimensions(), q.dimensions()),
-        CheckLseDims("lse", lse.dimensions(), q.dimensions()),
-        CheckDims("dq", dq->dimensions(), q.dimensions()),
-        CheckDims("dk", dk->dimensions(), k.dimensions()),
-        CheckDims("dv", dv->dimensions(), k.dimensions()),
-        same_dtype({q.element_type(), k.element_type(), v.element_type(), out.element_type(),
-                    dout.element_type(), dq->element_type(), dk->element_type(),
-                    dv->element_type()}),
+       {CheckBackwardCall(attrs, q, k, v, out, lse.dimensions(), dout,
+                          dlse ? &dlse_dims : nullptr, *dq, *dk, *dv, &p),
         cuda_dtype(q.element_type(), &dtype)})
     if (!err.empty()) return ffi::Error::InvalidArgument(err);
   // The sm80 interface has no lse cotangent yet; jax_gna/native.py adds that term itself and

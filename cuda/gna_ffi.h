@@ -10,12 +10,16 @@
 // outputs; the Python side drops it).
 //
 // Attributes (jax_gna/native.py passes them with exactly these numpy types):
-//   kernel, stride, dilation, causal, q_tile, kv_tile: int64 arrays, one entry per spatial
-//     axis (their common length is the spatial rank);
+//   length, q_offset, kv_offset, kernel, stride, dilation, causal, q_tile, kv_tile: int64
+//     arrays, one entry per spatial axis (their common length is the spatial rank);
 //   scale: float32; deterministic: bool.
+// Frames (notes/FRAMES.md): `length` is the global axis length; q's spatial dims are the Q
+// frame's lengths, starting at global `q_offset`; k's (and v's) are the K/V frame's, starting
+// at `kv_offset` (may be negative). Unframed: length = the spatial dims, offsets 0.
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "gna_problem.h"
@@ -27,6 +31,9 @@ namespace ffi = ::xla::ffi;
 
 // Every attribute of both targets, decoded by XLA in one go (`Binding::Attrs<FfiAttrs>()`).
 struct FfiAttrs {
+  ffi::Span<const int64_t> length;
+  ffi::Span<const int64_t> q_offset;
+  ffi::Span<const int64_t> kv_offset;
   ffi::Span<const int64_t> kernel;
   ffi::Span<const int64_t> stride;
   ffi::Span<const int64_t> dilation;
@@ -41,6 +48,9 @@ struct FfiAttrs {
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::gna::FfiAttrs,
+    ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("length"),
+    ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("q_offset"),
+    ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("kv_offset"),
     ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("kernel"),
     ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("stride"),
     ::xla::ffi::StructMember<::xla::ffi::Span<const int64_t>>("dilation"),
@@ -109,10 +119,11 @@ inline std::string MakeProblem(const FfiAttrs& a, ffi::Span<const int64_t> q_dim
   const size_t rank = a.kernel.size();
   if (rank < 1 || rank > static_cast<size_t>(kMaxRank))
     return "GNA custom call: kernel must have 1 to 3 entries, got " + std::to_string(rank);
-  for (auto s : {a.stride, a.dilation, a.causal, a.q_tile, a.kv_tile})
+  for (auto s : {a.length, a.q_offset, a.kv_offset, a.stride, a.dilation, a.causal, a.q_tile,
+                 a.kv_tile})
     if (s.size() != rank)
-      return "GNA custom call: kernel, stride, dilation, causal, q_tile and kv_tile must "
-             "have one entry per spatial axis";
+      return "GNA custom call: length, q_offset, kv_offset, kernel, stride, dilation, "
+             "causal, q_tile and kv_tile must have one entry per spatial axis";
   if (q_dims.size() < rank + 3)
     return "GNA custom call: q " + detail::dims_str(q_dims) + " must be [batch, " +
            std::to_string(rank) + " spatial axes, heads, head_dim]";
@@ -120,10 +131,10 @@ inline std::string MakeProblem(const FfiAttrs& a, ffi::Span<const int64_t> q_dim
     return "GNA custom call: k " + detail::dims_str(k_dims) + " and q " +
            detail::dims_str(q_dims) + " must have the same rank";
   const size_t lead = q_dims.size() - rank - 2;
-  for (size_t i = 0; i < lead + rank; ++i)
+  for (size_t i = 0; i < lead; ++i)
     if (q_dims[i] != k_dims[i])
       return "GNA custom call: q " + detail::dims_str(q_dims) + " and k " +
-             detail::dims_str(k_dims) + " differ in a batch or spatial dimension";
+             detail::dims_str(k_dims) + " differ in a batch dimension";
   p->rank = static_cast<int>(rank);
   p->batch = 1;
   for (size_t i = 0; i < lead; ++i) p->batch *= q_dims[i];
@@ -137,12 +148,13 @@ inline std::string MakeProblem(const FfiAttrs& a, ffi::Span<const int64_t> q_dim
            " must be a multiple of kv heads " + std::to_string(p->kv_heads);
   for (int ax = 0; ax < kMaxRank; ++ax) {
     if (static_cast<size_t>(ax) >= rank) {
-      p->axes[ax] = Axis{1, 1, 1, 1, false};
+      p->axes[ax] = unframed_axis(1, 1, 1, 1, false);
       p->q_tile[ax] = p->kv_tile[ax] = 1;
       continue;
     }
-    const Axis axis{q_dims[lead + ax], a.kernel[ax], a.stride[ax], a.dilation[ax],
-                    a.causal[ax] != 0};
+    const Axis axis{a.length[ax],   a.kernel[ax],        a.stride[ax],
+                    a.dilation[ax], a.causal[ax] != 0,   a.q_offset[ax],
+                    q_dims[lead + ax], a.kv_offset[ax], k_dims[lead + ax]};
     const std::string where = " on spatial axis " + std::to_string(ax);
     if (axis.dilation < 1 || axis.kernel < 1 || axis.kernel * axis.dilation > axis.length)
       return "GNA custom call: need 1 <= kernel and kernel * dilation <= length" + where;
@@ -150,6 +162,12 @@ inline std::string MakeProblem(const FfiAttrs& a, ffi::Span<const int64_t> q_dim
       return "GNA custom call: need 1 <= stride <= kernel" + where;
     if (a.q_tile[ax] < 1 || a.kv_tile[ax] < 1)
       return "GNA custom call: tile sizes must be positive" + where;
+    if (const char* why = frame_error(axis))
+      return std::string("GNA custom call: ") + why + where + " (length " +
+             std::to_string(axis.length) + ", q_offset " + std::to_string(axis.q_offset) +
+             ", q_length " + std::to_string(axis.q_length) + ", kv_offset " +
+             std::to_string(axis.kv_offset) + ", kv_length " + std::to_string(axis.kv_length) +
+             ", dilation " + std::to_string(axis.dilation) + ")";
     p->axes[ax] = axis;
     p->q_tile[ax] = a.q_tile[ax];
     p->kv_tile[ax] = a.kv_tile[ax];
@@ -172,6 +190,52 @@ inline std::string CheckLseDims(const char* name, ffi::Span<const int64_t> got,
                                 ffi::Span<const int64_t> q_dims) {
   if (q_dims.size() == 0) return "GNA custom call: q must not be a scalar";
   return CheckDims(name, got, q_dims.first(q_dims.size() - 1));
+}
+
+// "" if all listed dtypes equal the first, else the rule.
+inline std::string SameDtype(std::initializer_list<ffi::DataType> dtypes) {
+  for (ffi::DataType d : dtypes)
+    if (d != *dtypes.begin()) return "GNA custom call: q, k, v and outputs must share a dtype";
+  return "";
+}
+
+// Every platform-independent check of a forward call; fills `p`. Returns "" or the first
+// error.
+inline std::string CheckForwardCall(const FfiAttrs& a, const ffi::AnyBuffer& q,
+                                    const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                                    const ffi::AnyBuffer& out,
+                                    ffi::Span<const int64_t> lse_dims, Problem* p) {
+  for (const std::string& err :
+       {MakeProblem(a, q.dimensions(), k.dimensions(), p),
+        CheckDims("v", v.dimensions(), k.dimensions()),
+        CheckDims("out", out.dimensions(), q.dimensions()),
+        CheckLseDims("lse", lse_dims, q.dimensions()),
+        SameDtype({q.element_type(), k.element_type(), v.element_type(), out.element_type()})})
+    if (!err.empty()) return err;
+  return "";
+}
+
+// Every platform-independent check of a backward call (`dlse_dims` null when dlse is
+// absent); fills `p`. Returns "" or the first error.
+inline std::string CheckBackwardCall(const FfiAttrs& a, const ffi::AnyBuffer& q,
+                                     const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                                     const ffi::AnyBuffer& out,
+                                     ffi::Span<const int64_t> lse_dims,
+                                     const ffi::AnyBuffer& dout,
+                                     const ffi::Span<const int64_t>* dlse_dims,
+                                     const ffi::AnyBuffer& dq, const ffi::AnyBuffer& dk,
+                                     const ffi::AnyBuffer& dv, Problem* p) {
+  for (const std::string& err :
+       {CheckForwardCall(a, q, k, v, out, lse_dims, p),
+        CheckDims("dout", dout.dimensions(), q.dimensions()),
+        dlse_dims ? CheckLseDims("dlse", *dlse_dims, q.dimensions()) : std::string(),
+        CheckDims("dq", dq.dimensions(), q.dimensions()),
+        CheckDims("dk", dk.dimensions(), k.dimensions()),
+        CheckDims("dv", dv.dimensions(), k.dimensions()),
+        SameDtype({q.element_type(), dout.element_type(), dq.element_type(),
+                   dk.element_type(), dv.element_type()})})
+    if (!err.empty()) return err;
+  return "";
 }
 
 }  // namespace gna

@@ -17,14 +17,30 @@ namespace gna {
 
 constexpr int kMaxRank = 3;
 
-// One spatial axis of a validated problem. Unused axes (rank < 3) are {1, 1, 1, 1, false}.
+// One spatial axis of a validated problem. `length` is the global axis; the Q buffer covers
+// global positions [q_offset, q_offset + q_length) and the K/V buffers cover
+// [kv_offset, kv_offset + kv_length) (a frame, see notes/FRAMES.md): windows are computed in
+// global coordinates, buffers are indexed locally. K/V rows outside [0, length) are padding:
+// never visible, their dk/dv are 0. Offsets are multiples of `dilation`, so a local index has
+// the dilation residue of its global position. Unused axes (rank < 3) are
+// unframed_axis(1, 1, 1, 1, false).
 struct Axis {
   int64_t length;
   int64_t kernel;
   int64_t stride;
   int64_t dilation;
   bool causal;
+  int64_t q_offset;
+  int64_t q_length;
+  int64_t kv_offset;
+  int64_t kv_length;
 };
+
+// An axis whose Q and K/V buffers both hold the whole axis (no frame).
+GNA_HD Axis unframed_axis(int64_t length, int64_t kernel, int64_t stride, int64_t dilation,
+                          bool causal) {
+  return Axis{length, kernel, stride, dilation, causal, 0, length, 0, length};
+}
 
 GNA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 GNA_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -58,8 +74,12 @@ GNA_HD bool in_window(int64_t ii, int64_t jj, int64_t group_len, int64_t kernel,
   return jj >= start && jj < end;
 }
 
-// Tiling of one dilation-group axis: `length` group indices cut into Q tiles of `q_tile`
-// and KV tiles of `kv_tile`.
+// Tiling of one dilation-group axis. `length` is the global group length (windows clamp at
+// its borders); the Q frame is local group indices t <-> global t + q_offset, t < q_len, cut
+// into Q tiles of `q_tile`; the KV frame is local u <-> global u + kv_offset, u < kv_len, cut
+// into KV tiles of `kv_tile`. Offsets are in group units (token offset / dilation); kv_offset
+// may be negative. A valid frame (frame_error) keeps every window of every Q-frame query
+// inside the KV frame. Unframed: q_offset = kv_offset = 0, q_len = kv_len = length.
 struct AxisTiling {
   int64_t length;
   int64_t kernel;
@@ -67,34 +87,41 @@ struct AxisTiling {
   bool causal;
   int64_t q_tile;
   int64_t kv_tile;
+  int64_t q_offset;
+  int64_t q_len;
+  int64_t kv_offset;
+  int64_t kv_len;
 
-  GNA_HD int64_t n_q() const { return ceil_div(length, q_tile); }
-  GNA_HD int64_t n_kv() const { return ceil_div(length, kv_tile); }
+  GNA_HD int64_t n_q() const { return ceil_div(q_len, q_tile); }
+  GNA_HD int64_t n_kv() const { return ceil_div(kv_len, kv_tile); }
+
+  // Global windows of the first and last valid query of Q tile `qt`.
+  GNA_HD void tile_windows(int64_t qt, int64_t* s0, int64_t* e0, int64_t* s1,
+                           int64_t* e1) const {
+    const int64_t first = qt * q_tile;
+    const int64_t last = min64(first + q_tile, q_len) - 1;
+    window_bounds(first + q_offset, length, kernel, stride, causal, s0, e0);
+    window_bounds(last + q_offset, length, kernel, stride, causal, s1, e1);
+  }
 
   // KV tiles [lo, hi) seen by Q tile `qt`. Window bounds are non-decreasing in the query
   // index, so the first query's start and the last valid query's end bound the range.
   GNA_HD void kv_range(int64_t qt, int64_t* lo, int64_t* hi) const {
-    const int64_t first = qt * q_tile;
-    const int64_t last = min64(first + q_tile, length) - 1;
     int64_t s0, e0, s1, e1;
-    window_bounds(first, length, kernel, stride, causal, &s0, &e0);
-    window_bounds(last, length, kernel, stride, causal, &s1, &e1);
-    *lo = s0 / kv_tile;
-    *hi = ceil_div(e1, kv_tile);
+    tile_windows(qt, &s0, &e0, &s1, &e1);
+    *lo = (s0 - kv_offset) / kv_tile;
+    *hi = ceil_div(e1 - kv_offset, kv_tile);
   }
 
   // True iff every valid query of Q tile `qt` sees every key of KV tile `kt` and the KV
   // tile holds no padding: such a pair runs without an element mask.
   GNA_HD bool full(int64_t qt, int64_t kt) const {
-    const int64_t first = qt * q_tile;
-    const int64_t last = min64(first + q_tile, length) - 1;
     const int64_t key_first = kt * kv_tile;
     const int64_t key_end = key_first + kv_tile;
-    if (key_end > length) return false;
+    if (key_end > kv_len) return false;
     int64_t s0, e0, s1, e1;
-    window_bounds(first, length, kernel, stride, causal, &s0, &e0);
-    window_bounds(last, length, kernel, stride, causal, &s1, &e1);
-    return s1 <= key_first && e0 >= key_end;
+    tile_windows(qt, &s0, &e0, &s1, &e1);
+    return s1 - kv_offset <= key_first && e0 - kv_offset >= key_end;
   }
 
   // Q tiles [lo, hi) that see KV tile `kt` (the backward's loop). kv_range's bounds are
@@ -119,5 +146,43 @@ struct AxisTiling {
     *hi = a < c ? c : a;
   }
 };
+
+// The tiling of a group axis of `length` with no frame.
+GNA_HD AxisTiling unframed_tiling(int64_t length, int64_t kernel, int64_t stride, bool causal,
+                                  int64_t q_tile, int64_t kv_tile) {
+  return AxisTiling{length, kernel, stride, causal, q_tile, kv_tile, 0, length, 0, length};
+}
+
+// The tiling of dilation group `g` of a (framed) axis.
+GNA_HD AxisTiling group_tiling(const Axis& ax, int64_t g, int64_t q_tile, int64_t kv_tile) {
+  const int64_t d = ax.dilation;
+  return AxisTiling{group_length(ax.length, d, g), ax.kernel, ax.stride, ax.causal,
+                    q_tile, kv_tile, ax.q_offset / d, group_length(ax.q_length, d, g),
+                    ax.kv_offset / d, group_length(ax.kv_length, d, g)};
+}
+
+// Checks the frame of an axis whose length, kernel, stride and dilation are already valid:
+// nullptr if it is valid, else the rule it breaks. Window bounds are monotone in the query,
+// so per dilation group the first and last Q-frame query bound every window.
+inline const char* frame_error(const Axis& ax) {
+  const int64_t d = ax.dilation;
+  if (ax.q_length < 1 || ax.kv_length < 1)
+    return "q_length and kv_length (the Q and K/V buffer axis lengths) must be positive";
+  if (ax.q_offset % d != 0 || ax.kv_offset % d != 0)
+    return "q_offset and kv_offset must be multiples of dilation";
+  if (ax.q_offset < 0 || ax.q_offset + ax.q_length > ax.length)
+    return "the Q frame [q_offset, q_offset + q_length) must lie inside [0, length)";
+  for (int64_t g = 0; g < d; ++g) {
+    const AxisTiling t = group_tiling(ax, g, 1, 1);
+    if (t.q_len == 0) continue;
+    int64_t s0, e0, s1, e1;
+    window_bounds(t.q_offset, t.length, t.kernel, t.stride, t.causal, &s0, &e0);
+    window_bounds(t.q_offset + t.q_len - 1, t.length, t.kernel, t.stride, t.causal, &s1, &e1);
+    if (s0 < t.kv_offset || e1 > t.kv_offset + t.kv_len)
+      return "every window of a Q-frame query must lie inside the K/V frame "
+             "[kv_offset, kv_offset + kv_length)";
+  }
+  return nullptr;
+}
 
 }  // namespace gna

@@ -4,10 +4,12 @@
 //
 // No CUDA headers here: the CUDA handlers are plain symbols declared in handlers.h.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,33 +46,60 @@ nb::dict handlers(const std::string& platform) {
 using I64s = std::vector<int64_t>;
 
 // Bytes of the backward target's workspace result for these (local) shapes and attributes.
+// `length`, `q_offset`, `kv_offset` describe a frame (default: q's spatial dims, zeros).
 size_t backward_workspace_bytes(const std::string& platform, const I64s& q_shape,
                                 const I64s& k_shape, const I64s& kernel, const I64s& stride,
                                 const I64s& dilation, const I64s& causal, const I64s& q_tile,
-                                const I64s& kv_tile) {
+                                const I64s& kv_tile, const std::optional<I64s>& length,
+                                const std::optional<I64s>& q_offset,
+                                const std::optional<I64s>& kv_offset) {
   if (platform == "cpu") return 0;
   if (platform != "cuda") throw nb::value_error("platform must be 'cpu' or 'cuda'");
 #ifdef JAX_GNA_HAS_CUDA
   using Span = gna::ffi::Span<const int64_t>;
   auto span = [](const I64s& v) { return Span(v.data(), v.size()); };
-  const gna::FfiAttrs attrs{span(kernel), span(stride), span(dilation), span(causal),
+  const size_t rank = kernel.size();
+  if (q_shape.size() < rank + 2) throw nb::value_error("q_shape is shorter than rank + 2");
+  const I64s zeros(rank, 0);
+  const I64s q_spatial(q_shape.end() - rank - 2, q_shape.end() - 2);
+  const gna::FfiAttrs attrs{span(length ? *length : q_spatial),
+                            span(q_offset ? *q_offset : zeros),
+                            span(kv_offset ? *kv_offset : zeros),
+                            span(kernel), span(stride), span(dilation), span(causal),
                             span(q_tile), span(kv_tile), 1.0f, false};
   gna::Problem p;
   const std::string err = gna::MakeProblem(attrs, span(q_shape), span(k_shape), &p);
   if (!err.empty()) throw nb::value_error(err.c_str());
   return gna::cuda_backward_workspace(p);
 #else
+  (void)q_shape, (void)k_shape, (void)kernel, (void)stride, (void)dilation, (void)causal;
+  (void)q_tile, (void)kv_tile, (void)length, (void)q_offset, (void)kv_offset;
   throw nb::value_error("this build has no CUDA handlers");
 #endif
 }
 
-// Per-axis tile geometry as computed by gna_geometry.h (mirrors geometry.axis_tiling).
-nb::dict axis_tiling(int64_t length, int64_t kernel, int64_t stride, bool causal,
-                     int64_t q_tile, int64_t kv_tile) {
+// A group axis of `length` with a frame (q_len / kv_len default to the whole axis), checked
+// with gna::frame_error; raises ValueError naming the broken rule.
+gna::AxisTiling checked_tiling(int64_t length, int64_t kernel, int64_t stride, bool causal,
+                               int64_t q_tile, int64_t kv_tile, int64_t q_offset,
+                               std::optional<int64_t> q_len, int64_t kv_offset,
+                               std::optional<int64_t> kv_len) {
   if (length < 1 || kernel < 1 || kernel > length || stride < 1 || stride > kernel ||
       q_tile < 1 || kv_tile < 1)
     throw nb::value_error("axis_tiling needs 1 <= stride <= kernel <= length and tiles >= 1");
-  const gna::AxisTiling t{length, kernel, stride, causal, q_tile, kv_tile};
+  const gna::Axis axis{length,   kernel, stride, 1, causal, q_offset, q_len.value_or(length),
+                       kv_offset, kv_len.value_or(length)};
+  if (const char* why = gna::frame_error(axis)) throw nb::value_error(why);
+  return gna::group_tiling(axis, 0, q_tile, kv_tile);
+}
+
+// Per-axis tile geometry as computed by gna_geometry.h (mirrors geometry.axis_tiling).
+nb::dict axis_tiling(int64_t length, int64_t kernel, int64_t stride, bool causal,
+                     int64_t q_tile, int64_t kv_tile, int64_t q_offset,
+                     std::optional<int64_t> q_len, int64_t kv_offset,
+                     std::optional<int64_t> kv_len) {
+  const gna::AxisTiling t = checked_tiling(length, kernel, stride, causal, q_tile, kv_tile,
+                                           q_offset, q_len, kv_offset, kv_len);
   const int64_t n_q = t.n_q(), n_kv = t.n_kv();
   std::vector<int64_t> kv_lo(n_q), kv_hi(n_q), q_lo(n_kv), q_hi(n_kv);
   std::vector<std::vector<bool>> full(n_q, std::vector<bool>(n_kv));
@@ -88,13 +117,23 @@ nb::dict axis_tiling(int64_t length, int64_t kernel, int64_t stride, bool causal
   return out;
 }
 
-// Window [start, end) of every group index of an axis (mirrors geometry.window_bounds).
-nb::tuple windows(int64_t group_len, int64_t kernel, int64_t stride, bool causal) {
+// Window [start, end) of every Q-frame query of a group axis (global index t + q_offset) in
+// local K/V-frame indices (global - kv_offset), as the native implementations use them
+// (mirrors geometry.window_bounds).
+nb::tuple windows(int64_t group_len, int64_t kernel, int64_t stride, bool causal,
+                  int64_t q_offset, std::optional<int64_t> q_len, int64_t kv_offset,
+                  std::optional<int64_t> kv_len) {
   if (group_len < 1 || kernel < 1 || kernel > group_len || stride < 1 || stride > kernel)
     throw nb::value_error("windows needs 1 <= stride <= kernel <= group_len");
-  std::vector<int64_t> start(group_len), end(group_len);
-  for (int64_t ii = 0; ii < group_len; ++ii)
-    gna::window_bounds(ii, group_len, kernel, stride, causal, &start[ii], &end[ii]);
+  const gna::AxisTiling t = checked_tiling(group_len, kernel, stride, causal, 1, 1, q_offset,
+                                           q_len, kv_offset, kv_len);
+  std::vector<int64_t> start(t.q_len), end(t.q_len);
+  for (int64_t ii = 0; ii < t.q_len; ++ii) {
+    gna::window_bounds(ii + t.q_offset, group_len, kernel, stride, causal, &start[ii],
+                       &end[ii]);
+    start[ii] -= t.kv_offset;
+    end[ii] -= t.kv_offset;
+  }
   return nb::make_tuple(start, end);
 }
 
@@ -121,12 +160,20 @@ NB_MODULE(_jax_gna_native, m) {
   m.def("backward_workspace_bytes", &backward_workspace_bytes, nb::arg("platform"),
         nb::arg("q_shape"), nb::arg("k_shape"), nb::arg("kernel"), nb::arg("stride"),
         nb::arg("dilation"), nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"),
-        "Bytes of the backward custom call's workspace result.");
+        nb::arg("length") = nb::none(), nb::arg("q_offset") = nb::none(),
+        nb::arg("kv_offset") = nb::none(),
+        "Bytes of the backward custom call's workspace result (frame: global `length`, "
+        "`q_offset`, `kv_offset` per spatial axis; default unframed).");
   m.def("axis_tiling", &axis_tiling, nb::arg("length"), nb::arg("kernel"), nb::arg("stride"),
-        nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"),
-        "gna_geometry.h's AxisTiling as {kv_lo, kv_hi, q_lo, q_hi, full}.");
+        nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("q_offset") = 0,
+        nb::arg("q_len") = nb::none(), nb::arg("kv_offset") = 0,
+        nb::arg("kv_len") = nb::none(),
+        "gna_geometry.h's AxisTiling (group units, optional frame) as "
+        "{kv_lo, kv_hi, q_lo, q_hi, full}.");
   m.def("windows", &windows, nb::arg("group_len"), nb::arg("kernel"), nb::arg("stride"),
-        nb::arg("causal"), "gna_geometry.h's window_bounds for every group index.");
+        nb::arg("causal"), nb::arg("q_offset") = 0, nb::arg("q_len") = nb::none(),
+        nb::arg("kv_offset") = 0, nb::arg("kv_len") = nb::none(),
+        "gna_geometry.h's window_bounds of every Q-frame query, in K/V-frame indices.");
   m.def("f16_roundtrip", [](float x) { return gna::cpu::f16_to_float(gna::cpu::float_to_f16(x)); },
         nb::arg("x"), "float -> float16 -> float with the CPU handler's conversion.");
   m.def("bf16_roundtrip",

@@ -48,30 +48,98 @@ def test_windows_agree():
         np.testing.assert_array_equal(end, py_end)
 
 
+def _framed_axes(count: int, seed: int):
+    """(params, frame) pairs: random group axes with random valid frames.
+
+    The Q frame is a random sub-range of ``[0, length)``; the KV frame covers the union of
+    its windows plus random padding on both sides (so it may start below 0 or end past the
+    axis).
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for params in _random_axes(count, seed):
+        length, kernel, stride, causal = params[:4]
+        q_offset = int(rng.integers(0, length))
+        q_len = int(rng.integers(1, length - q_offset + 1))
+        start, _ = geometry.window_bounds(q_offset, length, kernel, stride, causal)
+        _, end = geometry.window_bounds(q_offset + q_len - 1, length, kernel, stride, causal)
+        pad_lo = int(rng.integers(0, 6)) if rng.random() < 0.6 else 0
+        pad_hi = int(rng.integers(0, 6)) if rng.random() < 0.6 else 0
+        kv_offset = int(start) - pad_lo
+        kv_len = int(end) + pad_hi - kv_offset
+        out.append((params, dict(q_offset=q_offset, q_len=q_len, kv_offset=kv_offset,
+                                 kv_len=kv_len)))
+    return out
+
+
+_FRAMED = _framed_axes(1500, seed=77) + [
+    ((7, 7, 1, False, 4, 4), dict(q_offset=3, q_len=2, kv_offset=0, kv_len=7)),
+    ((20, 5, 1, False, 4, 4), dict(q_offset=8, q_len=4, kv_offset=6, kv_len=8)),
+    ((20, 5, 1, True, 3, 2), dict(q_offset=0, q_len=5, kv_offset=-3, kv_len=9)),
+    ((20, 5, 2, False, 8, 8), dict(q_offset=12, q_len=8, kv_offset=10, kv_len=15)),
+]
+
+
+def _assert_tilings_agree(cpp: dict, py: geometry.AxisTiling, where: str) -> tuple[int, int]:
+    """Asserts that the extension's tiling equals Python's; returns (#full, #partial) pairs."""
+    np.testing.assert_array_equal(cpp["kv_lo"], py.kv_lo, err_msg=where)
+    np.testing.assert_array_equal(cpp["kv_hi"], py.kv_hi, err_msg=where)
+    full = np.asarray(cpp["full"], dtype=bool).reshape(py.full.shape)
+    np.testing.assert_array_equal(full, py.full, err_msg=where)
+    # q ranges: equal where non-empty; an unseen KV tile is an empty range on both sides.
+    cpp_q = np.stack([cpp["q_lo"], cpp["q_hi"]], axis=1).reshape(-1, 2)
+    py_q = np.stack([py.q_lo, py.q_hi], axis=1)
+    empty = py_q[:, 0] >= py_q[:, 1]
+    np.testing.assert_array_equal(cpp_q[:, 0] >= cpp_q[:, 1], empty, err_msg=where)
+    np.testing.assert_array_equal(cpp_q[~empty], py_q[~empty], err_msg=where)
+    # The C++ ranges reproduce Python's visibility matrix.
+    kt = np.arange(py.visible.shape[1])
+    visible = ((kt[None, :] >= np.asarray(cpp["kv_lo"])[:, None])
+               & (kt[None, :] < np.asarray(cpp["kv_hi"])[:, None]))
+    np.testing.assert_array_equal(visible, py.visible, err_msg=where)
+    return int(py.full.sum()), int((py.visible & ~py.full).sum())
+
+
 def test_axis_tilings_agree_tile_for_tile():
     checked_partial = checked_full = 0
     for params in _AXES:
-        cpp = native._ext.axis_tiling(*params)
-        py = geometry.axis_tiling(*params)
         where = f"(length, kernel, stride, causal, q_tile, kv_tile) = {params}"
-        np.testing.assert_array_equal(cpp["kv_lo"], py.kv_lo, err_msg=where)
-        np.testing.assert_array_equal(cpp["kv_hi"], py.kv_hi, err_msg=where)
-        full = np.asarray(cpp["full"], dtype=bool).reshape(py.n_q, py.n_kv)
-        np.testing.assert_array_equal(full, py.full, err_msg=where)
-        # q ranges: equal where non-empty; an unseen KV tile is an empty range on both sides.
-        cpp_q = np.stack([cpp["q_lo"], cpp["q_hi"]], axis=1)
-        py_q = np.stack([py.q_lo, py.q_hi], axis=1)
-        empty = py_q[:, 0] >= py_q[:, 1]
-        np.testing.assert_array_equal(cpp_q[:, 0] >= cpp_q[:, 1], empty, err_msg=where)
-        np.testing.assert_array_equal(cpp_q[~empty], py_q[~empty], err_msg=where)
-        # The C++ ranges reproduce Python's visibility matrix.
-        kt = np.arange(py.n_kv)
-        visible = ((kt[None, :] >= np.asarray(cpp["kv_lo"])[:, None])
-                   & (kt[None, :] < np.asarray(cpp["kv_hi"])[:, None]))
-        np.testing.assert_array_equal(visible, py.visible, err_msg=where)
-        checked_full += int(py.full.sum())
-        checked_partial += int((py.visible & ~py.full).sum())
+        f, p = _assert_tilings_agree(native._ext.axis_tiling(*params),
+                                     geometry.axis_tiling(*params), where)
+        checked_full += f
+        checked_partial += p
     assert checked_full > 1000 and checked_partial > 1000  # both tile kinds are exercised
+
+
+def test_framed_tilings_agree_tile_for_tile():
+    checked_partial = checked_full = padded = 0
+    for params, frame in _FRAMED:
+        where = f"(length, kernel, stride, causal, q_tile, kv_tile) = {params}, {frame}"
+        f, p = _assert_tilings_agree(native._ext.axis_tiling(*params, **frame),
+                                     geometry.axis_tiling(*params, **frame), where)
+        checked_full += f
+        checked_partial += p
+        padded += frame["kv_offset"] < 0 or frame["kv_offset"] + frame["kv_len"] > params[0]
+    assert checked_full > 300 and checked_partial > 1000 and padded > 200
+
+
+def test_framed_windows_agree():
+    for (length, kernel, stride, causal, _, _), frame in _FRAMED:
+        start, end = native._ext.windows(length, kernel, stride, causal, **frame)
+        ii = np.arange(frame["q_len"]) + frame["q_offset"]
+        py_start, py_end = geometry.window_bounds(ii, length, kernel, stride, causal)
+        where = str((length, kernel, stride, causal, frame))
+        np.testing.assert_array_equal(start, py_start - frame["kv_offset"], err_msg=where)
+        np.testing.assert_array_equal(end, py_end - frame["kv_offset"], err_msg=where)
+        # Valid frames keep every window inside the K/V frame.
+        assert min(start) >= 0 and max(end) <= frame["kv_len"], where
+
+
+def test_unframed_default_is_the_whole_axis():
+    for params in _AXES[:200]:
+        length = params[0]
+        whole = dict(q_offset=0, q_len=length, kv_offset=0, kv_len=length)
+        assert native._ext.axis_tiling(*params) == native._ext.axis_tiling(*params, **whole)
 
 
 def test_bad_arguments_raise():
@@ -79,3 +147,16 @@ def test_bad_arguments_raise():
         native._ext.axis_tiling(10, 3, 4, False, 4, 4)
     with pytest.raises(ValueError, match="tiles >= 1"):
         native._ext.axis_tiling(10, 3, 1, False, 0, 4)
+
+
+@pytest.mark.parametrize("frame, rule", [
+    (dict(q_offset=-1, q_len=3), "Q frame"),
+    (dict(q_offset=8, q_len=3), "Q frame"),
+    (dict(q_len=0), "must be positive"),
+    (dict(kv_len=0), "must be positive"),
+    (dict(q_offset=4, q_len=2, kv_offset=4, kv_len=2), "inside the K/V frame"),
+    (dict(q_offset=0, q_len=2, kv_offset=1, kv_len=9), "inside the K/V frame"),
+])
+def test_bad_frames_raise(frame, rule):
+    with pytest.raises(ValueError, match=rule):
+        native._ext.axis_tiling(10, 3, 1, False, 4, 4, **frame)
