@@ -1,0 +1,213 @@
+"""Spatial context parallelism: GNA with one spatial axis sharded across devices.
+
+GNA is local, so a device that owns a slab of queries needs the keys and values of its slab
+plus a *halo*: the rows of its neighbours' slabs that its queries' windows reach. The halo
+sizes come from the shared geometry (`geometry.kv_span`, clamped border windows and causal
+axes included). Inside `jax.shard_map` each device
+
+1. receives the last ``left`` rows of the previous device's K/V and the first ``right`` rows
+   of the next device's through `jax.lax.ppermute` (the first and last devices receive
+   zeros, which lie outside the axis and are never seen);
+2. runs the local kernel on a *frame* (`geometry.AxisFrame`): its queries are global rows
+   ``[s * n, (s + 1) * n)`` and its K/V buffer holds global rows
+   ``[s * n - left, (s + 1) * n + right)``, so windows clamp at the global borders, not at
+   the slab's. Frame offsets are static kernel attributes, so the devices' calls are the
+   branches of one `jax.lax.switch` on the device index.
+
+Gradients need nothing extra: the transpose of `ppermute` sends the halo rows' dk/dv back
+to their owners, where they are added. If a halo is longer than a slab (small slabs, wide
+windows), K/V are all-gathered along the axis instead, with a warning; the queries (and the
+compute) stay split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from jax_gna import api, geometry
+from jax_gna.config import AxisParams, GNAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class HaloPlan:
+    """How K/V rows move when spatial axis `axis` is split into `shards` slabs.
+
+    Attributes:
+      axis: the sharded spatial axis (0-based among the spatial axes).
+      shards: number of slabs (devices along the mesh axis).
+      slab: rows per slab, ``L // shards``.
+      left, right: halo rows each device receives from its previous / next neighbour (the
+        largest need over all devices, rounded up to a multiple of the dilation).
+      gather: True if a halo is longer than a slab: K/V are all-gathered instead.
+    """
+
+    axis: int
+    shards: int
+    slab: int
+    left: int
+    right: int
+    gather: bool
+
+    def frames(self, axes: Sequence[AxisParams], shard: int) -> tuple[geometry.AxisFrame, ...]:
+        """The per-axis frames of device `shard`'s local call."""
+        frames = [geometry.AxisFrame.whole(a.length) for a in axes]
+        q0 = shard * self.slab
+        if self.gather:
+            frames[self.axis] = geometry.AxisFrame(q0, self.slab, 0, axes[self.axis].length)
+        else:
+            frames[self.axis] = geometry.AxisFrame(q0, self.slab, q0 - self.left,
+                                                   self.left + self.slab + self.right)
+        return tuple(frames)
+
+
+def plan_halo(axes: Sequence[AxisParams], axis: int, shards: int) -> HaloPlan:
+    """The `HaloPlan` of splitting spatial axis `axis` of the problem `axes` into `shards`.
+
+    Raises:
+      ValueError: the axis length is not a multiple of `shards`, or a slab is not a
+        multiple of the axis's dilation (a slab must start at dilation group 0).
+    """
+    if not 0 <= axis < len(axes):
+        raise ValueError(f"spatial_axis={axis} must be in [0, {len(axes)})")
+    a = axes[axis]
+    if a.length % shards:
+        raise ValueError(f"spatial axis {axis} has length {a.length}, which {shards} devices "
+                         "cannot split evenly; its length must be a multiple of the mesh "
+                         "axis size")
+    slab = a.length // shards
+    d = a.dilation
+    if slab % d:
+        raise ValueError(f"spatial axis {axis}: each device's slab of {slab} rows must be a "
+                         f"multiple of the dilation {d}")
+    left = right = 0
+    for s in range(shards):
+        lo, hi = geometry.kv_span(a, s * slab, (s + 1) * slab)
+        left = max(left, s * slab - lo)
+        right = max(right, hi - (s + 1) * slab)
+    left, right = -(-left // d) * d, -(-right // d) * d
+    gather = shards > 1 and max(left, right) > slab
+    if gather:
+        left = right = 0
+    return HaloPlan(axis=axis, shards=shards, slab=slab, left=left, right=right,
+                    gather=gather)
+
+
+def _with_halo(x: jax.Array, plan: HaloPlan, axis_name: str, dim: int) -> jax.Array:
+    """A device's K or V slab extended by its halos (inside `shard_map`)."""
+    n = plan.shards
+    if plan.gather:
+        return jax.lax.all_gather(x, axis_name, axis=dim, tiled=True)
+    parts = []
+    if plan.left:
+        tail = jax.lax.slice_in_dim(x, plan.slab - plan.left, plan.slab, axis=dim)
+        parts.append(jax.lax.ppermute(tail, axis_name, [(i, i + 1) for i in range(n - 1)]))
+    parts.append(x)
+    if plan.right:
+        head = jax.lax.slice_in_dim(x, 0, plan.right, axis=dim)
+        parts.append(jax.lax.ppermute(head, axis_name, [(i + 1, i) for i in range(n - 1)]))
+    return jnp.concatenate(parts, axis=dim) if len(parts) > 1 else x
+
+
+def sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, *,
+                      mesh: Mesh, axis_name: str, spatial_axis: int = 0,
+                      batch_axis_name: str | None = None,
+                      head_axis_name: str | None = None,
+                      scale: float | None = None, implementation: str | None = None,
+                      return_lse: bool = False,
+                      q_tile_shape: Sequence[int] | None = None,
+                      kv_tile_shape: Sequence[int] | None = None,
+                      deterministic: bool = False):
+    """`jax_gna.attention` with spatial axis `spatial_axis` split over mesh axis `axis_name`.
+
+    Each device computes the queries of its slab; K/V move only as halos (see the module
+    docstring). The result equals `jax_gna.attention` on the whole arrays, forward and
+    gradients. Works eagerly and under `jax.jit`; the inputs may have any sharding (they are
+    resharded to the layout below) and the outputs come back in that layout.
+
+    Args:
+      q: ``[B, *spatial, H, D]``; k, v: ``[B, *spatial, H_kv, D]`` (global shapes).
+      cfg: the `GNAConfig` of the global problem.
+      mesh: the device mesh.
+      axis_name: mesh axis that splits ``spatial[spatial_axis]``; its length must be a
+        multiple of the mesh axis size, and each slab a multiple of the axis's dilation.
+      spatial_axis: which spatial axis to split (0 = the first, outermost one).
+      batch_axis_name, head_axis_name: optional other mesh axes that split the batch and the
+        (kv) heads; these need no communication.
+      scale, implementation, return_lse, q_tile_shape, kv_tile_shape, deterministic: as in
+        `jax_gna.attention` (no additional keys).
+
+    Returns:
+      ``out`` (or ``(out, lse)``), sharded like the inputs' layout
+      ``P(batch_axis_name, ..axis_name at spatial_axis.., head_axis_name, None)``.
+
+    Raises:
+      ValueError, TypeError: bad inputs, config, mesh axes or splits, before anything runs.
+
+    Warns:
+      UserWarning: when a halo is longer than a slab and K/V are all-gathered instead.
+    """
+    axes = api._check_inputs(q, k, v, cfg)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    rank = len(axes)
+    q_tile = geometry.check_tile_shape("q_tile_shape", q_tile_shape, rank)
+    kv_tile = geometry.check_tile_shape("kv_tile_shape", kv_tile_shape, rank)
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    for name, value in (("axis_name", axis_name), ("batch_axis_name", batch_axis_name),
+                        ("head_axis_name", head_axis_name)):
+        if value is not None and value not in mesh.shape:
+            raise ValueError(f"{name}={value!r} is not an axis of the mesh "
+                             f"{tuple(mesh.shape)}")
+    if axis_name is None:
+        raise ValueError("axis_name must name the mesh axis that splits the spatial axis")
+    if isinstance(spatial_axis, bool) or not isinstance(spatial_axis, int):
+        raise TypeError(f"spatial_axis must be an int, got {type(spatial_axis).__name__}")
+    names = [n for n in (axis_name, batch_axis_name, head_axis_name) if n is not None]
+    if len(set(names)) != len(names):
+        raise ValueError(f"axis_name, batch_axis_name and head_axis_name must differ, got "
+                         f"{names}")
+    if batch_axis_name is not None and q.shape[0] % mesh.shape[batch_axis_name]:
+        raise ValueError(f"batch {q.shape[0]} is not a multiple of mesh axis "
+                         f"{batch_axis_name!r} ({mesh.shape[batch_axis_name]} devices)")
+    if head_axis_name is not None and k.shape[-2] % mesh.shape[head_axis_name]:
+        raise ValueError(f"kv heads H_kv={k.shape[-2]} are not a multiple of mesh axis "
+                         f"{head_axis_name!r} ({mesh.shape[head_axis_name]} devices)")
+    plan = plan_halo(axes, spatial_axis, mesh.shape[axis_name])
+    if plan.gather:
+        warnings.warn(
+            f"sharded_attention: windows on spatial axis {spatial_axis} reach further than "
+            f"one device's slab ({plan.slab} rows); K/V are all-gathered along "
+            f"{axis_name!r} instead of exchanging halos", stacklevel=2)
+    impl = api._pick(implementation, q.dtype)
+
+    spatial = [None] * rank
+    spatial[spatial_axis] = axis_name
+    spec = PartitionSpec(batch_axis_name, *spatial, head_axis_name, None)
+    row_spec = PartitionSpec(batch_axis_name, *spatial, head_axis_name)
+    dim = 1 + spatial_axis
+    options = dict(q_tile_shape=q_tile, kv_tile_shape=kv_tile,
+                   deterministic=bool(deterministic))
+
+    def branch(shard: int):
+        frames = plan.frames(axes, shard)
+        return lambda ql, kl, vl: impl.fn(ql, kl, vl, axes, float(scale), frames=frames,
+                                          **options)
+
+    def local(ql, kl, vl):
+        kl = _with_halo(kl, plan, axis_name, dim)
+        vl = _with_halo(vl, plan, axis_name, dim)
+        index = jax.lax.axis_index(axis_name)
+        return jax.lax.switch(index, [branch(s) for s in range(plan.shards)], ql, kl, vl)
+
+    out, lse = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec),
+                             out_specs=(spec, row_spec), check_vma=False)(q, k, v)
+    return (out, lse) if return_lse else out

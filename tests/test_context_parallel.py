@@ -1,0 +1,236 @@
+"""Spatial context parallelism (`jax_gna.sharded_attention`) on 8 fake CPU devices.
+
+Device-count checks run in a fresh interpreter with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (see `_run`); each ``_check_*``
+function is such a subprocess's body and raises on failure. The halo arithmetic and the
+argument checks run in-process.
+
+What is checked: results and gradients equal single-device `jax_gna.attention` for 1-D/2-D/
+3-D problems with stride, dilation, causal axes and uneven borders, on 2, 3 and 4 slabs, on a
+non-leading spatial axis and together with batch/head sharding; the compiled HLO moves K/V
+only through collective-permutes of exactly the halo sizes (forward and backward) and has no
+all-gather; halos longer than a slab fall back to an all-gather with a warning; bad splits
+raise before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_gna
+from jax_gna import context_parallel, geometry, native
+from jax_gna.config import GNAConfig
+
+# (spatial shape, config, spatial_axis, slabs): odd sizes, borders that clamp, stride,
+# dilation and causal axes, halos on one or both sides.
+CASES = [
+    ((30, 6), GNAConfig((18, 3), (16, 1)), 0, 2),             # the 30x48x80 axis-0 pattern
+    ((24,), GNAConfig(5, 2, 2), 0, 4),                         # dilation, 4 slabs
+    ((21,), GNAConfig(7, 3, 1, True), 0, 3),                   # causal: left halo only
+    ((16, 6, 5), GNAConfig((5, 3, 3), (3, 1, 2), (1, 2, 1), (True, False, False)), 0, 2),
+    ((5, 18, 4), GNAConfig((3, 7, 4), (1, 4, 1), (1, 1, 1), (False, True, False)), 1, 3),
+    ((4, 6, 16), GNAConfig((3, 3, 6), (1, 1, 2), (1, 2, 2)), 2, 4),
+]
+
+
+def _implementations() -> list[str]:
+    names = ["xla"]
+    if native.extension_unavailable() is None:
+        names.append("cpu")
+    return names
+
+
+def _run(check: str, *args) -> None:
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    code = (f"import sys; sys.path.insert(0, {tests!r}); import test_context_parallel as t; "
+            f"t.{check}(*{args!r})")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(tests),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{check}{args} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+
+
+def _inputs(shape, heads=4, kv_heads=2, head_dim=16, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, *shape, heads, head_dim))
+    k = rng.standard_normal((batch, *shape, kv_heads, head_dim))
+    v = rng.standard_normal((batch, *shape, kv_heads, head_dim))
+    return (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+
+
+def _mesh(n: int, names=("sp",)):
+    devices = np.array(jax.devices()[:int(np.prod(n))]).reshape(n)
+    return jax.sharding.Mesh(devices, names)
+
+
+def _loss(fn):
+    # A fixed random cotangent for out and lse, so that both paths are exercised.
+    def loss(q, k, v):
+        out, lse = fn(q, k, v)
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+        return jnp.sum(out * w) + 0.1 * jnp.sum(jnp.sin(lse))
+    return loss
+
+
+def _compare(cfg, shape, implementation, mesh, spatial_axis, **kw):
+    q, k, v = _inputs(shape)
+    single = lambda q, k, v: jax_gna.attention(q, k, v, cfg, implementation=implementation,
+                                               return_lse=True)
+    sharded = jax.jit(lambda q, k, v: jax_gna.sharded_attention(
+        q, k, v, cfg, mesh=mesh, axis_name="sp", spatial_axis=spatial_axis,
+        implementation=implementation, return_lse=True, **kw))
+    for got, want, name in zip(sharded(q, k, v), single(q, k, v), ("out", "lse")):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5,
+                                   err_msg=f"{name} {shape} {cfg} {implementation}")
+    got = jax.jit(jax.grad(_loss(sharded), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(_loss(single), argnums=(0, 1, 2))(q, k, v)
+    for g, w, name in zip(got, want, ("dq", "dk", "dv")):
+        np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5,
+                                   err_msg=f"{name} {shape} {cfg} {implementation}")
+
+
+# ---------------------------------------------------------------- subprocess bodies
+
+def _check_matches_single_device(implementation: str) -> None:
+    for shape, cfg, axis, slabs in CASES:
+        _compare(cfg, shape, implementation, _mesh(slabs), axis)
+    print("ok")
+
+
+def _check_with_batch_and_head_sharding(implementation: str) -> None:
+    mesh = _mesh((2, 2, 2), ("dp", "sp", "tp"))
+    shape, cfg = (16, 6, 5), GNAConfig((5, 3, 3), (3, 1, 2), (1, 2, 1), (True, False, False))
+    _compare(cfg, shape, implementation, mesh, 0, batch_axis_name="dp", head_axis_name="tp")
+
+
+def _collectives(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    found = []
+    for line in text.splitlines():
+        m = re.search(r"= f32\[([\d,]*)\][^ ]* (collective-permute|all-gather|all-to-all|"
+                      r"all-reduce|reduce-scatter)\(", line)
+        if m:
+            found.append((m.group(2), tuple(int(x) for x in m.group(1).split(",") if x)))
+    return found
+
+
+def _check_hlo_moves_only_halos() -> None:
+    shape, cfg = (30, 6), GNAConfig((18, 3), (16, 1))
+    mesh = _mesh(2)
+    plan = context_parallel.plan_halo(cfg.resolve(shape), 0, 2)
+    assert (plan.left, plan.right, plan.gather) == (15, 3, False), plan
+    q, k, v = _inputs(shape)
+    fn = lambda q, k, v: jax_gna.sharded_attention(q, k, v, cfg, mesh=mesh, axis_name="sp",
+                                                   implementation="xla", return_lse=True)
+    expected = {(2, plan.left, 6, 2, 16), (2, plan.right, 6, 2, 16)}
+    fwd = _collectives(jax.jit(fn).lower(q, k, v).compile().as_text())
+    assert fwd and all(op == "collective-permute" for op, _ in fwd), fwd
+    assert {s for _, s in fwd} == expected, fwd
+    assert len(fwd) == 4, fwd                                   # K and V, left and right
+    grad = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))
+    bwd = _collectives(grad.lower(q, k, v).compile().as_text())
+    assert bwd and all(op == "collective-permute" for op, _ in bwd), bwd
+    assert {s for _, s in bwd} == expected, bwd                 # halo dk/dv go back too
+
+
+def _check_gather_fallback() -> None:
+    import warnings
+    shape, cfg = (12, 4), GNAConfig((9, 3))                     # slab 3 < halo 4
+    mesh = _mesh(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _compare(cfg, shape, "xla", mesh, 0)
+    assert any("all-gathered" in str(w.message) for w in caught), [str(w) for w in caught]
+    q, k, v = _inputs(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = jax.jit(lambda q, k, v: jax_gna.sharded_attention(
+            q, k, v, cfg, mesh=mesh, axis_name="sp", implementation="xla")).lower(
+                q, k, v).compile().as_text()
+    ops = {op for op, _ in _collectives(text)}
+    assert "all-gather" in ops, ops
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("implementation", _implementations())
+def test_matches_single_device(implementation):
+    _run("_check_matches_single_device", implementation)
+
+
+@pytest.mark.parametrize("implementation", _implementations())
+def test_combines_with_batch_and_head_sharding(implementation):
+    _run("_check_with_batch_and_head_sharding", implementation)
+
+
+def test_hlo_moves_only_halo_sized_buffers():
+    _run("_check_hlo_moves_only_halos")
+
+
+def test_long_halos_fall_back_to_all_gather_with_warning():
+    _run("_check_gather_fallback")
+
+
+def _brute_halos(axis, slabs):
+    """Largest left/right reach over slabs, straight from the dense per-axis mask."""
+    idx = np.arange(axis.length)
+    mask = geometry.axis_mask(idx[:, None], idx[None, :], axis)
+    n = axis.length // slabs
+    left = right = 0
+    for s in range(slabs):
+        seen = np.nonzero(mask[s * n:(s + 1) * n].any(axis=0))[0]
+        left = max(left, s * n - seen.min())
+        right = max(right, seen.max() + 1 - (s + 1) * n)
+    d = axis.dilation
+    return -(-left // d) * d, -(-right // d) * d
+
+
+def test_halo_sizes_match_the_dense_mask():
+    rng = np.random.default_rng(7)
+    checked = 0
+    while checked < 300:
+        slabs = int(rng.integers(1, 6))
+        d = int(rng.integers(1, 4))
+        length = slabs * d * int(rng.integers(1, 12))
+        if length // d < 2:
+            continue
+        kernel = int(rng.integers(2, length // d + 1))
+        stride = int(rng.integers(1, kernel + 1))
+        cfg = GNAConfig(kernel, stride, d, bool(rng.random() < 0.3))
+        axis = cfg.resolve((length,))[0]
+        plan = context_parallel.plan_halo((axis,), 0, slabs)
+        left, right = _brute_halos(axis, slabs)
+        if plan.gather:
+            assert max(left, right) > plan.slab
+        else:
+            assert (plan.left, plan.right) == (left, right), (axis, slabs, plan)
+            for s in range(slabs):
+                geometry.check_frame(axis, plan.frames((axis,), s)[0])
+        checked += 1
+
+
+def test_bad_splits_raise_before_running():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("sp",))
+    q, k, v = _inputs((10, 4))
+    cfg = GNAConfig((3, 3))
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        jax_gna.sharded_attention(q, k, v, cfg, mesh=mesh, axis_name="x")
+    with pytest.raises(ValueError, match="spatial_axis=2"):
+        jax_gna.sharded_attention(q, k, v, cfg, mesh=mesh, axis_name="sp", spatial_axis=2)
+    with pytest.raises(ValueError, match="cannot split evenly"):
+        context_parallel.plan_halo(cfg.resolve((10, 4)), 0, 3)
+    with pytest.raises(ValueError, match="multiple of the dilation"):
+        context_parallel.plan_halo(GNAConfig((3, 3), 1, (2, 1)).resolve((10, 4)), 0, 2)
+    with pytest.raises(TypeError, match="mesh must be"):
+        jax_gna.sharded_attention(q, k, v, cfg, mesh="sp", axis_name="sp")
+    with pytest.raises(ValueError, match="must differ"):
+        jax_gna.sharded_attention(q, k, v, cfg, mesh=mesh, axis_name="sp",
+                                  batch_axis_name="sp")
