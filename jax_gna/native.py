@@ -133,6 +133,7 @@ class _Call:
     q_tile: tuple[int, ...]
     kv_tile: tuple[int, ...]
     deterministic: bool
+    frames: tuple[geometry.AxisFrame, ...]
 
     @property
     def rank(self) -> int:
@@ -152,6 +153,9 @@ class _Call:
             causal=i64(a.causal for a in self.axes),
             q_tile=i64(self.q_tile),
             kv_tile=i64(self.kv_tile),
+            length=i64(a.length for a in self.axes),
+            q_offset=i64(f.q_offset for f in self.frames),
+            kv_offset=i64(f.kv_offset for f in self.frames),
             scale=np.float32(self.scale),
             deterministic=np.bool_(self.deterministic),
         )
@@ -179,7 +183,7 @@ def _call_backward(c: _Call, q, k, v, out, lse, dout, *dlse):
     workspace = _ext.backward_workspace_bytes(
         c.platform, q.shape, k.shape,
         *(attrs[n].tolist() for n in ("kernel", "stride", "dilation", "causal", "q_tile",
-                                      "kv_tile")))
+                                      "kv_tile", "length", "q_offset", "kv_offset")))
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -206,7 +210,8 @@ def _backward_roles(with_dlse: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _factors(role: str, lead: int, rank: int, heads: int, kv_heads: int) -> str:
     batch = [f"b{i}" for i in range(lead)]
-    spatial = [f"s{a}" for a in range(rank)]
+    # Q-side and K/V-side spatial factors differ: a framed call's buffers differ in size.
+    spatial = [f"{'t' if role == 'kv' else 's'}{a}" for a in range(rank)]
     # Query heads are (kv head, head within its group). Shardy rejects size-1 parts of a
     # compound factor, so MHA and MQA name the one non-trivial part alone.
     if heads == kv_heads:
@@ -230,14 +235,17 @@ def _sharding_rule(roles, c: _Call, mesh, operand_types, result_types):
     operands, results = roles
     rule = (", ".join(_factors(r, lead, c.rank, heads, kv_heads) for r in operands) + " -> " +
             ", ".join(_factors(r, lead, c.rank, heads, kv_heads) for r in results))
-    # Listed in order of first appearance in the rule, as Shardy requires.
-    replicated = tuple(f"s{a}" for a in range(c.rank))
+    # Listed in order of first appearance in the rule, as Shardy requires: q's spatial
+    # factors, its head-group factor, head_dim, then k's spatial factors.
     sizes = {}
+    groups = ()
     if heads != kv_heads:
-        replicated += ("g",)
+        groups = ("g",)
         if kv_heads > 1:
             sizes["g"] = heads // kv_heads  # only named inside the compound factor
-    return rule, dict(need_replication_factors=replicated + ("d",), **sizes)
+    replicated = (tuple(f"s{a}" for a in range(c.rank)) + groups + ("d",)
+                  + tuple(f"t{a}" for a in range(c.rank)))
+    return rule, dict(need_replication_factors=replicated, **sizes)
 
 
 def _mesh_axis_size(mesh, axis) -> int:
@@ -397,7 +405,9 @@ def _differentiable(c: _Call):
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: Sequence[AxisParams],
               scale: float, *, platform: str, q_tile_shape: Sequence[int] | None = None,
               kv_tile_shape: Sequence[int] | None = None,
-              deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
+              deterministic: bool = False,
+              frames: Sequence[geometry.AxisFrame] | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """GNA through the custom call of `platform` ("cpu" or "cuda").
 
     Args:
@@ -408,6 +418,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: Sequence[AxisParam
       q_tile_shape, kv_tile_shape: tile shapes in dilation-group indices; default
         `geometry.default_tile_shapes`.
       deterministic: bitwise-reproducible gradients (the CPU handler always is).
+      frames: per-axis `geometry.AxisFrame`: q and k/v hold these slabs of the global
+        problem `axes`; default: the whole axes.
 
     Returns:
       ``out`` like q, ``lse [B, *spatial, H]`` float32.
@@ -416,10 +428,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: Sequence[AxisParam
         raise ValueError(f"implementation={platform!r} is not available: {_IMPORT_ERROR}")
     axes = tuple(axes)
     default_q, default_kv = geometry.default_tile_shapes(axes, q.shape[-1])
+    if frames is None:
+        frames = tuple(geometry.AxisFrame.whole(a.length) for a in axes)
     c = _Call(platform=platform, axes=axes, scale=float(scale),
               q_tile=tuple(q_tile_shape) if q_tile_shape is not None else default_q,
               kv_tile=tuple(kv_tile_shape) if kv_tile_shape is not None else default_kv,
-              deterministic=bool(deterministic))
+              deterministic=bool(deterministic), frames=tuple(frames))
     return _differentiable(c)(q, k, v)
 
 
