@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine: build, GPU tests, benchmarks, end-to-end stacks.
 # Usage (on the device, repo root):
-#   bash benchmarks/device_run.sh [build|native|test|bench|bench-xla|e2e]...
+#   bash benchmarks/device_run.sh [build|native|test|cp-test|cp-bench|bench|bench-xla|e2e]...
 # Needs the nvidia-cutlass wheel in .whl/ (the device has no network). Writes logs to $OUT.
+# Build outputs go to .device/ (git-ignored), so a later call on the still-warm machine
+# reuses them.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-# The extension module lands in /tmp/gna; the Python package is read from this checkout.
-export PYTHONPATH=/tmp/gna:/tmp/site
+# The extension module lands in .device/gna; the Python package is read from this checkout.
+GNA="$PWD/.device/gna"
+export PYTHONPATH=$GNA:/tmp/site BUILD_DIR="$PWD/.device/sm80_check"
 step() { echo "=== $1 ($(date +%T))"; }
 for what in "$@"; do case "$what" in
 build)
   step build
   # Only Hopper runs here: build the sm80 sources for 90-real alone to save device time.
   JAX_GNA_SM80_ARCHS=90-real CMAKE_BUILD_PARALLEL_LEVEL=16 \
-    python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/gna . \
+    python3 -m pip install -q --no-build-isolation --no-deps --target "$GNA" . \
     > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   python3 -c "import jax_gna; print(jax_gna.available_implementations())"
   ;;
@@ -23,6 +26,16 @@ test)
   step test
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     tests/test_merge.py 2>&1 | tee "$OUT/test.log" | tail -15
+  ;;
+cp-test)
+  step cp-test  # framed kernels on one GPU, sharded over two, fake-device CPU checks
+  timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_context_parallel.py \
+    2>&1 | tee "$OUT/cp_test.log" | tail -15
+  ;;
+cp-bench)
+  step cp-bench
+  timeout 300 python3 benchmarks/context_parallel.py --problem hunyuan-gna hunyuan-na \
+    --devices 2 --json "$OUT/cp_bench.json" 2>&1 | tee "$OUT/cp_bench.log" | tail -8
   ;;
 bench)
   step bench

@@ -234,3 +234,99 @@ def test_bad_splits_raise_before_running():
     with pytest.raises(ValueError, match="must differ"):
         jax_gna.sharded_attention(q, k, v, cfg, mesh=mesh, axis_name="sp",
                                   batch_axis_name="sp")
+
+
+# ---------------------------------------------------------------- framed calls, one device
+
+def _emulated(q, k, v, cfg, implementation, slabs, spatial_axis, **options):
+    """What `sharded_attention` computes, on one device: per-slab framed calls on K/V slabs
+    extended by zero halos, concatenated. Differentiable, so its gradients are the sharded
+    ones (the zero-padding's transpose drops the halo's gradient outside the axis)."""
+    axes = jax_gna.api._check_inputs(q, k, v, cfg)
+    plan = context_parallel.plan_halo(axes, spatial_axis, slabs)
+    impl = jax_gna.api._pick(implementation, q.dtype)
+    dim = 1 + spatial_axis
+    pad = [(0, 0)] * k.ndim
+    pad[dim] = (plan.left, plan.right)
+    k_ext, v_ext = jnp.pad(k, pad), jnp.pad(v, pad)
+    outs, lses = [], []
+    for s in range(slabs):
+        frames = plan.frames(axes, s)
+        kv = frames[spatial_axis]
+        lo = kv.kv_offset + plan.left
+        ql = jax.lax.slice_in_dim(q, s * plan.slab, (s + 1) * plan.slab, axis=dim)
+        kl = jax.lax.slice_in_dim(k_ext, lo, lo + kv.kv_length, axis=dim)
+        vl = jax.lax.slice_in_dim(v_ext, lo, lo + kv.kv_length, axis=dim)
+        out, lse = impl.fn(ql, kl, vl, axes, q.shape[-1] ** -0.5, frames=frames,
+                           q_tile_shape=None, kv_tile_shape=None, **options)
+        outs.append(out)
+        lses.append(lse)
+    return jnp.concatenate(outs, axis=dim), jnp.concatenate(lses, axis=dim)
+
+
+def _check_emulated(implementation, dtype, cases, atol, grad_atol, head_dim=16):
+    for shape, cfg, axis, slabs in cases:
+        q, k, v = (x.astype(dtype) for x in _inputs(shape, head_dim=head_dim))
+        plan = context_parallel.plan_halo(cfg.resolve(shape), axis, slabs)
+        single = lambda q, k, v: jax_gna.attention(q, k, v, cfg, implementation="reference",
+                                                   return_lse=True)
+        framed = lambda q, k, v: _emulated(q, k, v, cfg, implementation, slabs, axis)
+        with jax.enable_x64(True):
+            q64, k64, v64 = (jnp.asarray(np.asarray(x, np.float32), jnp.float64)
+                             for x in (q, k, v))
+            want = single(q64, k64, v64)
+            want_g = jax.grad(_loss(single), argnums=(0, 1, 2))(q64, k64, v64)
+        got = jax.jit(framed)(q, k, v)
+        got_g = jax.jit(jax.grad(_loss(framed), argnums=(0, 1, 2)))(q, k, v)
+        what = f"{shape} {cfg} axis {axis} slabs {slabs} {plan}"
+        for g, w, name in zip((*got, *got_g), (*want, *want_g),
+                              ("out", "lse", "dq", "dk", "dv")):
+            tol = atol if name in ("out", "lse") else grad_atol
+            scale = max(float(np.max(np.abs(np.asarray(w)))), 1.0)
+            np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w),
+                                       atol=tol * scale, rtol=tol, err_msg=f"{name} {what}")
+
+
+@pytest.mark.parametrize("implementation", _implementations())
+def test_framed_calls_match_the_global_reference(implementation):
+    _check_emulated(implementation, jnp.float32, CASES, atol=2e-5, grad_atol=1e-4)
+
+
+# ---------------------------------------------------------------- GPU
+
+_GPU_CASES = CASES + [
+    ((30, 24, 16), GNAConfig((18, 12, 8), (16, 4, 4)), 0, 2),  # hunyuan-like, halo = slab
+    ((30, 24, 16), GNAConfig((18, 12, 8), (1, 1, 1)), 0, 2),
+    ((64, 20), GNAConfig((13, 7), (1, 1), (2, 1), (True, False)), 0, 4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_framed_calls_match_the_global_reference(dtype, head_dim):
+    _check_emulated("cuda", jnp.dtype(dtype), _GPU_CASES, atol=2e-2, grad_atol=3e-2,
+                    head_dim=head_dim)
+
+
+@pytest.mark.gpu
+def test_cuda_sharded_over_two_gpus_matches_one_gpu():
+    if len(jax.devices()) < 2:
+        pytest.skip(f"needs 2 GPUs, found {len(jax.devices())}")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
+    for shape, cfg, axis, slabs in _GPU_CASES:
+        if slabs != 2:
+            continue
+        q, k, v = (x.astype(jnp.bfloat16) for x in _inputs(shape, head_dim=128))
+        single = lambda q, k, v: jax_gna.attention(q, k, v, cfg, implementation="cuda",
+                                                   return_lse=True)
+        sharded = jax.jit(lambda q, k, v: jax_gna.sharded_attention(
+            q, k, v, cfg, mesh=mesh, axis_name="sp", spatial_axis=axis,
+            implementation="cuda", return_lse=True))
+        got = (*sharded(q, k, v), *jax.jit(jax.grad(_loss(sharded), argnums=(0, 1, 2)))(q, k, v))
+        want = (*single(q, k, v), *jax.grad(_loss(single), argnums=(0, 1, 2))(q, k, v))
+        for g, w, name in zip(got, want, ("out", "lse", "dq", "dk", "dv")):
+            g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+            scale = max(float(np.max(np.abs(w))), 1.0)
+            np.testing.assert_allclose(g, w, atol=2e-2 * scale, rtol=2e-2,
+                                       err_msg=f"{name} {shape} {cfg}")

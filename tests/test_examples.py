@@ -71,3 +71,12 @@ def test_train_digits_short_run_learns():
                       "--target", "0.8")
     line = next(l for l in out.splitlines() if l.startswith("test accuracy"))
     assert float(line.split()[2]) >= 0.8
+
+
+def test_context_parallel_example_agrees_with_one_device():
+    env_flags = os.environ.get("XLA_FLAGS", "")
+    assert "xla_force_host_platform_device_count" not in env_flags  # the example sets it
+    out = run_example("context_parallel.py", "--implementation", "xla")
+    assert "4 devices, 6 frames each" in out, out
+    assert "receives 3 frames from its predecessor and 0 from its successor" in out, out
+    assert "agrees: True" in out, out
