@@ -88,13 +88,14 @@ __global__ void __launch_bounds__(Tr::kThreads)
   int qt[kMaxRank];
   if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
   const int hkv = h / (int)(p.heads / p.kv_heads);
-  const int64_t n_tok = tokens_of(p);
+  const int64_t n_q_tok = q_tokens_of(p);
+  const int64_t n_kv_tok = kv_tokens_of(p);
   const int64_t q_stride = p.heads * kD;
   const int64_t kv_stride = p.kv_heads * kD;
-  const int64_t q_off = (b * n_tok * p.heads + h) * kD;
-  const int64_t kv_off = (b * n_tok * p.kv_heads + hkv) * kD;
-  const float* lb = lse + b * n_tok * p.heads + h;
-  const float* db = delta + b * n_tok * p.heads + h;
+  const int64_t q_off = (b * n_q_tok * p.heads + h) * kD;
+  const int64_t kv_off = (b * n_kv_tok * p.kv_heads + hkv) * kD;
+  const float* lb = lse + b * n_q_tok * p.heads + h;
+  const float* db = delta + b * n_q_tok * p.heads + h;
 
   using SQ = typename Tr::template Smem<kBlockM>;
   using SKV = typename Tr::template Smem<kBlockN>;
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     sm.qrows[r] = row;
   }
   int ii[kMaxRank];
-  auto q_tok = [&](int r) { return G.token(G.qdim, qt, G.qprod, r, ii); };
+  auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
   load_rows<kBlockM, kD, kThreads>(sm.q, SQ{}, q + q_off, q_stride, q_tok, tid);
   load_rows<kBlockM, kD, kThreads>(sm.dout, SQ{}, dout + q_off, q_stride, q_tok, tid);
   cp_async_commit();
@@ -138,11 +139,11 @@ __global__ void __launch_bounds__(Tr::kThreads)
   int kt[kMaxRank];
   for (int it = 0; it < box.total; ++it) {
     box.at(it, kt);
-    bool full = G.kvprod == kBlockN;
+    bool full = Group::kvprod(p) == kBlockN;
     for (int a = 0; a < kMaxRank; ++a) full = full && G.tiling(p, a).full(qt[a], kt[a]);
     __syncthreads();  // the previous tile's K, V and krows are no longer read
-    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(kt, r);
-    auto k_tok = [&](int r) { return G.token(G.kvdim, kt, G.kvprod, r, ii); };
+    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(p, kt, r);
+    auto k_tok = [&](int r) { return G.kv_token(p, kt, r, ii); };
     load_rows<kBlockN, kD, kThreads>(sm.k, SKV{}, k + kv_off, kv_stride, k_tok, tid);
     load_rows<kBlockN, kD, kThreads>(sm.v, SKV{}, v + kv_off, kv_stride, k_tok, tid);
     cp_async_commit();
@@ -188,6 +189,8 @@ struct DkdvSmem {
   alignas(128) T dout[kChunk * Tr::kD];
   KRow krows[kBlockN];
   QRow qrows[kChunk];
+  Group group;  // the CTA's geometry, kept here rather than in registers (see the kernel)
+  bool full;  // the current Q tile needs no element mask (thread 0 computes it per step)
 };
 
 template <class Tr, int kBlockN, int kChunk>
@@ -207,14 +210,22 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const int hkv = blockIdx.y;
   const int64_t b = blockIdx.z;
 
-  Group G;
+  // The geometry lives in shared memory: the main loop needs it only in per-row and per-step
+  // setup, and as registers it would push the dK/dV accumulators into spills (D = 128).
   int kt[kMaxRank];
-  if (!G.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
+  {
+    Group g0;
+    if (!g0.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
+    if (tid == 0) sm.group = g0;
+    __syncthreads();
+  }
+  const Group& G = sm.group;
   const int group_heads = (int)(p.heads / p.kv_heads);
-  const int64_t n_tok = tokens_of(p);
+  const int64_t n_q_tok = q_tokens_of(p);
+  const int64_t n_kv_tok = kv_tokens_of(p);
   const int64_t q_stride = p.heads * kD;
   const int64_t kv_stride = p.kv_heads * kD;
-  const int64_t kv_off = (b * n_tok * p.kv_heads + hkv) * kD;
+  const int64_t kv_off = (b * n_kv_tok * p.kv_heads + hkv) * kD;
 
   using SKV = typename Tr::template Smem<kBlockN>;
   using SC = typename Tr::template Smem<kChunk>;
@@ -235,11 +246,11 @@ __global__ void __launch_bounds__(Tr::kThreads)
     box.cnt[a] = (int)(hi - lo);
     box.total *= box.cnt[a];
   }
-  const int n_chunks = (G.qprod + kChunk - 1) / kChunk;
+  const int n_chunks = (Group::qprod(p) + kChunk - 1) / kChunk;
 
-  for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(kt, r);
+  for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(p, kt, r);
   int ii[kMaxRank];
-  auto k_tok = [&](int r) { return G.token(G.kvdim, kt, G.kvprod, r, ii); };
+  auto k_tok = [&](int r) { return G.kv_token(p, kt, r, ii); };
   load_rows<kBlockN, kD, kThreads>(sm.k, SKV{}, k + kv_off, kv_stride, k_tok, tid);
   load_rows<kBlockN, kD, kThreads>(sm.v, SKV{}, v + kv_off, kv_stride, k_tok, tid);
   cp_async_commit();
@@ -261,11 +272,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
     const int tile = (step / n_chunks) % box.total;
     const int h = hkv * group_heads + step / (n_chunks * box.total);
     box.at(tile, qt);
-    bool full = G.kvprod == kBlockN;
-    for (int a = 0; a < kMaxRank; ++a) full = full && G.tiling(p, a).full(qt[a], kt[a]);
-    const int64_t q_off = (b * n_tok * p.heads + h) * kD;
-    const float* lb = lse + b * n_tok * p.heads + h;
-    const float* db = delta + b * n_tok * p.heads + h;
+    const int64_t q_off = (b * n_q_tok * p.heads + h) * kD;
+    const float* lb = lse + b * n_q_tok * p.heads + h;
+    const float* db = delta + b * n_q_tok * p.heads + h;
 
     __syncthreads();  // the previous chunk's Q, dO and qrows are no longer read
     for (int r = tid; r < kChunk; r += kThreads) {
@@ -274,13 +283,19 @@ __global__ void __launch_bounds__(Tr::kThreads)
       row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
       sm.qrows[r] = row;
     }
-    auto q_tok = [&](int r) { return G.token(G.qdim, qt, G.qprod, chunk * kChunk + r, ii); };
+    if (tid == 0) {
+      bool f = Group::kvprod(p) == kBlockN;
+      for (int a = 0; a < kMaxRank; ++a) f = f && G.tiling(p, a).full(qt[a], kt[a]);
+      sm.full = f;
+    }
+    auto q_tok = [&](int r) { return G.q_token(p, qt, chunk * kChunk + r, ii); };
     load_rows<kChunk, kD, kThreads>(sm.q, SC{}, q + q_off, q_stride, q_tok, tid);
     load_rows<kChunk, kD, kThreads>(sm.dout, SC{}, dout + q_off, q_stride, q_tok, tid);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
 
+    const bool full = sm.full;
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kChunk>>{});
     clear(acc_s);
     gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sK, sQ, tid);
@@ -317,6 +332,13 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
   cp_async_wait<0>();  // a KV tile no query sees still waits for its loads, then writes 0
   __syncthreads();
+  if (G.kv_pad) {
+    // Rows outside the global axis were read as -1 (zero-filled, never seen, so their
+    // accumulators are exactly 0); they are still part of dK/dV and are written as 0.
+    for (int r = tid; r < kBlockN; r += kThreads)
+      sm.krows[r].tok = G.kv_store_token(p, kt, r, ii);
+    __syncthreads();
+  }
   Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
   Tensor cOrc = make_tensor(cO.data(), rowcol(cO.layout()));
   auto out_tok = [&](int r) { return sm.krows[r].tok; };

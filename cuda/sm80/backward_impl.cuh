@@ -22,7 +22,8 @@ std::string run_dq(const Problem& p, const T* q, const T* k, const T* v, const T
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dq)", err);
-  const dim3 grid((unsigned)grid_tiles(p, p.q_tile), (unsigned)p.heads, (unsigned)p.batch);
+  const dim3 grid((unsigned)grid_tiles(p, p.q_tile, /*kv_side=*/false), (unsigned)p.heads,
+                  (unsigned)p.batch);
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta, dq);
   return cuda_error("dq kernel launch", cudaGetLastError());
 }
@@ -37,7 +38,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   const T* out = static_cast<const T*>(out_);
   const T* dout = static_cast<const T*>(dout_);
 
-  const int64_t rows = p.batch * p.tokens() * p.heads;
+  const int64_t rows = p.batch * p.q_tokens() * p.heads;
   const int64_t threads = rows * (kD / 8);
   delta_kernel<T, kD><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(rows, out, dout,
                                                                            delta);
@@ -52,7 +53,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dkdv)", err);
-    const dim3 grid((unsigned)grid_tiles(p, p.kv_tile), (unsigned)p.kv_heads,
+    const dim3 grid((unsigned)grid_tiles(p, p.kv_tile, /*kv_side=*/true), (unsigned)p.kv_heads,
                     (unsigned)p.batch);
     kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta,
                                                  static_cast<T*>(dk_), static_cast<T*>(dv_));

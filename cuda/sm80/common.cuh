@@ -149,15 +149,22 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // ---------------------------------------------------------------- geometry of one CTA
 
-// Tokens per batch element (Problem::tokens() is host-only).
-__device__ __forceinline__ int64_t tokens_of(Problem const& p) {
+// Tokens per batch element of the Q buffer and of the K/V buffers (Problem's own helpers are
+// host-only).
+__device__ __forceinline__ int64_t q_tokens_of(Problem const& p) {
   int64_t n = 1;
-  for (int a = 0; a < kMaxRank; ++a) n *= p.axes[a].length;
+  for (int a = 0; a < kMaxRank; ++a) n *= p.axes[a].q_length;
+  return n;
+}
+__device__ __forceinline__ int64_t kv_tokens_of(Problem const& p) {
+  int64_t n = 1;
+  for (int a = 0; a < kMaxRank; ++a) n *= p.axes[a].kv_length;
   return n;
 }
 
 // Query side of a tile row: its token (-1 for padding) and its window [start, end) per axis
-// in group indices. Padding rows get an unbounded window (they are never written back).
+// in K/V-frame group indices. Padding rows get an unbounded window (they are never written
+// back).
 struct QRow {
   int start[kMaxRank];
   int end[kMaxRank];
@@ -166,7 +173,8 @@ struct QRow {
   float delta;  // backward: rowsum(dO · O)
 };
 
-// Key side of a tile row: its group index per axis and token (-1 for padding).
+// Key side of a tile row: its K/V-frame group index per axis and token (-1 for padding: past
+// the frame, or outside the global axis, so that such rows are zero-filled and never seen).
 struct KRow {
   int jj[kMaxRank];
   int tok;
@@ -179,87 +187,140 @@ __device__ __forceinline__ bool visible(QRow const& q, KRow const& k) {
   return ok;
 }
 
-// One dilation group of the problem, as a CTA sees it.
+// One dilation group of the problem, as a CTA sees it. Tiles are boxes of frame-local group
+// indices: Q-side rows live in the Q buffer (global group index = local + qoff), K/V-side
+// rows in the K/V buffer (global = local + kvoff). Windows are computed in global group
+// indices (clamped to Lg) once per Q row and stored shifted into K/V-frame indices, so that
+// the element test compares local indices only. Only per-CTA values are members; anything
+// that is a plain field of the Problem (a kernel parameter) is read from there, which keeps
+// register pressure down in the backward kernels.
 struct Group {
-  int L[kMaxRank];       // axis lengths (tokens)
-  int d[kMaxRank];       // dilation
   int g[kMaxRank];       // this CTA's group offset per axis
-  int Lg[kMaxRank];      // group lengths
-  int qdim[kMaxRank];    // Q tile box
-  int kvdim[kMaxRank];   // KV tile box
-  int qprod, kvprod;
+  int Lg[kMaxRank];      // global group lengths
+  int qlen[kMaxRank];    // Q frame group lengths
+  int kvlen[kMaxRank];   // K/V frame group lengths
+  int qoff[kMaxRank];    // Q frame offsets (group indices)
+  int kvoff[kMaxRank];   // K/V frame offsets (group indices, may be negative)
+  bool kv_pad;           // the K/V frame reaches outside the global axis on some axis
 
-  __device__ __forceinline__ AxisTiling tiling(Problem const& p, int a) const {
-    return AxisTiling{Lg[a], p.axes[a].kernel, p.axes[a].stride, p.axes[a].causal,
-                      (int64_t)qdim[a], (int64_t)kvdim[a]};
+  static __device__ __forceinline__ int qdim(Problem const& p, int a) { return (int)p.q_tile[a]; }
+  static __device__ __forceinline__ int kvdim(Problem const& p, int a) {
+    return (int)p.kv_tile[a];
+  }
+  static __device__ __forceinline__ int qprod(Problem const& p) {
+    return (int)(p.q_tile[0] * p.q_tile[1] * p.q_tile[2]);
+  }
+  static __device__ __forceinline__ int kvprod(Problem const& p) {
+    return (int)(p.kv_tile[0] * p.kv_tile[1] * p.kv_tile[2]);
   }
 
-  // Splits a flat grid index into (dilation group, tile coordinate) for tiles of `dims`
-  // (group 0 is the longest, so its tile count bounds every group's). False if the tile lies
-  // past the end of this (shorter) group.
+  __device__ __forceinline__ AxisTiling tiling(Problem const& p, int a) const {
+    return AxisTiling{Lg[a],    p.axes[a].kernel, p.axes[a].stride, p.axes[a].causal,
+                      p.q_tile[a], p.kv_tile[a],  qoff[a],          qlen[a],
+                      kvoff[a], kvlen[a]};
+  }
+
+  // Splits a flat grid index into (dilation group, tile coordinate) for tiles of the Q frame
+  // (or the K/V frame if `kv_side`); group 0 is the longest, so its tile count bounds every
+  // group's. False if the tile lies past the end of this (shorter) group's frame.
   __device__ __forceinline__ bool init(Problem const& p, int64_t flat, bool kv_side,
                                        int tile[kMaxRank]) {
-    qprod = kvprod = 1;
     int n[kMaxRank];
     int64_t n_tiles = 1;
     for (int a = 0; a < kMaxRank; ++a) {
-      L[a] = (int)p.axes[a].length;
-      d[a] = (int)p.axes[a].dilation;
-      qdim[a] = (int)p.q_tile[a];
-      kvdim[a] = (int)p.kv_tile[a];
-      qprod *= qdim[a];
-      kvprod *= kvdim[a];
-      const int dim = kv_side ? kvdim[a] : qdim[a];
-      n[a] = (int)ceil_div(group_length(L[a], d[a], 0), dim);
+      const Axis& ax = p.axes[a];
+      const int dim = kv_side ? kvdim(p, a) : qdim(p, a);
+      n[a] = (int)ceil_div(group_length(kv_side ? ax.kv_length : ax.q_length, ax.dilation, 0),
+                           dim);
       n_tiles *= n[a];
     }
     int64_t t = flat % n_tiles;
     int64_t grp = flat / n_tiles;
     bool ok = true;
+    kv_pad = false;
     for (int a = kMaxRank - 1; a >= 0; --a) {
+      const Axis& ax = p.axes[a];
+      const int d = (int)ax.dilation;
       tile[a] = (int)(t % n[a]);
       t /= n[a];
-      g[a] = (int)(grp % d[a]);
-      grp /= d[a];
-      Lg[a] = (int)group_length(L[a], d[a], g[a]);
-      const int dim = kv_side ? kvdim[a] : qdim[a];
-      ok = ok && (int64_t)tile[a] * dim < Lg[a];
+      g[a] = (int)(grp % d);
+      grp /= d;
+      Lg[a] = (int)group_length(ax.length, d, g[a]);
+      qlen[a] = (int)group_length(ax.q_length, d, g[a]);
+      kvlen[a] = (int)group_length(ax.kv_length, d, g[a]);
+      qoff[a] = (int)(ax.q_offset / d);
+      kvoff[a] = (int)(ax.kv_offset / d);
+      kv_pad = kv_pad || kvoff[a] < 0 || kvoff[a] + kvlen[a] > Lg[a];
+      const int dim = kv_side ? kvdim(p, a) : qdim(p, a);
+      ok = ok && (int64_t)tile[a] * dim < (kv_side ? kvlen[a] : qlen[a]);
     }
     return ok;
   }
 
-  // Token of row `r` of the tile at `coord` with box `dims` (-1 if padding); group indices
+  // Q buffer token of row `r` of Q tile `coord` (-1 for padding); frame-local group indices
   // per axis go to `ii`.
-  __device__ __forceinline__ int token(const int dims[kMaxRank], const int coord[kMaxRank],
-                                       int prod, int r, int ii[kMaxRank]) const {
+  __device__ __forceinline__ int q_token(Problem const& p, const int coord[kMaxRank], int r,
+                                         int ii[kMaxRank]) const {
     int local[kMaxRank];
     int rem = r;
     for (int a = kMaxRank - 1; a >= 0; --a) {
-      local[a] = rem % dims[a];
-      rem /= dims[a];
+      local[a] = rem % qdim(p, a);
+      rem /= qdim(p, a);
     }
-    bool ok = r < prod;
+    bool ok = r < qprod(p);
     int tok = 0;
     for (int a = 0; a < kMaxRank; ++a) {
-      ii[a] = coord[a] * dims[a] + local[a];
-      ok = ok && ii[a] < Lg[a];
-      tok = tok * L[a] + ii[a] * d[a] + g[a];
+      ii[a] = coord[a] * qdim(p, a) + local[a];
+      ok = ok && ii[a] < qlen[a];
+      tok = tok * (int)p.axes[a].q_length + ii[a] * (int)p.axes[a].dilation + g[a];
     }
     return ok ? tok : -1;
+  }
+
+  // K/V buffer token of row `r` of KV tile `coord` as written by dK/dV: every row of the
+  // frame, including rows outside the global axis (-1 only past the frame).
+  __device__ __forceinline__ int kv_store_token(Problem const& p, const int coord[kMaxRank],
+                                                int r, int jj[kMaxRank]) const {
+    int local[kMaxRank];
+    int rem = r;
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      local[a] = rem % kvdim(p, a);
+      rem /= kvdim(p, a);
+    }
+    bool ok = r < kvprod(p);
+    int tok = 0;
+    for (int a = 0; a < kMaxRank; ++a) {
+      jj[a] = coord[a] * kvdim(p, a) + local[a];
+      ok = ok && jj[a] < kvlen[a];
+      tok = tok * (int)p.axes[a].kv_length + jj[a] * (int)p.axes[a].dilation + g[a];
+    }
+    return ok ? tok : -1;
+  }
+
+  // K/V buffer token of row `r` of KV tile `coord` as read: -1 also for rows outside the
+  // global axis (their contents are arbitrary; loading zeros keeps them out of the GEMMs).
+  __device__ __forceinline__ int kv_token(Problem const& p, const int coord[kMaxRank], int r,
+                                          int jj[kMaxRank]) const {
+    int tok = kv_store_token(p, coord, r, jj);
+    if (kv_pad) {
+      for (int a = 0; a < kMaxRank; ++a)
+        tok = (unsigned)(jj[a] + kvoff[a]) < (unsigned)Lg[a] ? tok : -1;
+    }
+    return tok;
   }
 
   __device__ __forceinline__ QRow q_row(Problem const& p, const int coord[kMaxRank],
                                         int r) const {
     int ii[kMaxRank];
     QRow row;
-    row.tok = token(qdim, coord, qprod, r, ii);
+    row.tok = q_token(p, coord, r, ii);
     for (int a = 0; a < kMaxRank; ++a) {
       if (row.tok >= 0) {
         int64_t s, e;
-        window_bounds(ii[a], Lg[a], p.axes[a].kernel, p.axes[a].stride, p.axes[a].causal,
-                      &s, &e);
-        row.start[a] = (int)s;
-        row.end[a] = (int)e;
+        window_bounds(ii[a] + qoff[a], Lg[a], p.axes[a].kernel, p.axes[a].stride,
+                      p.axes[a].causal, &s, &e);
+        row.start[a] = (int)s - kvoff[a];
+        row.end[a] = (int)e - kvoff[a];
       } else {
         row.start[a] = 0;
         row.end[a] = INT_MAX;
@@ -270,9 +331,10 @@ struct Group {
     return row;
   }
 
-  __device__ __forceinline__ KRow k_row(const int coord[kMaxRank], int r) const {
+  __device__ __forceinline__ KRow k_row(Problem const& p, const int coord[kMaxRank],
+                                        int r) const {
     KRow row;
-    row.tok = token(kvdim, coord, kvprod, r, row.jj);
+    row.tok = kv_token(p, coord, r, row.jj);
     return row;
   }
 };

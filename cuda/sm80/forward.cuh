@@ -48,12 +48,13 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   int qt[kMaxRank];
   if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
   const int hkv = h / (int)(p.heads / p.kv_heads);
-  const int64_t n_tok = tokens_of(p);
+  const int64_t n_q_tok = q_tokens_of(p);
+  const int64_t n_kv_tok = kv_tokens_of(p);
   const int64_t q_stride = p.heads * kD;
   const int64_t kv_stride = p.kv_heads * kD;
-  const T* qb = q + (b * n_tok * p.heads + h) * kD;
-  const T* kb = k + (b * n_tok * p.kv_heads + hkv) * kD;
-  const T* vb = v + (b * n_tok * p.kv_heads + hkv) * kD;
+  const T* qb = q + (b * n_q_tok * p.heads + h) * kD;
+  const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+  const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
 
   using SQ = typename Tr::template Smem<kBlockM>;
   using SKV = typename Tr::template Smem<kBlockN>;
@@ -76,16 +77,16 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   for (int r = tid; r < kBlockM; r += kThreads) sm.qrows[r] = G.q_row(p, qt, r);
   int ii[kMaxRank];
   load_rows<kBlockM, kD, kThreads>(sm.q, SQ{}, qb, q_stride,
-                                   [&](int r) { return G.token(G.qdim, qt, G.qprod, r, ii); },
+                                   [&](int r) { return G.q_token(p, qt, r, ii); },
                                    tid);
   cp_async_commit();
 
   auto fill_krows = [&](int j) {
     int kj[kMaxRank];
     box.at(j, kj);
-    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j & 1][r] = G.k_row(kj, r);
+    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j & 1][r] = G.k_row(p, kj, r);
     if (tid == 0) {
-      bool f = G.kvprod == kBlockN;
+      bool f = Group::kvprod(p) == kBlockN;
       for (int a = 0; a < kMaxRank; ++a) f = f && G.tiling(p, a).full(qt[a], kj[a]);
       sm.full[j & 1] = f;
     }
@@ -181,8 +182,8 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   __syncthreads();
   Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
   Tensor cOrc = make_tensor(cO.data(), rowcol(cO.layout()));
-  T* ob = out + (b * n_tok * p.heads + h) * kD;
-  float* lb = lse + b * n_tok * p.heads + h;
+  T* ob = out + (b * n_q_tok * p.heads + h) * kD;
+  float* lb = lse + b * n_q_tok * p.heads + h;
   const int lane = tid % 32;
   CUTE_UNROLL
   for (int mi = 0; mi < kRowsPerThread; ++mi) {

@@ -16,7 +16,8 @@ std::string run_forward(const Problem& p, const void* q, const void* k, const vo
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(forward)", err);
-  const dim3 grid((unsigned)grid_tiles(p, p.q_tile), (unsigned)p.heads, (unsigned)p.batch);
+  const dim3 grid((unsigned)grid_tiles(p, p.q_tile, /*kv_side=*/false), (unsigned)p.heads,
+                  (unsigned)p.batch);
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, static_cast<const T*>(q),
                                                static_cast<const T*>(k),
                                                static_cast<const T*>(v), static_cast<T*>(out),

@@ -10,11 +10,12 @@
 namespace gna {
 namespace sm80 {
 
-int64_t grid_tiles(const Problem& p, const int64_t* tile) {
+int64_t grid_tiles(const Problem& p, const int64_t* tile, bool kv_side) {
   int64_t n = 1;
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = p.axes[a];
-    n *= ax.dilation * ceil_div(group_length(ax.length, ax.dilation, 0), tile[a]);
+    const int64_t len = kv_side ? ax.kv_length : ax.q_length;
+    n *= ax.dilation * ceil_div(group_length(len, ax.dilation, 0), tile[a]);
   }
   return n;
 }
@@ -24,9 +25,9 @@ std::string cuda_error(const char* what, cudaError_t err) {
   return std::string(what) + " failed: " + cudaGetErrorString(err);
 }
 
-// Workspace: the float32 delta = rowsum(dO · O), [batch, tokens, heads].
+// Workspace: the float32 delta = rowsum(dO · O), [batch, Q tokens, heads].
 size_t delta_bytes(const Problem& p) {
-  return static_cast<size_t>(p.batch * p.tokens() * p.heads) * sizeof(float);
+  return static_cast<size_t>(p.batch * p.q_tokens() * p.heads) * sizeof(float);
 }
 
 }  // namespace sm80
@@ -43,7 +44,9 @@ std::string sm80_supports(const Problem& p, DType dtype) {
     why << "heads (" << p.heads << ") must be a multiple of kv_heads (" << p.kv_heads << ")";
   } else if (p.heads > 65535 || p.batch > 65535 || p.batch < 1) {
     why << "the sm80 kernels need 1 <= batch <= 65535 and heads <= 65535 (grid limits)";
-  } else if (p.tokens() >= (int64_t{1} << 31)) {
+  } else if (p.q_tokens() >= (int64_t{1} << 31) || p.kv_tokens() >= (int64_t{1} << 31) ||
+             p.axes[0].length >= (int64_t{1} << 31) || p.axes[1].length >= (int64_t{1} << 31) ||
+             p.axes[2].length >= (int64_t{1} << 31)) {
     why << "the sm80 kernels need fewer than 2^31 tokens per batch element";
   } else {
     int64_t q = 1, kv = 1;
@@ -61,8 +64,8 @@ std::string sm80_supports(const Problem& p, DType dtype) {
     } else if (kv > sm80::kKvTokens) {
       why << "the sm80 kernels take KV tiles of at most " << sm80::kKvTokens << " tokens, got "
           << kv;
-    } else if (sm80::grid_tiles(p, p.q_tile) >= (int64_t{1} << 31) ||
-               sm80::grid_tiles(p, p.kv_tile) >= (int64_t{1} << 31)) {
+    } else if (sm80::grid_tiles(p, p.q_tile, false) >= (int64_t{1} << 31) ||
+               sm80::grid_tiles(p, p.kv_tile, true) >= (int64_t{1} << 31)) {
       why << "too many tiles for one grid";
     }
   }

@@ -14,9 +14,10 @@ namespace sm80 {
 constexpr int kKvTokens = 64;    // compiled KV tile (rows of K/V per tile)
 constexpr int kMaxQTokens = 128; // largest compiled Q tile
 
-// Number of CTAs along grid x for tiles of `tile` over all dilation groups (group 0 is the
-// longest, so its tile count is used for every group; shorter groups' extra CTAs exit).
-int64_t grid_tiles(const Problem& p, const int64_t* tile);
+// Number of CTAs along grid x for tiles of `tile` over the Q frame (or the K/V frame if
+// `kv_side`) of all dilation groups (group 0 is the longest, so its tile count is used for
+// every group; shorter groups' extra CTAs exit).
+int64_t grid_tiles(const Problem& p, const int64_t* tile, bool kv_side);
 
 std::string cuda_error(const char* what, cudaError_t err);
 

@@ -1,12 +1,20 @@
 // Standalone check of the sm80 GNA kernels against a float64 CPU reference.
 //
-//   sm80_check check [n_configs] [seed]   random sweep: out, lse, dq, dk, dv + determinism
-//   sm80_check sanitize                   one small 2-D and one 3-D case (compute-sanitizer)
+//   sm80_check check [n_configs] [seed]   random sweep: out, lse, dq, dk, dv + determinism;
+//                                         every third config also runs a framed sub-problem
+//   sm80_check sanitize                   one small 2-D, one 3-D and one framed 2-D case
+//                                         (compute-sanitizer)
 //   sm80_check time                       the six DESIGN.md §4 problems, bf16, D = 128
 //
 // The reference is written from the semantics (DESIGN.md §2) using gna_geometry.h's
 // window_bounds; inputs are fresh seeded random values, outputs are poisoned (all-ones bytes,
 // NaN in bf16/f16) before every run so that an unwritten element fails.
+//
+// Framed runs (notes/FRAMES.md): the Q buffer is a random slab of the global problem, the K/V
+// buffers cover its windows plus random halos whose rows outside the global axis hold NaN and
+// huge values. The float64 reference runs the global problem with dO zero outside the slab,
+// so its dK/dV are exactly the slab's contributions: every framed output (out, lse, dq, dk,
+// dv) is compared with the matching slice, and dK/dV rows outside the axis must be exactly 0.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -108,7 +116,10 @@ static Problem make_problem(int rank, std::vector<Axis> axes, int64_t b, int64_t
   p.heads = h;
   p.kv_heads = hkv;
   p.head_dim = d;
-  for (int a = 0; a < 3; ++a) p.axes[a] = a < rank ? axes[a] : Axis{1, 1, 1, 1, false};
+  for (int a = 0; a < 3; ++a) {
+    const Axis x = a < rank ? axes[a] : Axis{1, 1, 1, 1, false};
+    p.axes[a] = gna::unframed_axis(x.length, x.kernel, x.stride, x.dilation, x.causal);
+  }
   p.scale = 1.f / std::sqrt((float)d);
   p.deterministic = true;
   default_tiles(p);
@@ -130,7 +141,7 @@ static Problem random_problem(std::mt19937& g) {
     k = std::min(k, kmax);
     const int s = U(0, 2) == 0 ? 1 : U(1, k);
     const bool causal = U(0, 3) == 0;
-    axes.push_back(Axis{L, k, s, d, causal});
+    axes.push_back(gna::unframed_axis(L, k, s, d, causal));
   }
   const int dims[3] = {32, 64, 128};
   const int hs[3] = {1, 2, 4};
@@ -198,9 +209,10 @@ struct Ref {
   std::vector<double> out, lse, dq, dk, dv;
 };
 
+// The global (unframed) problem `p`.
 static Ref reference(const Problem& p, const std::vector<double>& q, const std::vector<double>& k,
                      const std::vector<double>& v, const std::vector<double>& dout) {
-  const int64_t N = p.tokens(), H = p.heads, Hk = p.kv_heads, D = p.head_dim, B = p.batch;
+  const int64_t N = p.q_tokens(), H = p.heads, Hk = p.kv_heads, D = p.head_dim, B = p.batch;
   const int64_t G = H / Hk;
   Ref r;
   r.out.assign(B * N * H * D, 0);
@@ -309,9 +321,9 @@ struct Errors {
 
 static Errors run_one(const Problem& p, DType t, std::mt19937& g, bool with_ref) {
   ok_or_die(gna::sm80_supports(p, t), "sm80_supports");
-  const size_t nq = p.batch * p.tokens() * p.heads * p.head_dim;
-  const size_t nk = p.batch * p.tokens() * p.kv_heads * p.head_dim;
-  const size_t nl = p.batch * p.tokens() * p.heads;
+  const size_t nq = p.batch * p.q_tokens() * p.heads * p.head_dim;
+  const size_t nk = p.batch * p.kv_tokens() * p.kv_heads * p.head_dim;
+  const size_t nl = p.batch * p.q_tokens() * p.heads;
   auto hq = random_half(nq, g, t), hk = random_half(nk, g, t), hv = random_half(nk, g, t);
   auto hdo = random_half(nq, g, t);
   Buf q(nq * 2), k(nk * 2), v(nk * 2), out(nq * 2), lse(nl * 4), dout(nq * 2), dq(nq * 2),
@@ -350,6 +362,186 @@ static Errors run_one(const Problem& p, DType t, std::mt19937& g, bool with_ref)
   return e;
 }
 
+// ------------------------------------------------------------------ framed sub-problems
+// A random valid frame of the global problem `p`: per axis, a Q slab [q0, q0 + Lq) and a K/V
+// frame covering the slab's windows plus 0-4 extra tokens on each side (possibly outside the
+// axis). Offsets are multiples of the dilation.
+static Problem random_frame(const Problem& p, std::mt19937& g) {
+  auto U = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(g);
+  };
+  Problem f = p;
+  for (int a = 0; a < p.rank; ++a) {
+    Axis& x = f.axes[a];
+    const int64_t L = x.length, d = x.dilation;
+    x.q_offset = d * U(0, (L - 1) / d);
+    x.q_length = U(0, 1) ? U(1, L - x.q_offset) : L - x.q_offset;
+    if (U(0, 3) == 0) x.q_offset = 0, x.q_length = L;  // whole axis, halos only
+    int64_t lo = L, hi = 0;  // global tokens the slab's windows need
+    for (int64_t r = 0; r < d; ++r) {
+      const int64_t n = gna::group_length(x.q_length, d, r);
+      if (n == 0) continue;
+      const int64_t lg = gna::group_length(L, d, r), first = x.q_offset / d;
+      int64_t s0, e0, s1, e1;
+      gna::window_bounds(first, lg, x.kernel, x.stride, x.causal, &s0, &e0);
+      gna::window_bounds(first + n - 1, lg, x.kernel, x.stride, x.causal, &s1, &e1);
+      lo = std::min(lo, s0 * d + r);
+      hi = std::max(hi, (e1 - 1) * d + r + 1);
+    }
+    int64_t k0 = lo - U(0, 4);
+    k0 -= ((k0 % d) + d) % d;  // round down to a multiple of d
+    x.kv_offset = k0;
+    x.kv_length = hi + U(0, 4) - k0;
+    if (const char* why = gna::frame_error(x)) {
+      std::fprintf(stderr, "random_frame drew an invalid frame: %s\n", why);
+      std::exit(2);
+    }
+  }
+  return f;
+}
+
+// Global token of local token `t` of a buffer with axis lengths `len` and offsets `off` of the
+// global problem `p`; -1 if outside the global axes.
+static int64_t global_token(const Problem& p, int64_t t, const int64_t* len, const int64_t* off) {
+  int64_t c[3];
+  for (int a = 2; a >= 0; --a) c[a] = t % len[a], t /= len[a];
+  int64_t out = 0;
+  for (int a = 0; a < 3; ++a) {
+    const int64_t x = c[a] + off[a];
+    if (x < 0 || x >= p.axes[a].length) return -1;
+    out = out * p.axes[a].length + x;
+  }
+  return out;
+}
+
+struct FramedErrors {
+  double out, lse, dq, dk, dv;
+  bool padding_zero;  // dK/dV rows outside the global axes are exactly 0
+};
+
+// Runs the framed sub-problem `f` of the global problem `p` and compares it with the float64
+// reference of `p` (dO zero outside the Q slab).
+static FramedErrors run_framed(const Problem& p, const Problem& f, DType t, std::mt19937& g) {
+  ok_or_die(gna::sm80_supports(f, t), "sm80_supports(framed)");
+  const int64_t B = p.batch, H = p.heads, Hk = p.kv_heads, D = p.head_dim;
+  const int64_t N = p.q_tokens(), Nq = f.q_tokens(), Nk = f.kv_tokens();
+  int64_t qlen[3], qoff[3], klen[3], koff[3];
+  for (int a = 0; a < 3; ++a) {
+    qlen[a] = f.axes[a].q_length, qoff[a] = f.axes[a].q_offset;
+    klen[a] = f.axes[a].kv_length, koff[a] = f.axes[a].kv_offset;
+  }
+  std::vector<int64_t> q_src(Nq), k_src(Nk);
+  for (int64_t i = 0; i < Nq; ++i) q_src[i] = global_token(p, i, qlen, qoff);
+  for (int64_t i = 0; i < Nk; ++i) k_src[i] = global_token(p, i, klen, koff);
+  // Global inputs; dO only on the slab.
+  auto hq = random_half(B * N * H * D, g, t), hk = random_half(B * N * Hk * D, g, t),
+       hv = random_half(B * N * Hk * D, g, t);
+  std::vector<uint16_t> hdo(B * N * H * D, to_half(0.f, t));
+  {
+    auto slab = random_half(B * Nq * H * D, g, t);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < Nq; ++i)
+        std::copy_n(&slab[((b * Nq + i) * H) * D], H * D, &hdo[((b * N + q_src[i]) * H) * D]);
+  }
+  Ref r = reference(p, widen(hq, t), widen(hk, t), widen(hv, t), widen(hdo, t));
+  // Local buffers: slices of the global ones; K/V rows outside the axes hold garbage.
+  std::vector<uint16_t> lq(B * Nq * H * D), ldo(B * Nq * H * D), lk(B * Nk * Hk * D),
+      lv(B * Nk * Hk * D);
+  auto garbage = random_half(lk.size(), g, t, 1e4f);
+  for (size_t i = 0; i < garbage.size(); i += 3) garbage[i] = 0xFFFF;  // NaN
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < Nq; ++i) {
+      std::copy_n(&hq[((b * N + q_src[i]) * H) * D], H * D, &lq[((b * Nq + i) * H) * D]);
+      std::copy_n(&hdo[((b * N + q_src[i]) * H) * D], H * D, &ldo[((b * Nq + i) * H) * D]);
+    }
+    for (int64_t i = 0; i < Nk; ++i) {
+      const int64_t dst = ((b * Nk + i) * Hk) * D;
+      if (k_src[i] < 0) {
+        std::copy_n(&garbage[dst], Hk * D, &lk[dst]);
+        std::copy_n(&garbage[dst], Hk * D, &lv[dst]);
+      } else {
+        std::copy_n(&hk[((b * N + k_src[i]) * Hk) * D], Hk * D, &lk[dst]);
+        std::copy_n(&hv[((b * N + k_src[i]) * Hk) * D], Hk * D, &lv[dst]);
+      }
+    }
+  }
+  const size_t nq = lq.size(), nk = lk.size(), nl = B * Nq * H;
+  Buf q(nq * 2), k(nk * 2), v(nk * 2), out(nq * 2), lse(nl * 4), dout(nq * 2), dq(nq * 2),
+      dk(nk * 2), dv(nk * 2), ws(std::max<size_t>(gna::sm80_backward_workspace(f), 16));
+  CK(cudaMemcpy(q.ptr, lq.data(), nq * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(k.ptr, lk.data(), nk * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(v.ptr, lv.data(), nk * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dout.ptr, ldo.data(), nq * 2, cudaMemcpyHostToDevice));
+  for (Buf* b : {&out, &lse, &dq, &dk, &dv, &ws}) b->poison();
+  ok_or_die(gna::sm80_forward(f, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr, 0),
+            "forward(framed)");
+  CK(cudaDeviceSynchronize());
+  ok_or_die(gna::sm80_backward(f, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr,
+                               (const float*)lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
+            "backward(framed)");
+  CK(cudaDeviceSynchronize());
+  // Expected slices of the global reference (dK/dV rows outside the axes: 0).
+  std::vector<double> e_out(nq), e_lse(nl), e_dq(nq), e_dk(nk, 0.0), e_dv(nk, 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < Nq; ++i) {
+      std::copy_n(&r.out[((b * N + q_src[i]) * H) * D], H * D, &e_out[((b * Nq + i) * H) * D]);
+      std::copy_n(&r.dq[((b * N + q_src[i]) * H) * D], H * D, &e_dq[((b * Nq + i) * H) * D]);
+      std::copy_n(&r.lse[(b * N + q_src[i]) * H], H, &e_lse[(b * Nq + i) * H]);
+    }
+    for (int64_t i = 0; i < Nk; ++i) {
+      if (k_src[i] < 0) continue;
+      std::copy_n(&r.dk[((b * N + k_src[i]) * Hk) * D], Hk * D, &e_dk[((b * Nk + i) * Hk) * D]);
+      std::copy_n(&r.dv[((b * N + k_src[i]) * Hk) * D], Hk * D, &e_dv[((b * Nk + i) * Hk) * D]);
+    }
+  }
+  auto g_lse = download<float>(lse);
+  auto g_dk = widen(download<uint16_t>(dk), t), g_dv = widen(download<uint16_t>(dv), t);
+  FramedErrors e{};
+  e.out = rel_err(widen(download<uint16_t>(out), t), e_out);
+  e.lse = rel_err(std::vector<double>(g_lse.begin(), g_lse.end()), e_lse);
+  e.dq = rel_err(widen(download<uint16_t>(dq), t), e_dq);
+  e.dk = rel_err(g_dk, e_dk);
+  e.dv = rel_err(g_dv, e_dv);
+  e.padding_zero = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < Nk; ++i)
+      if (k_src[i] < 0)
+        for (int64_t j = 0; j < Hk * D; ++j) {
+          const int64_t at = ((b * Nk + i) * Hk) * D + j;
+          e.padding_zero = e.padding_zero && g_dk[at] == 0.0 && g_dv[at] == 0.0;
+        }
+  return e;
+}
+
+static std::string describe_frame(const Problem& f) {
+  std::string s = "frame";
+  char buf[128];
+  for (int a = 0; a < f.rank; ++a) {
+    const Axis& x = f.axes[a];
+    std::snprintf(buf, sizeof buf, " [q %ld+%ld kv %ld+%ld]", (long)x.q_offset,
+                  (long)x.q_length, (long)x.kv_offset, (long)x.kv_length);
+    s += buf;
+  }
+  return s;
+}
+
+// Checks one framed run against the tolerances of `t`; prints failures (and `verbose` runs).
+static bool framed_ok(const Problem& p, const Problem& f, DType t, std::mt19937& g, int id,
+                      bool verbose, double worst[5]) {
+  const double tol_f = t == DType::kBFloat16 ? 2e-2 : 5e-3;
+  const double tol_b = t == DType::kBFloat16 ? 4e-2 : 1e-2;
+  FramedErrors e = run_framed(p, f, t, g);
+  const double errs[5] = {e.out, e.lse, e.dq, e.dk, e.dv};
+  const bool ok = e.padding_zero && e.out < tol_f && e.lse < tol_f && e.dq < tol_b &&
+                  e.dk < tol_b && e.dv < tol_b;
+  for (int i = 0; i < 5; ++i) worst[i] = std::max(worst[i], errs[i]);
+  if (!ok || verbose)
+    std::printf("%s framed %d: %s %s out %.2e lse %.2e dq %.2e dk %.2e dv %.2e pad0 %d\n",
+                ok ? "ok  " : "FAIL", id, describe(p, t).c_str(), describe_frame(f).c_str(),
+                e.out, e.lse, e.dq, e.dk, e.dv, (int)e.padding_zero);
+  return ok;
+}
+
 // Fills a large device buffer with hashed pseudo-normal values (timing inputs are too big
 // to draw on the host): Irwin-Hall sum of 4 uniforms, centred, unit variance.
 __global__ void fill_random(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
@@ -375,8 +567,8 @@ __global__ void fill_random(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
 // ------------------------------------------------------------------ modes
 static int check(int n, unsigned seed) {
   std::mt19937 g(seed);
-  int failed = 0;
-  double worst[5] = {0, 0, 0, 0, 0};
+  int failed = 0, framed = 0, framed_failed = 0;
+  double worst[5] = {0, 0, 0, 0, 0}, worst_framed[5] = {0, 0, 0, 0, 0};
   for (int c = 0; c < n; ++c) {
     Problem p = random_problem(g);
     const DType t = c % 2 ? DType::kFloat16 : DType::kBFloat16;
@@ -394,10 +586,18 @@ static int check(int n, unsigned seed) {
                   e.dv, (int)e.deterministic);
     }
     failed += !ok;
+    if (c % 3 == 0) {
+      const Problem f = random_frame(p, g);
+      ++framed;
+      framed_failed += !framed_ok(p, f, t, g, c, c < 3, worst_framed);
+    }
   }
   std::printf("check: %d configs, %d failed; worst rel err out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n",
               n, failed, worst[0], worst[1], worst[2], worst[3], worst[4]);
-  return failed ? 1 : 0;
+  std::printf("check: %d framed configs, %d failed; worst rel err out %.2e lse %.2e dq %.2e dk %.2e "
+              "dv %.2e\n", framed, framed_failed, worst_framed[0], worst_framed[1],
+              worst_framed[2], worst_framed[3], worst_framed[4]);
+  return failed || framed_failed ? 1 : 0;
 }
 
 static int sanitize() {
@@ -414,12 +614,20 @@ static int sanitize() {
                 ok ? "ok" : "FAIL");
     bad += !ok;
   }
+  // Framed: a slab of p2 with K/V halos reaching outside both axes.
+  Problem f2 = p2;
+  f2.axes[0].q_offset = 4, f2.axes[0].q_length = 5, f2.axes[0].kv_offset = 0;
+  f2.axes[0].kv_length = 13;
+  f2.axes[1].q_offset = 0, f2.axes[1].q_length = 11, f2.axes[1].kv_offset = -4;
+  f2.axes[1].kv_length = 18;
+  double worst[5] = {0, 0, 0, 0, 0};
+  bad += !framed_ok(p2, f2, DType::kBFloat16, g, 0, true, worst);
   return bad ? 1 : 0;
 }
 
 static double neighbourhood_sum(const Problem& p) {
   // Non-causal problems: every query sees exactly prod(kernel) keys.
-  double n = (double)p.tokens();
+  double n = (double)p.q_tokens();
   for (int a = 0; a < p.rank; ++a) n *= (double)p.axes[a].kernel;
   return n;
 }
@@ -444,9 +652,9 @@ static int timing() {
   for (auto& c : cases) {
     const Problem& p = c.p;
     ok_or_die(gna::sm80_supports(p, t), c.name);
-    const size_t nq = p.batch * p.tokens() * p.heads * p.head_dim;
-    const size_t nk = p.batch * p.tokens() * p.kv_heads * p.head_dim;
-    const size_t nl = p.batch * p.tokens() * p.heads;
+    const size_t nq = p.batch * p.q_tokens() * p.heads * p.head_dim;
+    const size_t nk = p.batch * p.kv_tokens() * p.kv_heads * p.head_dim;
+    const size_t nl = p.batch * p.q_tokens() * p.heads;
     Buf q(nq * 2), k(nk * 2), v(nk * 2), out(nq * 2), lse(nl * 4), dout(nq * 2), dq(nq * 2),
         dk(nk * 2), dv(nk * 2), ws(gna::sm80_backward_workspace(p));
     uint32_t seed = (uint32_t)g();
