@@ -42,9 +42,16 @@ class HaloPlan:
       axis: the sharded spatial axis (0-based among the spatial axes).
       shards: number of slabs (devices along the mesh axis).
       slab: rows per slab, ``L // shards``.
-      left, right: halo rows each device receives from its previous / next neighbour (the
-        largest need over all devices, rounded up to a multiple of the dilation).
+      left, right: K/V halo rows each device receives from its previous / next neighbour
+        (the largest need over all devices, rounded up to a multiple of the dilation).
       gather: True if a halo is longer than a slab: K/V are all-gathered instead.
+      bounds: device ``s`` computes the queries ``[bounds[s], bounds[s + 1])``. These are
+        the slab borders moved to the nearest multiple of ``stride * dilation`` when that
+        moves none by more than an eighth of a slab: a border inside a stride group gives
+        the kernel a Q tile whose rows straddle two windows (a wider, masked KV box) and
+        makes both neighbours fetch the whole window of the straddled group.
+      q_left, q_right: query rows a device borrows from its previous / next neighbour to
+        compute up to its bounds (their outputs go back to the owners).
     """
 
     axis: int
@@ -53,17 +60,27 @@ class HaloPlan:
     left: int
     right: int
     gather: bool
+    bounds: tuple[int, ...] = ()
+    q_left: int = 0
+    q_right: int = 0
 
     def frames(self, axes: Sequence[AxisParams], shard: int) -> tuple[geometry.AxisFrame, ...]:
         """The per-axis frames of device `shard`'s local call."""
         frames = [geometry.AxisFrame.whole(a.length) for a in axes]
-        q0 = shard * self.slab
+        q0, q1 = self.bounds[shard], self.bounds[shard + 1]
         if self.gather:
-            frames[self.axis] = geometry.AxisFrame(q0, self.slab, 0, axes[self.axis].length)
+            frames[self.axis] = geometry.AxisFrame(q0, q1 - q0, 0, axes[self.axis].length)
         else:
-            frames[self.axis] = geometry.AxisFrame(q0, self.slab, q0 - self.left,
+            k0 = shard * self.slab - self.left
+            frames[self.axis] = geometry.AxisFrame(q0, q1 - q0, k0,
                                                    self.left + self.slab + self.right)
         return tuple(frames)
+
+    def q_rows(self, shard: int) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` of the device's extended Q buffer (``q_left`` borrowed rows,
+        its slab, ``q_right`` borrowed rows) that its call computes."""
+        start = shard * self.slab - self.q_left
+        return self.bounds[shard] - start, self.bounds[shard + 1] - start
 
 
 def plan_halo(axes: Sequence[AxisParams], axis: int, shards: int) -> HaloPlan:
@@ -85,9 +102,17 @@ def plan_halo(axes: Sequence[AxisParams], axis: int, shards: int) -> HaloPlan:
     if slab % d:
         raise ValueError(f"spatial axis {axis}: each device's slab of {slab} rows must be a "
                          f"multiple of the dilation {d}")
+    align = a.stride * d
+    bounds = [0] + [s * slab for s in range(1, shards)] + [a.length]
+    moved = [0] + [round(b / align) * align for b in bounds[1:-1]] + [a.length]
+    if all(abs(m - b) * 8 <= slab for m, b in zip(moved, bounds)) and all(
+            x < y for x, y in zip(moved, moved[1:])):
+        bounds = moved
+    q_left = max(s * slab - bounds[s] for s in range(shards))
+    q_right = max(bounds[s + 1] - (s + 1) * slab for s in range(shards))
     left = right = 0
     for s in range(shards):
-        lo, hi = geometry.kv_span(a, s * slab, (s + 1) * slab)
+        lo, hi = geometry.kv_span(a, bounds[s], bounds[s + 1])
         left = max(left, s * slab - lo)
         right = max(right, hi - (s + 1) * slab)
     left, right = -(-left // d) * d, -(-right // d) * d
@@ -95,23 +120,53 @@ def plan_halo(axes: Sequence[AxisParams], axis: int, shards: int) -> HaloPlan:
     if gather:
         left = right = 0
     return HaloPlan(axis=axis, shards=shards, slab=slab, left=left, right=right,
-                    gather=gather)
+                    gather=gather, bounds=tuple(bounds), q_left=max(q_left, 0),
+                    q_right=max(q_right, 0))
+
+
+def _extend(x: jax.Array, left: int, right: int, n: int, axis_name: str,
+            dim: int) -> jax.Array:
+    """A device's slab with the last `left` rows of the previous device's slab before it and
+    the first `right` rows of the next one's after it (zeros where there is no neighbour);
+    inside `shard_map`."""
+    slab = x.shape[dim]
+    parts = []
+    if left:
+        tail = jax.lax.slice_in_dim(x, slab - left, slab, axis=dim)
+        parts.append(jax.lax.ppermute(tail, axis_name, [(i, i + 1) for i in range(n - 1)]))
+    parts.append(x)
+    if right:
+        head = jax.lax.slice_in_dim(x, 0, right, axis=dim)
+        parts.append(jax.lax.ppermute(head, axis_name, [(i + 1, i) for i in range(n - 1)]))
+    return jnp.concatenate(parts, axis=dim) if len(parts) > 1 else x
 
 
 def _with_halo(x: jax.Array, plan: HaloPlan, axis_name: str, dim: int) -> jax.Array:
     """A device's K or V slab extended by its halos (inside `shard_map`)."""
-    n = plan.shards
     if plan.gather:
         return jax.lax.all_gather(x, axis_name, axis=dim, tiled=True)
-    parts = []
-    if plan.left:
-        tail = jax.lax.slice_in_dim(x, plan.slab - plan.left, plan.slab, axis=dim)
-        parts.append(jax.lax.ppermute(tail, axis_name, [(i, i + 1) for i in range(n - 1)]))
-    parts.append(x)
-    if plan.right:
-        head = jax.lax.slice_in_dim(x, 0, plan.right, axis=dim)
-        parts.append(jax.lax.ppermute(head, axis_name, [(i + 1, i) for i in range(n - 1)]))
-    return jnp.concatenate(parts, axis=dim) if len(parts) > 1 else x
+    return _extend(x, plan.left, plan.right, plan.shards, axis_name, dim)
+
+
+def _return_borrowed(x: jax.Array, plan: HaloPlan, axis_name: str, dim: int) -> jax.Array:
+    """Inverse of extending by the borrowed query rows: an extended buffer that is zero
+    except on the rows this device computed -> its own slab, with the rows its neighbours
+    computed for it added in (each row is computed by exactly one device, so the sum is
+    exact)."""
+    n, slab, ql, qr = plan.shards, plan.slab, plan.q_left, plan.q_right
+    own = jax.lax.slice_in_dim(x, ql, ql + slab, axis=dim)
+    pad = [(0, 0)] * x.ndim
+    if qr:   # rows past my slab belong to the next device: they become its first qr rows
+        sent = jax.lax.slice_in_dim(x, ql + slab, ql + slab + qr, axis=dim)
+        got = jax.lax.ppermute(sent, axis_name, [(i, i + 1) for i in range(n - 1)])
+        pad[dim] = (0, slab - qr)
+        own = own + jnp.pad(got, pad)
+    if ql:   # rows before my slab belong to the previous device: its last ql rows
+        sent = jax.lax.slice_in_dim(x, 0, ql, axis=dim)
+        got = jax.lax.ppermute(sent, axis_name, [(i + 1, i) for i in range(n - 1)])
+        pad[dim] = (slab - ql, 0)
+        own = own + jnp.pad(got, pad)
+    return own
 
 
 def sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, *,
@@ -197,16 +252,31 @@ def sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, 
     options = dict(q_tile_shape=q_tile, kv_tile_shape=kv_tile,
                    deterministic=bool(deterministic))
 
+    borrowed = plan.q_left + plan.q_right > 0
+
     def branch(shard: int):
         frames = plan.frames(axes, shard)
-        return lambda ql, kl, vl: impl.fn(ql, kl, vl, axes, float(scale), frames=frames,
-                                          **options)
+        lo, hi = plan.q_rows(shard)
+        extended = plan.q_left + plan.slab + plan.q_right
+
+        def call(ql, kl, vl):
+            ql = jax.lax.slice_in_dim(ql, lo, hi, axis=dim)
+            out, lse = impl.fn(ql, kl, vl, axes, float(scale), frames=frames, **options)
+            if borrowed:   # back into the uniform extended layout, zeros elsewhere
+                out, lse = (jnp.pad(x, [(0, 0)] * dim + [(lo, extended - hi)]
+                                    + [(0, 0)] * (x.ndim - dim - 1)) for x in (out, lse))
+            return out, lse
+        return call
 
     def local(ql, kl, vl):
         kl = _with_halo(kl, plan, axis_name, dim)
         vl = _with_halo(vl, plan, axis_name, dim)
+        ql = _extend(ql, plan.q_left, plan.q_right, plan.shards, axis_name, dim)
         index = jax.lax.axis_index(axis_name)
-        return jax.lax.switch(index, [branch(s) for s in range(plan.shards)], ql, kl, vl)
+        out, lse = jax.lax.switch(index, [branch(s) for s in range(plan.shards)], ql, kl, vl)
+        if borrowed:
+            out, lse = (_return_borrowed(x, plan, axis_name, dim) for x in (out, lse))
+        return out, lse
 
     out, lse = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec),
                              out_specs=(spec, row_spec), check_vma=False)(q, k, v)
