@@ -64,17 +64,28 @@ class HaloPlan:
     q_left: int = 0
     q_right: int = 0
 
-    def frames(self, axes: Sequence[AxisParams], shard: int) -> tuple[geometry.AxisFrame, ...]:
-        """The per-axis frames of device `shard`'s local call."""
+    def frames(self, axes: Sequence[AxisParams], shard: int,
+               kv_align: int = 1) -> tuple[geometry.AxisFrame, ...]:
+        """The per-axis frames of device `shard`'s local call.
+
+        The K/V frame starts at the last multiple of `kv_align` (tokens) at or before the
+        first key the device needs, if its buffer holds that row: KV tiles then line up
+        with the unsharded call's (a shifted tiling adds a partial, masked tile per window).
+        """
         frames = [geometry.AxisFrame.whole(a.length) for a in axes]
         q0, q1 = self.bounds[shard], self.bounds[shard + 1]
         if self.gather:
             frames[self.axis] = geometry.AxisFrame(q0, q1 - q0, 0, axes[self.axis].length)
         else:
-            k0 = shard * self.slab - self.left
-            frames[self.axis] = geometry.AxisFrame(q0, q1 - q0, k0,
-                                                   self.left + self.slab + self.right)
+            k0, k1 = self.kv_buffer(shard)
+            lo, _ = geometry.kv_span(axes[self.axis], q0, q1)
+            start = max(lo // kv_align * kv_align, k0)
+            frames[self.axis] = geometry.AxisFrame(q0, q1 - q0, start, k1 - start)
         return tuple(frames)
+
+    def kv_buffer(self, shard: int) -> tuple[int, int]:
+        """Global rows ``[k0, k1)`` of the device's K/V buffer after the halo exchange."""
+        return shard * self.slab - self.left, (shard + 1) * self.slab + self.right
 
     def q_rows(self, shard: int) -> tuple[int, int]:
         """Rows ``[lo, hi)`` of the device's extended Q buffer (``q_left`` borrowed rows,
@@ -253,14 +264,21 @@ def sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, 
                    deterministic=bool(deterministic))
 
     borrowed = plan.q_left + plan.q_right > 0
+    arch = "xla" if impl.name == "xla" else "sm80"
+    tile = kv_tile or geometry.default_tile_shapes(axes, q.shape[-1], arch)[1]
+    kv_align = tile[spatial_axis] * axes[spatial_axis].dilation
 
     def branch(shard: int):
-        frames = plan.frames(axes, shard)
+        frames = plan.frames(axes, shard, kv_align)
         lo, hi = plan.q_rows(shard)
         extended = plan.q_left + plan.slab + plan.q_right
+        k_lo = frames[spatial_axis].kv_offset - plan.kv_buffer(shard)[0]
 
         def call(ql, kl, vl):
             ql = jax.lax.slice_in_dim(ql, lo, hi, axis=dim)
+            if k_lo and not plan.gather:
+                kl, vl = (jax.lax.slice_in_dim(x, k_lo, x.shape[dim], axis=dim)
+                          for x in (kl, vl))
             out, lse = impl.fn(ql, kl, vl, axes, float(scale), frames=frames, **options)
             if borrowed:   # back into the uniform extended layout, zeros elsewhere
                 out, lse = (jnp.pad(x, [(0, 0)] * dim + [(lo, extended - hi)]
