@@ -343,3 +343,23 @@ def test_cuda_sharded_over_two_gpus_matches_one_gpu():
             scale = max(float(np.max(np.abs(w))), 1.0)
             np.testing.assert_allclose(g, w, atol=2e-2 * scale, rtol=2e-2,
                                        err_msg=f"{name} {shape} {cfg}")
+
+
+@pytest.mark.gpu
+def test_cuda_batch_and_head_sharding_on_two_gpus_runs_locally():
+    """The custom calls' sharding rules on real GPUs: no collective, same result."""
+    if len(jax.devices()) < 2:
+        pytest.skip(f"needs 2 GPUs, found {len(jax.devices())}")
+    cfg = GNAConfig((5, 7), (2, 1))
+    q, k, v = (x.astype(jnp.bfloat16) for x in _inputs((12, 20), head_dim=64))
+    want = jax_gna.attention(q, k, v, cfg, implementation="cuda")
+    fn = jax.jit(lambda q, k, v: jax_gna.attention(q, k, v, cfg, implementation="cuda"))
+    for spec in (jax.sharding.PartitionSpec("x"),
+                 jax.sharding.PartitionSpec(None, None, None, "x")):
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+        args = jax.device_put((q, k, v), jax.sharding.NamedSharding(mesh, spec))
+        assert _collectives(fn.lower(*args).compile().as_text()) == [], spec
+        got = fn(*args)
+        assert got.sharding.spec[:len(spec)] == spec, got.sharding
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.asarray(want, np.float32))
