@@ -115,7 +115,7 @@ def _check_with_batch_and_head_sharding(implementation: str) -> None:
 def _collectives(text: str) -> list[tuple[str, tuple[int, ...]]]:
     found = []
     for line in text.splitlines():
-        m = re.search(r"= f32\[([\d,]*)\][^ ]* (collective-permute|all-gather|all-to-all|"
+        m = re.search(r"= \w+\[([\d,]*)\][^ ]* (collective-permute|all-gather|all-to-all|"
                       r"all-reduce|reduce-scatter)\(", line)
         if m:
             found.append((m.group(2), tuple(int(x) for x in m.group(1).split(",") if x)))
