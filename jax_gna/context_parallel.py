@@ -8,11 +8,17 @@ axes included). Inside `jax.shard_map` each device
 1. receives the last ``left`` rows of the previous device's K/V and the first ``right`` rows
    of the next device's through `jax.lax.ppermute` (the first and last devices receive
    zeros, which lie outside the axis and are never seen);
-2. runs the local kernel on a *frame* (`geometry.AxisFrame`): its queries are global rows
-   ``[s * n, (s + 1) * n)`` and its K/V buffer holds global rows
-   ``[s * n - left, (s + 1) * n + right)``, so windows clamp at the global borders, not at
-   the slab's. Frame offsets are static kernel attributes, so the devices' calls are the
-   branches of one `jax.lax.switch` on the device index.
+2. runs the local kernel on a *frame* (`geometry.AxisFrame`): device ``s`` computes the
+   queries of global rows ``[bounds[s], bounds[s + 1])`` against its K/V buffer, which holds
+   global rows ``[s * n - left, (s + 1) * n + right)``. Windows therefore clamp at the
+   global borders, not at the slab's. Frame offsets are static kernel attributes, so the
+   devices' calls are the branches of one `jax.lax.switch` on the device index.
+
+The ``bounds`` are the slab borders ``s * n``, moved to stride-group borders where that is
+cheap; a device then borrows the few query rows this adds from a neighbour and sends their
+outputs back (`HaloPlan`). Each K/V frame starts on a KV-tile multiple. Together these make
+every device's tiles those of the one-device call, so the sharded forward is bitwise equal
+to it on the `cuda` path.
 
 Gradients need nothing extra: the transpose of `ppermute` sends the halo rows' dk/dv back
 to their owners, where they are added. If a halo is longer than a slab (small slabs, wide
