@@ -113,6 +113,20 @@ def _check_inputs(q, k, v, cfg: GNAConfig) -> tuple[AxisParams, ...]:
     return cfg.resolve(q.shape[1:-2])
 
 
+def _check_call(q, k, v, cfg: GNAConfig, scale, q_tile_shape, kv_tile_shape):
+    """Validates a call's arrays, config, scale and tile overrides (shared by the entry
+    points); returns ``(axes, scale, q_tile, kv_tile)`` with the default scale filled in."""
+    axes = _check_inputs(q, k, v, cfg)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    rank = len(axes)
+    q_tile = geometry.check_tile_shape("q_tile_shape", q_tile_shape, rank)
+    kv_tile = geometry.check_tile_shape("kv_tile_shape", kv_tile_shape, rank)
+    return axes, float(scale), q_tile, kv_tile
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, *,
               scale: float | None = None, implementation: str | None = None,
               return_lse: bool = False,
@@ -146,14 +160,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, *,
       ValueError, TypeError: invalid shapes, dtypes, config or implementation, before
         anything runs.
     """
-    axes = _check_inputs(q, k, v, cfg)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
-    rank = len(axes)
-    q_tile = geometry.check_tile_shape("q_tile_shape", q_tile_shape, rank)
-    kv_tile = geometry.check_tile_shape("kv_tile_shape", kv_tile_shape, rank)
+    axes, scale, q_tile, kv_tile = _check_call(q, k, v, cfg, scale, q_tile_shape,
+                                               kv_tile_shape)
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("additional_keys and additional_values must be given together")
     if additional_keys is not None:

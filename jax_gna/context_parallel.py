@@ -225,14 +225,9 @@ def sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, 
     Warns:
       UserWarning: when a halo is longer than a slab and K/V are all-gathered instead.
     """
-    axes = api._check_inputs(q, k, v, cfg)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    axes, scale, q_tile, kv_tile = api._check_call(q, k, v, cfg, scale, q_tile_shape,
+                                                   kv_tile_shape)
     rank = len(axes)
-    q_tile = geometry.check_tile_shape("q_tile_shape", q_tile_shape, rank)
-    kv_tile = geometry.check_tile_shape("kv_tile_shape", kv_tile_shape, rank)
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     for name, value in (("axis_name", axis_name), ("batch_axis_name", batch_axis_name),
