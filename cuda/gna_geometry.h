@@ -113,15 +113,22 @@ struct AxisTiling {
     *hi = ceil_div(e1 - kv_offset, kv_tile);
   }
 
+  // KV tiles [lo, hi) whose every key every valid query of Q tile `qt` sees, within the KV
+  // frame (no padding): the keys [last query's start, first query's end) cut to whole tiles.
+  // Kernels compute this once per Q tile, then test tiles with two comparisons.
+  GNA_HD void full_range(int64_t qt, int64_t* lo, int64_t* hi) const {
+    int64_t s0, e0, s1, e1;
+    tile_windows(qt, &s0, &e0, &s1, &e1);
+    *lo = ceil_div(max64(s1 - kv_offset, 0), kv_tile);
+    *hi = max64(min64(e0 - kv_offset, kv_len), 0) / kv_tile;
+  }
+
   // True iff every valid query of Q tile `qt` sees every key of KV tile `kt` and the KV
   // tile holds no padding: such a pair runs without an element mask.
   GNA_HD bool full(int64_t qt, int64_t kt) const {
-    const int64_t key_first = kt * kv_tile;
-    const int64_t key_end = key_first + kv_tile;
-    if (key_end > kv_len) return false;
-    int64_t s0, e0, s1, e1;
-    tile_windows(qt, &s0, &e0, &s1, &e1);
-    return s1 - kv_offset <= key_first && e0 - kv_offset >= key_end;
+    int64_t lo, hi;
+    full_range(qt, &lo, &hi);
+    return kt >= lo && kt < hi;
   }
 
   // Q tiles [lo, hi) that see KV tile `kt` (the backward's loop). kv_range's bounds are
@@ -144,6 +151,28 @@ struct AxisTiling {
     }
     *lo = a;
     *hi = a < c ? c : a;
+  }
+
+  // Q tiles [lo, hi) that see KV tile `kt` in full (full(qt, kt) holds exactly there): the
+  // bounds of full_range are non-decreasing in qt, so two binary searches find the ends.
+  GNA_HD void full_q_range(int64_t kt, int64_t* lo, int64_t* hi) const {
+    const int64_t n = n_q();
+    int64_t a = 0, b = n;  // first qt with full hi > kt
+    while (a < b) {
+      const int64_t m = (a + b) / 2;
+      int64_t l, h;
+      full_range(m, &l, &h);
+      if (h > kt) b = m; else a = m + 1;
+    }
+    int64_t c = a, d = n;  // first qt with full lo > kt
+    while (c < d) {
+      const int64_t m = (c + d) / 2;
+      int64_t l, h;
+      full_range(m, &l, &h);
+      if (l > kt) d = m; else c = m + 1;
+    }
+    *lo = a;
+    *hi = c;
   }
 };
 

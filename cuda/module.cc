@@ -107,13 +107,19 @@ nb::dict axis_tiling(int64_t length, int64_t kernel, int64_t stride, bool causal
     t.kv_range(qt, &kv_lo[qt], &kv_hi[qt]);
     for (int64_t kt = 0; kt < n_kv; ++kt) full[qt][kt] = t.full(qt, kt);
   }
-  for (int64_t kt = 0; kt < n_kv; ++kt) t.q_range(kt, &q_lo[kt], &q_hi[kt]);
+  std::vector<int64_t> full_q_lo(n_kv), full_q_hi(n_kv);
+  for (int64_t kt = 0; kt < n_kv; ++kt) {
+    t.q_range(kt, &q_lo[kt], &q_hi[kt]);
+    t.full_q_range(kt, &full_q_lo[kt], &full_q_hi[kt]);
+  }
   nb::dict out;
   out["kv_lo"] = kv_lo;
   out["kv_hi"] = kv_hi;
   out["q_lo"] = q_lo;
   out["q_hi"] = q_hi;
   out["full"] = full;
+  out["full_q_lo"] = full_q_lo;
+  out["full_q_hi"] = full_q_hi;
   return out;
 }
 
@@ -169,7 +175,7 @@ NB_MODULE(_jax_gna_native, m) {
         nb::arg("q_len") = nb::none(), nb::arg("kv_offset") = 0,
         nb::arg("kv_len") = nb::none(),
         "gna_geometry.h's AxisTiling (group units, optional frame) as "
-        "{kv_lo, kv_hi, q_lo, q_hi, full}.");
+        "{kv_lo, kv_hi, q_lo, q_hi, full, full_q_lo, full_q_hi}.");
   m.def("windows", &windows, nb::arg("group_len"), nb::arg("kernel"), nb::arg("stride"),
         nb::arg("causal"), nb::arg("q_offset") = 0, nb::arg("q_len") = nb::none(),
         nb::arg("kv_offset") = 0, nb::arg("kv_len") = nb::none(),

@@ -97,6 +97,12 @@ def _assert_tilings_agree(cpp: dict, py: geometry.AxisTiling, where: str) -> tup
     visible = ((kt[None, :] >= np.asarray(cpp["kv_lo"])[:, None])
                & (kt[None, :] < np.asarray(cpp["kv_hi"])[:, None]))
     np.testing.assert_array_equal(visible, py.visible, err_msg=where)
+    # full_q_range (the dK/dV kernel's per-CTA mask-free range) is exactly Python's full
+    # column per KV tile.
+    qt = np.arange(py.full.shape[0])
+    full_q = ((qt[:, None] >= np.asarray(cpp["full_q_lo"])[None, :])
+              & (qt[:, None] < np.asarray(cpp["full_q_hi"])[None, :]))
+    np.testing.assert_array_equal(full_q, py.full, err_msg=where)
     return int(py.full.sum()), int((py.visible & ~py.full).sum())
 
 

@@ -66,6 +66,7 @@ struct DqSmem {
   alignas(128) T v[kBlockN * Tr::kD];
   QRow qrows[kBlockM];
   KRow krows[kBlockN];
+  FullTiles fulls;  // KV tiles this Q tile sees in full
 };
 
 template <class Tr, int kBlockM, int kBlockN>
@@ -106,15 +107,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
   Tensor sKt = make_tensor(make_smem_ptr(sm.k), SKVt{});
   Tensor sV = make_tensor(make_smem_ptr(sm.v), SKV{});
 
-  TileBox box;
-  box.total = 1;
-  for (int a = 0; a < kMaxRank; ++a) {
-    int64_t lo, hi;
-    G.tiling(p, a).kv_range(qt[a], &lo, &hi);
-    box.lo[a] = (int)lo;
-    box.cnt[a] = (int)(hi - lo);
-    box.total *= box.cnt[a];
-  }
+  const TileBox box = TileBox::seen_by(G, p, qt);
+  if (tid == 0) sm.fulls = FullTiles::of(G, p, qt, kBlockN);  // read after the loop's barrier
 
   for (int r = tid; r < kBlockM; r += kThreads) {
     QRow row = G.q_row(p, qt, r);
@@ -139,9 +133,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
   int kt[kMaxRank];
   for (int it = 0; it < box.total; ++it) {
     box.at(it, kt);
-    bool full = Group::kvprod(p) == kBlockN;
-    for (int a = 0; a < kMaxRank; ++a) full = full && G.tiling(p, a).full(qt[a], kt[a]);
     __syncthreads();  // the previous tile's K, V and krows are no longer read
+    const bool full = sm.fulls.contains(kt);
     for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(p, kt, r);
     auto k_tok = [&](int r) { return G.kv_token(p, kt, r, ii); };
     load_rows<kBlockN, kD, kThreads>(sm.k, SKV{}, k + kv_off, kv_stride, k_tok, tid);
@@ -189,8 +182,9 @@ struct DkdvSmem {
   alignas(128) T dout[kChunk * Tr::kD];
   KRow krows[kBlockN];
   QRow qrows[kChunk];
-  Group group;  // the CTA's geometry, kept here rather than in registers (see the kernel)
-  bool full;  // the current Q tile needs no element mask (thread 0 computes it per step)
+  Group group;      // the CTA's geometry, kept here rather than in registers (see the kernel)
+  FullTiles fulls;  // the Q tiles that see this KV tile in full
+  bool full;        // the current Q tile needs no element mask (thread 0 sets it per step)
 };
 
 template <class Tr, int kBlockN, int kChunk>
@@ -216,7 +210,10 @@ __global__ void __launch_bounds__(Tr::kThreads)
   {
     Group g0;
     if (!g0.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
-    if (tid == 0) sm.group = g0;
+    if (tid == 0) {
+      sm.group = g0;
+      sm.fulls = FullTiles::seeing(g0, p, kt, kBlockN);
+    }
     __syncthreads();
   }
   const Group& G = sm.group;
@@ -237,15 +234,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   Tensor sdO = make_tensor(make_smem_ptr(sm.dout), SC{});
   Tensor sdOt = make_tensor(make_smem_ptr(sm.dout), SCt{});
 
-  TileBox box;
-  box.total = 1;
-  for (int a = 0; a < kMaxRank; ++a) {
-    int64_t lo, hi;
-    G.tiling(p, a).q_range(kt[a], &lo, &hi);
-    box.lo[a] = (int)lo;
-    box.cnt[a] = (int)(hi - lo);
-    box.total *= box.cnt[a];
-  }
+  const TileBox box = TileBox::seeing(G, p, kt);
   const int n_chunks = (Group::qprod(p) + kChunk - 1) / kChunk;
 
   for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(p, kt, r);
@@ -283,11 +272,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
       row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
       sm.qrows[r] = row;
     }
-    if (tid == 0) {
-      bool f = Group::kvprod(p) == kBlockN;
-      for (int a = 0; a < kMaxRank; ++a) f = f && G.tiling(p, a).full(qt[a], kt[a]);
-      sm.full = f;
-    }
+    if (tid == 0) sm.full = sm.fulls.contains(qt);
     auto q_tok = [&](int r) { return G.q_token(p, qt, chunk * kChunk + r, ii); };
     load_rows<kChunk, kD, kThreads>(sm.q, SC{}, q + q_off, q_stride, q_tok, tid);
     load_rows<kChunk, kD, kThreads>(sm.dout, SC{}, dout + q_off, q_stride, q_tok, tid);

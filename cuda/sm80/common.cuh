@@ -344,6 +344,37 @@ struct TileBox {
   int lo[kMaxRank];
   int cnt[kMaxRank];
   int total;
+
+  // The KV tiles that Q tile `qt` of group `G` sees.
+  static __device__ __forceinline__ TileBox seen_by(Group const& G, Problem const& p,
+                                                   const int qt[kMaxRank]) {
+    TileBox box;
+    box.total = 1;
+    for (int a = 0; a < kMaxRank; ++a) {
+      int64_t lo, hi;
+      G.tiling(p, a).kv_range(qt[a], &lo, &hi);
+      box.lo[a] = (int)lo;
+      box.cnt[a] = (int)(hi - lo);
+      box.total *= box.cnt[a];
+    }
+    return box;
+  }
+
+  // The Q tiles that see KV tile `kt` of group `G` (the backward's dK/dV loop).
+  static __device__ __forceinline__ TileBox seeing(Group const& G, Problem const& p,
+                                                  const int kt[kMaxRank]) {
+    TileBox box;
+    box.total = 1;
+    for (int a = 0; a < kMaxRank; ++a) {
+      int64_t lo, hi;
+      G.tiling(p, a).q_range(kt[a], &lo, &hi);
+      box.lo[a] = (int)lo;
+      box.cnt[a] = (int)(hi - lo);
+      box.total *= box.cnt[a];
+    }
+    return box;
+  }
+
   __device__ __forceinline__ void at(int i, int out[kMaxRank]) const {
     for (int a = kMaxRank - 1; a >= 0; --a) {
       out[a] = lo[a] + i % cnt[a];
@@ -352,12 +383,57 @@ struct TileBox {
   }
 };
 
-// Gathers a [kRows, kD] tile into swizzled shared memory with cp.async (16 B per copy, zero
-// fill for padding rows). `tok_of(r)` gives row r's token or -1; `row_stride` is the element
-// distance between consecutive tokens (heads · D).
-template <int kRows, int kD, int kThreads, class T, class SLayout, class TokFn>
-__device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* base,
-                                          int64_t row_stride, TokFn const& tok_of, int tid) {
+// The KV tiles that Q tile `qt` sees in full (AxisTiling::full_range per axis), or the Q
+// tiles that see KV tile `kt` in full: computed once per CTA so that the per-tile test is a
+// few integer comparisons instead of window arithmetic in 64-bit divisions.
+struct FullTiles {
+  int lo[kMaxRank];
+  int hi[kMaxRank];
+  bool dense;  // KV tiles hold exactly the kernel's KV rows (no padding rows)
+
+  static __device__ __forceinline__ FullTiles of(Group const& G, Problem const& p,
+                                                 const int qt[kMaxRank], int kv_rows) {
+    FullTiles f;
+    f.dense = Group::kvprod(p) == kv_rows;
+    for (int a = 0; a < kMaxRank; ++a) {
+      int64_t lo, hi;
+      G.tiling(p, a).full_range(qt[a], &lo, &hi);
+      f.lo[a] = (int)lo;
+      f.hi[a] = (int)hi;
+    }
+    return f;
+  }
+
+  // The Q tiles that see KV tile `kt` in full (AxisTiling::full_q_range per axis); KV tile
+  // `kt` must hold exactly `kv_rows` rows.
+  static __device__ __forceinline__ FullTiles seeing(Group const& G, Problem const& p,
+                                                     const int kt[kMaxRank], int kv_rows) {
+    FullTiles f;
+    f.dense = Group::kvprod(p) == kv_rows;
+    for (int a = 0; a < kMaxRank; ++a) {
+      int64_t lo, hi;
+      G.tiling(p, a).full_q_range(kt[a], &lo, &hi);
+      f.lo[a] = (int)lo;
+      f.hi[a] = (int)hi;
+    }
+    return f;
+  }
+
+  __device__ __forceinline__ bool contains(const int kt[kMaxRank]) const {
+    bool ok = dense;
+    for (int a = 0; a < kMaxRank; ++a) ok = ok && kt[a] >= lo[a] && kt[a] < hi[a];
+    return ok;
+  }
+};
+
+// Gathers a [kRows, kD] tile into shared memory with cp.async (16 B per copy, zero fill for
+// padding rows). `dst(r, c)` is the shared-memory address of element (r, c), c a multiple of
+// 8 (any layout that keeps 8 consecutive columns contiguous, e.g. a 16-byte swizzle);
+// `tok_of(r)` gives row r's token or -1; `row_stride` is the element distance between
+// consecutive tokens (heads · D).
+template <int kRows, int kD, int kThreads, class T, class DstFn, class TokFn>
+__device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int64_t row_stride,
+                                            TokFn const& tok_of, int tid) {
   constexpr int kChunks = kD / 8;
   static_assert(kThreads % kChunks == 0, "threads must cover whole rows");
   constexpr int kRowsPerPass = kThreads / kChunks;
@@ -368,10 +444,18 @@ __device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* b
     if (kRows % kRowsPerPass != 0 && r >= kRows) break;
     const int tok = tok_of(r);
     const T* src = tok >= 0 ? base + (int64_t)tok * row_stride + c * 8 : base;
-    T* dst = smem + sl(r, c * 8);
+    T* to = dst(r, c * 8);
     SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-        *reinterpret_cast<const uint128_t*>(src), *reinterpret_cast<uint128_t*>(dst), tok >= 0);
+        *reinterpret_cast<const uint128_t*>(src), *reinterpret_cast<uint128_t*>(to), tok >= 0);
   }
+}
+
+// gather_rows into a [kRows, kD] tile of `smem` laid out by `sl`.
+template <int kRows, int kD, int kThreads, class T, class SLayout, class TokFn>
+__device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* base,
+                                          int64_t row_stride, TokFn const& tok_of, int tid) {
+  gather_rows<kRows, kD, kThreads>([&](int r, int c) { return smem + sl(r, c); }, base,
+                                   row_stride, tok_of, tid);
 }
 
 __device__ __forceinline__ void cp_async_commit() { cp_async_fence(); }

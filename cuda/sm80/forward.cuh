@@ -26,7 +26,8 @@ struct FwdSmem {
   // Double-buffered: rows of tile it+1 are built while tile it is in use, so that the K and V
   // gathers read each row's token instead of recomputing it (integer divisions) per chunk.
   KRow krows[2][kBlockN];
-  bool full[2];  // tile needs no element mask (computed once, by thread 0, with its rows)
+  bool full[2];     // tile needs no element mask (computed once, by thread 0, with its rows)
+  FullTiles fulls;  // KV tiles this Q tile sees in full (thread 0's)
 };
 
 template <class Tr, int kBlockM, int kBlockN>
@@ -64,15 +65,8 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   Tensor sVt = make_tensor(make_smem_ptr(sm.v), SKVt{});
 
   // KV box seen by this Q tile, per axis.
-  TileBox box;
-  box.total = 1;
-  for (int a = 0; a < kMaxRank; ++a) {
-    int64_t lo, hi;
-    G.tiling(p, a).kv_range(qt[a], &lo, &hi);
-    box.lo[a] = (int)lo;
-    box.cnt[a] = (int)(hi - lo);
-    box.total *= box.cnt[a];
-  }
+  const TileBox box = TileBox::seen_by(G, p, qt);
+  if (tid == 0) sm.fulls = FullTiles::of(G, p, qt, kBlockN);
 
   for (int r = tid; r < kBlockM; r += kThreads) sm.qrows[r] = G.q_row(p, qt, r);
   int ii[kMaxRank];
@@ -85,11 +79,7 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     int kj[kMaxRank];
     box.at(j, kj);
     for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j & 1][r] = G.k_row(p, kj, r);
-    if (tid == 0) {
-      bool f = Group::kvprod(p) == kBlockN;
-      for (int a = 0; a < kMaxRank; ++a) f = f && G.tiling(p, a).full(qt[a], kj[a]);
-      sm.full[j & 1] = f;
-    }
+    if (tid == 0) sm.full[j & 1] = sm.fulls.contains(kj);
   };
   auto stage_k = [&](int j) {
     const KRow* kr = sm.krows[j & 1];
