@@ -1,9 +1,10 @@
 // XLA FFI handlers of the `cuda` implementation: unpack the call into a gna::Problem, pick
 // the kernel family for the device's compute capability and call it (gna_kernels.h).
-// Plain C++ (no device code): the kernels live in cuda/sm80/*.cu.
+// Plain C++ (no device code): the kernels live in cuda/sm80/*.cu and cuda/sm90/*.cu.
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <string>
 
 #include "gna_ffi.h"
@@ -66,10 +67,12 @@ std::string cuda_dtype(ffi::DataType dtype, DType* out) {
   }
 }
 
-// Checks that a kernel family exists for the device and accepts the problem.
-ffi::Error select_kernels(const Problem& p, DType dtype, int32_t device) {
+// Checks that a kernel family exists for the device and accepts the problem; the device's
+// compute capability goes to `cc`.
+ffi::Error select_kernels(const Problem& p, DType dtype, int32_t device, int* cc_out) {
   std::string err;
   const int cc = compute_capability(device, &err);
+  *cc_out = cc;
   if (cc == 0) return ffi::Error::Internal(err);
   if (!sm80_runs_on(cc))
     return ffi::Error(ffi::ErrorCode::kUnimplemented,
@@ -83,6 +86,22 @@ ffi::Error select_kernels(const Problem& p, DType dtype, int32_t device) {
   return ffi::Error::Success();
 }
 
+// The Hopper forward runs where it was built for the device (sm_90a code runs on compute
+// capability 9.0 only) and covers the problem. JAX_GNA_CUDA_KERNELS=sm80 keeps the sm80
+// kernels everywhere (to compare the two on one card).
+bool use_sm90_forward(int cc, const Problem& p, DType dtype) {
+#ifdef JAX_GNA_HAS_SM90
+  static const bool sm80_only = [] {
+    const char* env = std::getenv("JAX_GNA_CUDA_KERNELS");
+    return env != nullptr && std::string(env) == "sm80";
+  }();
+  return cc == 90 && !sm80_only && sm90_supports(p, dtype).empty();
+#else
+  (void)cc, (void)p, (void)dtype;
+  return false;
+#endif
+}
+
 ffi::Error CudaForward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::Buffer<ffi::F32>> lse, FfiAttrs attrs) {
@@ -93,10 +112,11 @@ ffi::Error CudaForward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ff
         cuda_dtype(q.element_type(), &dtype)})
     if (!err.empty()) return ffi::Error::InvalidArgument(err);
   if (p.batch == 0) return ffi::Error::Success();
-  if (ffi::Error e = select_kernels(p, dtype, device); e.failure()) return e;
-  std::string err = sm80_forward(p, dtype, q.untyped_data(), k.untyped_data(),
-                                 v.untyped_data(), out->untyped_data(), lse->typed_data(),
-                                 stream);
+  int cc = 0;
+  if (ffi::Error e = select_kernels(p, dtype, device, &cc); e.failure()) return e;
+  auto forward = use_sm90_forward(cc, p, dtype) ? sm90_forward : sm80_forward;
+  std::string err = forward(p, dtype, q.untyped_data(), k.untyped_data(), v.untyped_data(),
+                            out->untyped_data(), lse->typed_data(), stream);
   if (!err.empty()) return ffi::Error::Internal("implementation='cuda': " + err);
   return ffi::Error::Success();
 }
@@ -122,7 +142,8 @@ ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
     return ffi::Error(ffi::ErrorCode::kUnimplemented,
                       "implementation='cuda': the backward kernels take no lse cotangent");
   if (p.batch == 0) return ffi::Error::Success();
-  if (ffi::Error e = select_kernels(p, dtype, device); e.failure()) return e;
+  int cc = 0;
+  if (ffi::Error e = select_kernels(p, dtype, device, &cc); e.failure()) return e;
   // The workspace is an XLA-allocated result (FFI scratch allocation is not available on
   // every runtime); jax_gna/native.py sizes it with cuda_backward_workspace().
   const size_t bytes = sm80_backward_workspace(p);

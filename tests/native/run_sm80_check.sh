@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds tests/native/sm80_check.cu with the sm80 kernels (SASS for sm_80 and sm_90: sm_80
-# SASS does not run on Hopper) and runs it.
+# SASS does not run on Hopper) and the sm90a forward (cuda/sm90, SASS for sm_90a), and runs it.
 #   tests/native/run_sm80_check.sh [check [n] [seed] | sanitize | time | all]
+# `all` sweeps and sanitizes with the sm80 forward, then with the sm90a forward
+# (GNA_CHECK_FORWARD=sm90), then times both.
 # CUTLASS headers: $CUTLASS_INCLUDE, else ./.cutlass (copied there for the GPU machine), else
 # the nvidia-cutlass wheel of /work/venv. BUILD_DIR (default /tmp/sm80_check) holds objects.
 set -euo pipefail
@@ -20,7 +22,14 @@ for src in cuda/sm80/*.cu; do
   nvcc "${FLAGS[@]}" ${NVCC_EXTRA:-} -c "$src" -o "$obj" &
   pids+=($!)
 done
-nvcc "${FLAGS[@]}" -Xcompiler -fopenmp -c tests/native/sm80_check.cu -o "$OUT_DIR/sm80_check.o" &
+for src in cuda/sm90/*.cu; do
+  obj="$OUT_DIR/sm90_$(basename "$src" .cu).o"
+  nvcc -gencode arch=compute_90a,code=sm_90a "${FLAGS[@]:4}" --expt-relaxed-constexpr \
+    ${NVCC_EXTRA:-} -c "$src" -o "$obj" &
+  pids+=($!)
+done
+nvcc "${FLAGS[@]}" -DGNA_CHECK_SM90 -Xcompiler -fopenmp -c tests/native/sm80_check.cu \
+  -o "$OUT_DIR/sm80_check.o" &
 pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
 nvcc "${FLAGS[@]}" -Xcompiler -fopenmp "$OUT_DIR"/*.o -o "$OUT_DIR/sm80_check"
@@ -29,9 +38,12 @@ mode=${1:-all}
 if [[ "$mode" == all ]]; then
   # Every stage runs even if an earlier one fails; the exit status reports any failure.
   status=0
-  "$BIN" check "${2:-300}" "${3:-1234}" || status=1
-  for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 3 "$BIN" sanitize || status=1
+  for fwd in sm80 sm90; do
+    GNA_CHECK_FORWARD=$fwd "$BIN" check "${2:-300}" "${3:-1234}" || status=1
+    for tool in memcheck racecheck; do
+      GNA_CHECK_FORWARD=$fwd compute-sanitizer --tool "$tool" --error-exitcode 3 "$BIN" sanitize \
+        || status=1
+    done
   done
   "$BIN" time || status=1
   exit $status

@@ -1,0 +1,283 @@
+// sm90a GNA forward: the sm80 forward's geometry (one CTA per Q tile of one dilation group,
+// head and batch, walking the box of KV tiles the Q tile sees; full tiles skip the mask) with
+// Hopper warpgroup MMAs. Each warpgroup owns 64 Q rows; S = Q·K^T runs with both operands in
+// shared memory, O += P·V with P in registers. K and V go through a ring of kStages buffers:
+// the gathers of tile it+kStages-1 (cp.async, token addresses, dilation in place) are issued
+// while tile it is computed, so L2 latency hides behind kStages-1 tiles of work; there is one
+// CTA barrier per KV tile.
+#pragma once
+
+#include <cute/arch/copy_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "../sm80/common.cuh"
+
+namespace gna {
+namespace sm90 {
+
+using namespace cute;
+using sm80::FullTiles;
+using sm80::Group;
+using sm80::KRow;
+using sm80::QRow;
+using sm80::TileBox;
+
+template <class T_, int kD_, int kBlockM_, int kBlockN_, int kStages_>
+struct FwdTraits {
+  using T = T_;
+  static constexpr int kD = kD_;
+  static constexpr int kBlockM = kBlockM_;  // Q rows per CTA, 64 per warpgroup
+  static constexpr int kBlockN = kBlockN_;  // K/V rows per tile
+  static constexpr int kStages = kStages_;  // K/V tiles resident in shared memory
+  static_assert(kStages >= 2, "the ring needs one tile in use and one in flight");
+  static constexpr int kWarpGroups = kBlockM / 64;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  using WarpGroups = Layout<Shape<Int<kWarpGroups>, _1, _1>>;
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kD>>>(), WarpGroups{}));
+  using MmaO = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kBlockN>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      WarpGroups{}));
+  // 128-byte swizzled tiles as the GMMA descriptors expect them. Q and K are K-major [rows,
+  // D]; V is stored [rows, D] as well, which is operand B of P·V seen MN-major as [D, rows].
+  using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                       Shape<Int<kBlockM>, Int<kD>>{}));
+  using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                       Shape<Int<kBlockN>, Int<kD>>{}));
+  using SmemVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
+                                        Shape<Int<kD>, Int<kBlockN>>{}));
+};
+
+template <class Tr>
+struct FwdSmem {
+  using T = typename Tr::T;
+  // 128-byte swizzle atoms repeat every 1024 bytes; descriptors assume that alignment.
+  alignas(1024) T q[Tr::kBlockM * Tr::kD];
+  alignas(1024) T k[Tr::kStages][Tr::kBlockN * Tr::kD];
+  alignas(1024) T v[Tr::kStages][Tr::kBlockN * Tr::kD];
+  QRow qrows[Tr::kBlockM];
+  // Rows (tokens, group indices) and full flag of tile j: built in iteration j - kStages,
+  // read by its gather in iteration j - kStages + 1 and by its mask in iteration j.
+  static constexpr int kRowSlots = Tr::kStages + 1;
+  KRow krows[kRowSlots][Tr::kBlockN];
+  bool full[kRowSlots];
+  FullTiles fulls;  // KV tiles this Q tile sees in full (used by the last thread only)
+};
+
+// Accumulator of a 64xN warpgroup MMA, ((2 cols, 2 rows, N/8), M, N) viewed as (rows, cols).
+template <class L>
+__device__ __forceinline__ auto gmma_rowcol(L const& l) {
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
+                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// The same accumulator seen as the register A operand of a k16 warpgroup MMA: every pair of
+// 8-column blocks holds the 16 k-values of one k step.
+template <class L>
+__device__ __forceinline__ auto gmma_acc_as_a(L const& l) {
+  auto blocks = logical_divide(get<0, 2>(l), Layout<_2>{});
+  return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0>(blocks)), get<1>(l),
+                     make_layout(get<1>(blocks), get<2>(l)));
+}
+
+// acc = A·B^T (or acc += A·B^T if `accumulate`), issued and waited for by the warpgroup.
+template <class Mma, class TA, class TB, class Acc>
+__device__ __forceinline__ void wgmma(Mma& mma, TA& a, TB const& b, Acc& acc, bool accumulate) {
+  // A is either shared-memory descriptors or registers (then fenced like the accumulator).
+  constexpr bool kRegA = !is_same_v<typename TA::iterator, GMMA::DescriptorIterator>;
+  warpgroup_fence_operand(acc);
+  if constexpr (kRegA) warpgroup_fence_operand(a);
+  warpgroup_arrive();
+  mma.accumulate_ = accumulate ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kk = 0; kk < size<2>(a); ++kk) {
+    cute::gemm(mma, a(_, _, kk), b(_, _, kk), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+  if constexpr (kRegA) warpgroup_fence_operand(a);
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
+               const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
+               typename Tr::T* __restrict__ out, float* __restrict__ lse) {
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kD;
+  constexpr int kBlockM = Tr::kBlockM;
+  constexpr int kBlockN = Tr::kBlockN;
+  constexpr int kThreads = Tr::kThreads;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& sm = *reinterpret_cast<FwdSmem<Tr>*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+
+  Group G;
+  int qt[kMaxRank];
+  if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
+  const int hkv = h / (int)(p.heads / p.kv_heads);
+  const int64_t n_q_tok = sm80::q_tokens_of(p);
+  const int64_t n_kv_tok = sm80::kv_tokens_of(p);
+  const int64_t q_stride = p.heads * kD;
+  const int64_t kv_stride = p.kv_heads * kD;
+  const T* qb = q + (b * n_q_tok * p.heads + h) * kD;
+  const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+  const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+  const TileBox box = TileBox::seen_by(G, p, qt);
+  if (tid == kThreads - 1) sm.fulls = FullTiles::of(G, p, qt, kBlockN);
+
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Tr::SmemQ{});
+  auto sK = [&](int s) { return make_tensor(make_smem_ptr(sm.k[s]), typename Tr::SmemK{}); };
+  auto sVt = [&](int s) { return make_tensor(make_smem_ptr(sm.v[s]), typename Tr::SmemVt{}); };
+
+  for (int r = tid; r < kBlockM; r += kThreads) sm.qrows[r] = G.q_row(p, qt, r);
+  int ii[kMaxRank];
+  sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sQ(r, c); }, qb,
+                                           q_stride,
+                                           [&](int r) { return G.q_token(p, qt, r, ii); }, tid);
+  sm80::cp_async_commit();
+
+  constexpr int kStages = Tr::kStages;
+  constexpr int kSlots = FwdSmem<Tr>::kRowSlots;
+  auto fill_krows = [&](int j) {
+    int kj[kMaxRank];
+    box.at(j, kj);
+    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j % kSlots][r] = G.k_row(p, kj, r);
+    // The last warpgroup computes the flag: warpgroup 0 builds the rows.
+    if (tid == kThreads - 1) sm.full[j % kSlots] = sm.fulls.contains(kj);
+  };
+  // Gathers K/V of tile j if it exists; always commits a group, so that group counts match
+  // tile indices in cp_async_wait.
+  auto stage_kv = [&](int j) {
+    if (j < box.total) {
+      const KRow* kr = sm.krows[j % kSlots];
+      auto tok = [&](int r) { return kr[r].tok; };
+      Tensor k_s = sK(j % kStages);
+      Tensor vt_s = sVt(j % kStages);
+      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &k_s(r, c); }, kb,
+                                               kv_stride, tok, tid);
+      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &vt_s(c, r); }, vb,
+                                               kv_stride, tok, tid);
+    }
+    sm80::cp_async_commit();
+  };
+  for (int j = 0; j < kStages && j < box.total; ++j) fill_krows(j);
+  __syncthreads();
+  for (int j = 0; j + 1 < kStages; ++j) stage_kv(j);
+
+  typename Tr::MmaS mma_s;
+  typename Tr::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_o);
+  Tensor ro = make_tensor(acc_o.data(), gmma_rowcol(acc_o.layout()));
+  constexpr int kRowsPerThread = decltype(size<0>(ro))::value;
+  float row_max[kRowsPerThread];
+  float row_sum[kRowsPerThread];
+  CUTE_UNROLL
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    row_max[i] = -INFINITY;
+    row_sum[i] = 0.f;
+  }
+  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cSrc = make_tensor(cS.data(), gmma_rowcol(cS.layout()));
+  const float scale2 = p.scale * sm80::kLog2e;
+
+  for (int it = 0; it < box.total; ++it) {
+    // K/V(it) have landed and are visible to the tensor cores (async proxy); every warpgroup
+    // is past tile it-1, so its K/V buffer and its row slot are free again.
+    cp_async_wait<kStages - 2>();
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+    stage_kv(it + kStages - 1);
+    if (it + kStages < box.total) fill_krows(it + kStages);
+    const bool full = sm.full[it % kSlots];
+    const KRow* krows = sm.krows[it % kSlots];
+
+    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor tSrK = thr_s.partition_fragment_B(sK(it % kStages));
+    wgmma(mma_s, tSrQ, tSrK, acc_s, /*accumulate=*/false);
+    Tensor rs = make_tensor(acc_s.data(), gmma_rowcol(acc_s.layout()));
+
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRowsPerThread; ++mi) {
+      float mx = row_max[mi];
+      if (full) {
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          rs(mi, ni) *= scale2;
+          mx = fmaxf(mx, rs(mi, ni));
+        }
+      } else {
+        const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          const KRow kr = krows[get<1>(cSrc(mi, ni))];
+          rs(mi, ni) = sm80::visible(qr, kr) ? rs(mi, ni) * scale2 : -INFINITY;
+          mx = fmaxf(mx, rs(mi, ni));
+        }
+      }
+      mx = sm80::quad_max(mx);
+      // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float corr = exp2f(row_max[mi] - base);
+      row_max[mi] = mx;
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        rs(mi, ni) = exp2f(rs(mi, ni) - base);
+        sum += rs(mi, ni);
+      }
+      row_sum[mi] = row_sum[mi] * corr + sum;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(ro); ++ni) ro(mi, ni) *= corr;
+    }
+
+    Tensor rP = make_tensor<T>(acc_s.layout());
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
+    Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a(rP.layout()));
+    Tensor tOrV = thr_o.partition_fragment_B(sVt(it % kStages));
+    wgmma(mma_o, tOrP, tOrV, acc_o, /*accumulate=*/true);
+  }
+
+  // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
+  cp_async_wait<0>();
+  __syncthreads();  // qrows are visible even if the box was empty
+  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cOrc = make_tensor(cO.data(), gmma_rowcol(cO.layout()));
+  T* ob = out + (b * n_q_tok * p.heads + h) * kD;
+  float* lb = lse + b * n_q_tok * p.heads + h;
+  const int lane = tid % 32;
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRowsPerThread; ++mi) {
+    const float sum = sm80::quad_sum(row_sum[mi]);
+    const int r = get<0>(cOrc(mi, 0));
+    const int tok = sm.qrows[r].tok;
+    if (tok < 0) continue;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    T* orow = ob + (int64_t)tok * q_stride;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(ro); ni += 2) {
+      const int c = get<1>(cOrc(mi, ni));
+      // Consecutive value pairs are adjacent columns: store them as one 32-bit word.
+      T pair[2] = {static_cast<T>(ro(mi, ni) * inv), static_cast<T>(ro(mi, ni + 1) * inv)};
+      *reinterpret_cast<uint32_t*>(orow + c) = *reinterpret_cast<uint32_t*>(pair);
+    }
+    if (lane % 4 == 0) {
+      lb[(int64_t)tok * p.heads] =
+          sum > 0.f ? (row_max[mi] + log2f(sum)) * sm80::kLn2 : -INFINITY;
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace gna

@@ -1,0 +1,55 @@
+// Host-side launch of the sm90a forward, one explicit instantiation per (dtype, head dim) in
+// the forward_*.cu files so that the build parallelises over them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "../gna_problem.h"
+#include "../sm80/launch.cuh"
+#include "forward.cuh"
+
+namespace gna {
+namespace sm90 {
+
+constexpr int kKvTokens = sm80::kKvTokens;      // same tile limits as the sm80 kernels,
+constexpr int kMaxQTokens = sm80::kMaxQTokens;  // so both run every tile-menu entry
+
+template <class T, int kD, int kBlockM, int kStages>
+std::string run_forward(const Problem& p, const void* q, const void* k, const void* v,
+                        void* out, float* lse, cudaStream_t stream) {
+  using Tr = FwdTraits<T, kD, kBlockM, kKvTokens, kStages>;
+  auto kernel = fwd_kernel<Tr>;
+  const int smem = (int)sizeof(FwdSmem<Tr>);
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return sm80::cuda_error("cudaFuncSetAttribute(sm90 forward)", err);
+  const dim3 grid((unsigned)sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false),
+                  (unsigned)p.heads, (unsigned)p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, static_cast<const T*>(q),
+                                               static_cast<const T*>(k),
+                                               static_cast<const T*>(v), static_cast<T*>(out),
+                                               lse);
+  return sm80::cuda_error("sm90 forward kernel launch", cudaGetLastError());
+}
+
+// One warpgroup per 64 rows of the Q tile; GNA_SM90_FWD_STAGES K/V tiles in flight.
+#ifndef GNA_SM90_FWD_STAGES
+#define GNA_SM90_FWD_STAGES 3
+#endif
+template <class T, int kD>
+std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,
+                           void* out, float* lse, cudaStream_t stream) {
+  constexpr int kStages = GNA_SM90_FWD_STAGES;
+  const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
+  if (q_tokens <= 64) return run_forward<T, kD, 64, kStages>(p, q, k, v, out, lse, stream);
+  return run_forward<T, kD, 128, kStages>(p, q, k, v, out, lse, stream);
+}
+
+#define GNA_SM90_FORWARD(T, D)                                                             \
+  template std::string launch_forward<T, D>(const Problem&, const void*, const void*,    \
+                                            const void*, void*, float*, cudaStream_t);
+
+}  // namespace sm90
+}  // namespace gna
