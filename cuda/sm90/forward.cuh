@@ -1,10 +1,14 @@
 // sm90a GNA forward: the sm80 forward's geometry (one CTA per Q tile of one dilation group,
 // head and batch, walking the box of KV tiles the Q tile sees; full tiles skip the mask) with
 // Hopper warpgroup MMAs. Each warpgroup owns 64 Q rows; S = Q·K^T runs with both operands in
-// shared memory, O += P·V with P in registers. K and V go through a ring of kStages buffers:
-// the gathers of tile it+kStages-1 (cp.async, token addresses, dilation in place) are issued
-// while tile it is computed, so L2 latency hides behind kStages-1 tiles of work; there is one
-// CTA barrier per KV tile.
+// shared memory, O += P·V with P in registers.
+//
+// Per KV tile `it`, after one CTA barrier: issue S(it) = Q·K(it)^T; while the tensor cores run
+// it, gather K/V of tile it+kStages-2 (cp.async, token addresses, dilation in place) and build
+// the rows of the tile after; wait for S(it) (which also retires P·V of tile it-1), softmax,
+// issue O += P(it)·V(it) and go on without waiting, so that P·V overlaps the next barrier,
+// staging and Q·K^T issue. K/V buffers rotate over kStages: one being read by S, one by the
+// in-flight P·V, the rest loading.
 #pragma once
 
 #include <cute/arch/copy_sm90.hpp>
@@ -30,7 +34,8 @@ struct FwdTraits {
   static constexpr int kBlockM = kBlockM_;  // Q rows per CTA, 64 per warpgroup
   static constexpr int kBlockN = kBlockN_;  // K/V rows per tile
   static constexpr int kStages = kStages_;  // K/V tiles resident in shared memory
-  static_assert(kStages >= 2, "the ring needs one tile in use and one in flight");
+  static_assert(kStages >= 3, "the ring holds the tiles of S and of the in-flight P·V");
+  static constexpr int kLookahead = kStages - 2;  // K/V tiles loading ahead of tile it
   static constexpr int kWarpGroups = kBlockM / 64;
   static constexpr int kThreads = 128 * kWarpGroups;
   using WarpGroups = Layout<Shape<Int<kWarpGroups>, _1, _1>>;
@@ -58,9 +63,10 @@ struct FwdSmem {
   alignas(1024) T k[Tr::kStages][Tr::kBlockN * Tr::kD];
   alignas(1024) T v[Tr::kStages][Tr::kBlockN * Tr::kD];
   QRow qrows[Tr::kBlockM];
-  // Rows (tokens, group indices) and full flag of tile j: built in iteration j - kStages,
-  // read by its gather in iteration j - kStages + 1 and by its mask in iteration j.
-  static constexpr int kRowSlots = Tr::kStages + 1;
+  // Rows (tokens, group indices) and full flag of tile j: built in iteration
+  // j - kLookahead - 1, read by its gather in iteration j - kLookahead and by its mask in
+  // iteration j.
+  static constexpr int kRowSlots = Tr::kLookahead + 2;
   KRow krows[kRowSlots][Tr::kBlockN];
   bool full[kRowSlots];
   FullTiles fulls;  // KV tiles this Q tile sees in full (used by the last thread only)
@@ -82,9 +88,11 @@ __device__ __forceinline__ auto gmma_acc_as_a(L const& l) {
                      make_layout(get<1>(blocks), get<2>(l)));
 }
 
-// acc = A·B^T (or acc += A·B^T if `accumulate`), issued and waited for by the warpgroup.
+// Issues acc = A·B^T (or acc += A·B^T if `accumulate`) as one wgmma group of the
+// warpgroup; the caller waits (warpgroup_wait) before touching acc or a register A again.
 template <class Mma, class TA, class TB, class Acc>
-__device__ __forceinline__ void wgmma(Mma& mma, TA& a, TB const& b, Acc& acc, bool accumulate) {
+__device__ __forceinline__ void wgmma_issue(Mma& mma, TA& a, TB const& b, Acc& acc,
+                                            bool accumulate) {
   // A is either shared-memory descriptors or registers (then fenced like the accumulator).
   constexpr bool kRegA = !is_same_v<typename TA::iterator, GMMA::DescriptorIterator>;
   warpgroup_fence_operand(acc);
@@ -97,7 +105,6 @@ __device__ __forceinline__ void wgmma(Mma& mma, TA& a, TB const& b, Acc& acc, bo
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-  warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
   if constexpr (kRegA) warpgroup_fence_operand(a);
 }
@@ -144,6 +151,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   sm80::cp_async_commit();
 
   constexpr int kStages = Tr::kStages;
+  constexpr int kAhead = Tr::kLookahead;
   constexpr int kSlots = FwdSmem<Tr>::kRowSlots;
   auto fill_krows = [&](int j) {
     int kj[kMaxRank];
@@ -167,9 +175,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     sm80::cp_async_commit();
   };
-  for (int j = 0; j < kStages && j < box.total; ++j) fill_krows(j);
+  for (int j = 0; j <= kAhead && j < box.total; ++j) fill_krows(j);
   __syncthreads();
-  for (int j = 0; j + 1 < kStages; ++j) stage_kv(j);
+  for (int j = 0; j < kAhead; ++j) stage_kv(j);
 
   typename Tr::MmaS mma_s;
   typename Tr::MmaO mma_o;
@@ -191,21 +199,28 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor cSrc = make_tensor(cS.data(), gmma_rowcol(cS.layout()));
   const float scale2 = p.scale * sm80::kLog2e;
 
+  // Live across iterations: P(it) is read by the P·V still in flight during iteration it+1,
+  // and S(it+1) must not take its registers.
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor rP = make_tensor<T>(acc_s.layout());
+  Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a(rP.layout()));
+  Tensor rs = make_tensor(acc_s.data(), gmma_rowcol(acc_s.layout()));
+
   for (int it = 0; it < box.total; ++it) {
     // K/V(it) have landed and are visible to the tensor cores (async proxy); every warpgroup
-    // is past tile it-1, so its K/V buffer and its row slot are free again.
-    cp_async_wait<kStages - 2>();
+    // has retired P·V(it-2), so that tile's K/V buffer is free, and tile it-1's row slot.
+    cp_async_wait<kAhead - 1>();
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
-    stage_kv(it + kStages - 1);
-    if (it + kStages < box.total) fill_krows(it + kStages);
+    Tensor tSrK = thr_s.partition_fragment_B(sK(it % kStages));
+    wgmma_issue(mma_s, tSrQ, tSrK, acc_s, /*accumulate=*/false);
+    stage_kv(it + kAhead);
+    if (it + kAhead + 1 < box.total) fill_krows(it + kAhead + 1);
     const bool full = sm.full[it % kSlots];
     const KRow* krows = sm.krows[it % kSlots];
-
-    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    Tensor tSrK = thr_s.partition_fragment_B(sK(it % kStages));
-    wgmma(mma_s, tSrQ, tSrK, acc_s, /*accumulate=*/false);
-    Tensor rs = make_tensor(acc_s.data(), gmma_rowcol(acc_s.layout()));
+    warpgroup_wait<0>();  // S(it), and P·V(it-1) before it
+    warpgroup_fence_operand(acc_s);
+    warpgroup_fence_operand(acc_o);
 
     CUTE_UNROLL
     for (int mi = 0; mi < kRowsPerThread; ++mi) {
@@ -241,13 +256,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int ni = 0; ni < size<1>(ro); ++ni) ro(mi, ni) *= corr;
     }
 
-    Tensor rP = make_tensor<T>(acc_s.layout());
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
-    Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a(rP.layout()));
     Tensor tOrV = thr_o.partition_fragment_B(sVt(it % kStages));
-    wgmma(mma_o, tOrP, tOrV, acc_o, /*accumulate=*/true);
+    wgmma_issue(mma_o, tOrP, tOrV, acc_o, /*accumulate=*/true);
+#if GNA_SM90_FWD_SYNC_PV
+    warpgroup_wait<0>();
+#endif
   }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_o);
 
   // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
   cp_async_wait<0>();

@@ -36,7 +36,7 @@ std::string run_forward(const Problem& p, const void* q, const void* k, const vo
 
 // One warpgroup per 64 rows of the Q tile; GNA_SM90_FWD_STAGES K/V tiles in flight.
 #ifndef GNA_SM90_FWD_STAGES
-#define GNA_SM90_FWD_STAGES 3
+#define GNA_SM90_FWD_STAGES 4
 #endif
 template <class T, int kD>
 std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,

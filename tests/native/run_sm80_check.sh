@@ -19,6 +19,8 @@ FLAGS=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -
 pids=()
 for src in cuda/sm80/*.cu; do
   obj="$OUT_DIR/$(basename "$src" .cu).o"
+  # REUSE_SM80=1: keep sm80 objects already in BUILD_DIR (to time sm90 variants quickly).
+  [[ "${REUSE_SM80:-0}" == 1 && -f "$obj" ]] && continue
   nvcc "${FLAGS[@]}" ${NVCC_EXTRA:-} -c "$src" -o "$obj" &
   pids+=($!)
 done
