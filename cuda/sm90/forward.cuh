@@ -3,12 +3,13 @@
 // Hopper warpgroup MMAs. Each warpgroup owns 64 Q rows; S = Q·K^T runs with both operands in
 // shared memory, O += P·V with P in registers.
 //
-// Per KV tile `it`, after one CTA barrier: issue S(it) = Q·K(it)^T; while the tensor cores run
-// it, gather K/V of tile it+kStages-2 (cp.async, token addresses, dilation in place) and build
-// the rows of the tile after; wait for S(it) (which also retires P·V of tile it-1), softmax,
-// issue O += P(it)·V(it) and go on without waiting, so that P·V overlaps the next barrier,
-// staging and Q·K^T issue. K/V buffers rotate over kStages: one being read by S, one by the
-// in-flight P·V, the rest loading.
+// The loop walks the box in steps of kTilesPerStep consecutive KV tiles (N = 128 rows for
+// the tensor cores while the geometry keeps its 64-token tiles). Per step `it`, after one CTA
+// barrier: issue S(it) = Q·K(it)^T; while the tensor cores run it, gather K/V of step
+// it+kLookahead (cp.async, token addresses, dilation in place) and build the rows of the step
+// after; wait for S(it) (which also retires P·V of step it-1), softmax, issue
+// O += P(it)·V(it) and go on without waiting, so that P·V overlaps the next barrier, staging
+// and Q·K^T issue.
 #pragma once
 
 #include <cute/arch/copy_sm90.hpp>
@@ -27,15 +28,21 @@ using sm80::KRow;
 using sm80::QRow;
 using sm80::TileBox;
 
-template <class T_, int kD_, int kBlockM_, int kBlockN_, int kStages_>
+template <class T_, int kD_, int kBlockM_, int kTileRows_, int kTilesPerStep_, int kStages_>
 struct FwdTraits {
   using T = T_;
   static constexpr int kD = kD_;
   static constexpr int kBlockM = kBlockM_;  // Q rows per CTA, 64 per warpgroup
-  static constexpr int kBlockN = kBlockN_;  // K/V rows per tile
-  static constexpr int kStages = kStages_;  // K/V tiles resident in shared memory
-  static_assert(kStages >= 3, "the ring holds the tiles of S and of the in-flight P·V");
-  static constexpr int kLookahead = kStages - 2;  // K/V tiles loading ahead of tile it
+  static constexpr int kTileRows = kTileRows_;          // K/V rows of one KV tile of the box
+  static constexpr int kTilesPerStep = kTilesPerStep_;  // consecutive box tiles per GEMM
+  static constexpr int kBlockN = kTileRows * kTilesPerStep;  // K/V rows per step
+  static constexpr int kStages = kStages_;  // K/V steps in flight: kStages - 2 load ahead
+  // Steps whose K/V load while step it is computed. K needs a buffer for S(it) and one per
+  // step ahead; V one more, for the P·V of step it-1 still in flight.
+  static constexpr int kLookahead = kStages - 2;
+  static_assert(kLookahead >= 1, "at least one step loads ahead");
+  static constexpr int kKBuffers = kLookahead + 1;
+  static constexpr int kVBuffers = kLookahead + 2;
   static constexpr int kWarpGroups = kBlockM / 64;
   static constexpr int kThreads = 128 * kWarpGroups;
   using WarpGroups = Layout<Shape<Int<kWarpGroups>, _1, _1>>;
@@ -60,10 +67,10 @@ struct FwdSmem {
   using T = typename Tr::T;
   // 128-byte swizzle atoms repeat every 1024 bytes; descriptors assume that alignment.
   alignas(1024) T q[Tr::kBlockM * Tr::kD];
-  alignas(1024) T k[Tr::kStages][Tr::kBlockN * Tr::kD];
-  alignas(1024) T v[Tr::kStages][Tr::kBlockN * Tr::kD];
+  alignas(1024) T k[Tr::kKBuffers][Tr::kBlockN * Tr::kD];
+  alignas(1024) T v[Tr::kVBuffers][Tr::kBlockN * Tr::kD];
   QRow qrows[Tr::kBlockM];
-  // Rows (tokens, group indices) and full flag of tile j: built in iteration
+  // Rows (tokens, group indices) and full flag of step j: built in iteration
   // j - kLookahead - 1, read by its gather in iteration j - kLookahead and by its mask in
   // iteration j.
   static constexpr int kRowSlots = Tr::kLookahead + 2;
@@ -137,7 +144,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
   const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
   const TileBox box = TileBox::seen_by(G, p, qt);
-  if (tid == kThreads - 1) sm.fulls = FullTiles::of(G, p, qt, kBlockN);
+  if (tid == kThreads - 1) sm.fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
 
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Tr::SmemQ{});
   auto sK = [&](int s) { return make_tensor(make_smem_ptr(sm.k[s]), typename Tr::SmemK{}); };
@@ -150,24 +157,41 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                                            [&](int r) { return G.q_token(p, qt, r, ii); }, tid);
   sm80::cp_async_commit();
 
-  constexpr int kStages = Tr::kStages;
   constexpr int kAhead = Tr::kLookahead;
   constexpr int kSlots = FwdSmem<Tr>::kRowSlots;
+  // A step is kTilesPerStep consecutive tiles of the box (a wider N for the tensor cores);
+  // rows of tiles past the end of the box are padding.
+  constexpr int kTileRows = Tr::kTileRows;
+  constexpr int kPerStep = Tr::kTilesPerStep;
+  const int steps = (box.total + kPerStep - 1) / kPerStep;
   auto fill_krows = [&](int j) {
-    int kj[kMaxRank];
-    box.at(j, kj);
-    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j % kSlots][r] = G.k_row(p, kj, r);
+    KRow* rows = sm.krows[j % kSlots];
+    for (int r = tid; r < kBlockN; r += kThreads) {
+      const int t = j * kPerStep + r / kTileRows;
+      int kj[kMaxRank];
+      box.at(t < box.total ? t : 0, kj);
+      rows[r] = G.k_row(p, kj, r % kTileRows);
+      if (t >= box.total) rows[r].tok = -1;
+    }
     // The last warpgroup computes the flag: warpgroup 0 builds the rows.
-    if (tid == kThreads - 1) sm.full[j % kSlots] = sm.fulls.contains(kj);
+    if (tid == kThreads - 1) {
+      bool f = true;
+      for (int t = j * kPerStep; t < (j + 1) * kPerStep; ++t) {
+        int kj[kMaxRank];
+        box.at(t, kj);
+        f = f && t < box.total && sm.fulls.contains(kj);
+      }
+      sm.full[j % kSlots] = f;
+    }
   };
-  // Gathers K/V of tile j if it exists; always commits a group, so that group counts match
-  // tile indices in cp_async_wait.
+  // Gathers K/V of step j if it exists; always commits a group, so that group counts match
+  // step indices in cp_async_wait.
   auto stage_kv = [&](int j) {
-    if (j < box.total) {
+    if (j < steps) {
       const KRow* kr = sm.krows[j % kSlots];
       auto tok = [&](int r) { return kr[r].tok; };
-      Tensor k_s = sK(j % kStages);
-      Tensor vt_s = sVt(j % kStages);
+      Tensor k_s = sK(j % Tr::kKBuffers);
+      Tensor vt_s = sVt(j % Tr::kVBuffers);
       sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &k_s(r, c); }, kb,
                                                kv_stride, tok, tid);
       sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &vt_s(c, r); }, vb,
@@ -175,7 +199,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     sm80::cp_async_commit();
   };
-  for (int j = 0; j <= kAhead && j < box.total; ++j) fill_krows(j);
+  for (int j = 0; j <= kAhead && j < steps; ++j) fill_krows(j);
   __syncthreads();
   for (int j = 0; j < kAhead; ++j) stage_kv(j);
 
@@ -206,16 +230,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a(rP.layout()));
   Tensor rs = make_tensor(acc_s.data(), gmma_rowcol(acc_s.layout()));
 
-  for (int it = 0; it < box.total; ++it) {
+  for (int it = 0; it < steps; ++it) {
     // K/V(it) have landed and are visible to the tensor cores (async proxy); every warpgroup
-    // has retired P·V(it-2), so that tile's K/V buffer is free, and tile it-1's row slot.
+    // has retired P·V(it-2) and S(it-1), so their K/V buffers are free, and step it-1's row
+    // slot.
     cp_async_wait<kAhead - 1>();
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
-    Tensor tSrK = thr_s.partition_fragment_B(sK(it % kStages));
+    Tensor tSrK = thr_s.partition_fragment_B(sK(it % Tr::kKBuffers));
     wgmma_issue(mma_s, tSrQ, tSrK, acc_s, /*accumulate=*/false);
     stage_kv(it + kAhead);
-    if (it + kAhead + 1 < box.total) fill_krows(it + kAhead + 1);
+    if (it + kAhead + 1 < steps) fill_krows(it + kAhead + 1);
     const bool full = sm.full[it % kSlots];
     const KRow* krows = sm.krows[it % kSlots];
     warpgroup_wait<0>();  // S(it), and P·V(it-1) before it
@@ -258,11 +283,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
-    Tensor tOrV = thr_o.partition_fragment_B(sVt(it % kStages));
+    Tensor tOrV = thr_o.partition_fragment_B(sVt(it % Tr::kVBuffers));
     wgmma_issue(mma_o, tOrP, tOrV, acc_o, /*accumulate=*/true);
-#if GNA_SM90_FWD_SYNC_PV
-    warpgroup_wait<0>();
-#endif
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_o);

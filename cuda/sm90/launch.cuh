@@ -16,10 +16,10 @@ namespace sm90 {
 constexpr int kKvTokens = sm80::kKvTokens;      // same tile limits as the sm80 kernels,
 constexpr int kMaxQTokens = sm80::kMaxQTokens;  // so both run every tile-menu entry
 
-template <class T, int kD, int kBlockM, int kStages>
+template <class T, int kD, int kBlockM, int kTilesPerStep, int kStages>
 std::string run_forward(const Problem& p, const void* q, const void* k, const void* v,
                         void* out, float* lse, cudaStream_t stream) {
-  using Tr = FwdTraits<T, kD, kBlockM, kKvTokens, kStages>;
+  using Tr = FwdTraits<T, kD, kBlockM, kKvTokens, kTilesPerStep, kStages>;
   auto kernel = fwd_kernel<Tr>;
   const int smem = (int)sizeof(FwdSmem<Tr>);
   cudaError_t err =
@@ -34,17 +34,22 @@ std::string run_forward(const Problem& p, const void* q, const void* k, const vo
   return sm80::cuda_error("sm90 forward kernel launch", cudaGetLastError());
 }
 
-// One warpgroup per 64 rows of the Q tile; GNA_SM90_FWD_STAGES K/V tiles in flight.
-#ifndef GNA_SM90_FWD_STAGES
-#define GNA_SM90_FWD_STAGES 4
+// KV tiles of the box per GEMM step of the 128-row variant: 2 gives Q·K^T an N of 128.
+#ifndef GNA_SM90_FWD_TILES_PER_STEP
+#define GNA_SM90_FWD_TILES_PER_STEP 2
 #endif
+
+// One warpgroup per 64 rows of the Q tile. Shared memory at D = 128: the 128-row variant
+// with steps of two KV tiles holds Q (32 KB) and 2 K + 3 V step buffers (160 KB), one CTA per
+// SM; the 64-row variant (one tile per step, 96 KB) fits two CTAs per SM.
 template <class T, int kD>
 std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,
                            void* out, float* lse, cudaStream_t stream) {
-  constexpr int kStages = GNA_SM90_FWD_STAGES;
+  constexpr int kPerStep = GNA_SM90_FWD_TILES_PER_STEP;
   const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
-  if (q_tokens <= 64) return run_forward<T, kD, 64, kStages>(p, q, k, v, out, lse, stream);
-  return run_forward<T, kD, 128, kStages>(p, q, k, v, out, lse, stream);
+  if (q_tokens <= 64) return run_forward<T, kD, 64, 1, 3>(p, q, k, v, out, lse, stream);
+  return run_forward<T, kD, 128, kPerStep, kPerStep == 1 ? 4 : 3>(p, q, k, v, out, lse,
+                                                                   stream);
 }
 
 #define GNA_SM90_FORWARD(T, D)                                                             \
