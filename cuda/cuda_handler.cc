@@ -19,6 +19,21 @@ namespace gna {
 
 const char* cuda_sm80_archs() { return JAX_GNA_SM80_ARCHS; }
 
+// sm_90a code runs on compute capability 9.0 only. JAX_GNA_CUDA_KERNELS=sm80 (read once)
+// keeps the sm80 forward, to compare the two on one card.
+bool cuda_sm90_forward_enabled(int cc) {
+#ifdef JAX_GNA_HAS_SM90
+  static const bool sm80_only = [] {
+    const char* env = std::getenv("JAX_GNA_CUDA_KERNELS");
+    return env != nullptr && std::string(env) == "sm80";
+  }();
+  return cc == 90 && !sm80_only;
+#else
+  (void)cc;
+  return false;
+#endif
+}
+
 size_t cuda_backward_workspace(const Problem& p) { return sm80_backward_workspace(p); }
 
 namespace {
@@ -86,20 +101,8 @@ ffi::Error select_kernels(const Problem& p, DType dtype, int32_t device, int* cc
   return ffi::Error::Success();
 }
 
-// The Hopper forward runs where it was built for the device (sm_90a code runs on compute
-// capability 9.0 only) and covers the problem. JAX_GNA_CUDA_KERNELS=sm80 keeps the sm80
-// kernels everywhere (to compare the two on one card).
 bool use_sm90_forward(int cc, const Problem& p, DType dtype) {
-#ifdef JAX_GNA_HAS_SM90
-  static const bool sm80_only = [] {
-    const char* env = std::getenv("JAX_GNA_CUDA_KERNELS");
-    return env != nullptr && std::string(env) == "sm80";
-  }();
-  return cc == 90 && !sm80_only && sm90_supports(p, dtype).empty();
-#else
-  (void)cc, (void)p, (void)dtype;
-  return false;
-#endif
+  return cuda_sm90_forward_enabled(cc) && sm90_supports(p, dtype).empty();
 }
 
 ffi::Error CudaForward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,

@@ -1,10 +1,15 @@
-"""The `cuda` implementation (sm80 CuTe kernels): the shared battery on a GPU, plus
-bitwise-reproducible gradients and tile-shape variants the default tiles do not reach.
+"""The `cuda` implementation (sm80 CuTe kernels, and the sm90a forward on Hopper): the shared
+battery on a GPU, plus bitwise-reproducible gradients, tile-shape variants the default tiles
+do not reach, and the two forwards against each other.
 
 Every test here needs a CUDA GPU (``pytest.mark.gpu``) and skips cleanly without one.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -85,3 +90,49 @@ def test_odd_tile_boxes_match_reference(q_tile, kv_tile):
                                 atol=2e-2, rtol=2e-2)
     chex.assert_trees_all_close(np.asarray(lse, np.float64).reshape(want_lse.shape), want_lse,
                                 atol=1e-2, rtol=1e-2)
+
+
+_FORWARD_SCRIPT = """
+import sys, numpy as np, jax, jax.numpy as jnp, jax_gna
+from jax_gna import native
+rng = np.random.default_rng(3)
+out = {"sm90": np.asarray(native._ext.cuda_sm90_forward_enabled(90))}
+for i, (shape, cfg, d) in enumerate([
+        ((16, 24), jax_gna.GNAConfig((7, 9), (2, 3), (1, 2), (False, True)), 128),
+        ((6, 10, 12), jax_gna.GNAConfig((3, 5, 5), (1, 2, 2)), 64),
+        ((300,), jax_gna.GNAConfig((65,), (8,)), 128)]):
+    q, k, v = (jnp.asarray(rng.standard_normal((2, *shape, h, d)), jnp.bfloat16)
+               for h in (4, 2, 2))
+    o, lse = jax_gna.attention(q, k, v, cfg, implementation="cuda", return_lse=True)
+    out[f"out{i}"] = np.asarray(o, np.float32)
+    out[f"lse{i}"] = np.asarray(lse)
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_hopper_forward_matches_sm80_forward(tmp_path):
+    """On compute capability 9.0 the forward is the sm90a kernel; JAX_GNA_CUDA_KERNELS=sm80
+    switches back to the sm80 one. Both must give the same out and lse."""
+    if jax.devices()[0].compute_capability != "9.0":
+        pytest.skip(f"needs compute capability 9.0, got {jax.devices()[0].compute_capability}")
+    results = {}
+    for kernels in ("default", "sm80"):
+        env = dict(os.environ)
+        env.pop("JAX_GNA_CUDA_KERNELS", None)
+        if kernels == "sm80":
+            env["JAX_GNA_CUDA_KERNELS"] = "sm80"
+        path = tmp_path / f"{kernels}.npz"
+        subprocess.run([sys.executable, "-c", _FORWARD_SCRIPT, str(path)], env=env,
+                       check=True, timeout=300)
+        results[kernels] = np.load(path)
+    if not results["default"]["sm90"]:
+        pytest.skip("this build has no sm90a forward (JAX_GNA_SM90_ARCHS)")
+    assert not results["sm80"]["sm90"], "JAX_GNA_CUDA_KERNELS=sm80 did not switch it off"
+    for name in results["default"].files:
+        if name == "sm90":
+            continue
+        got, want = results["default"][name], results["sm80"][name]
+        # Same float32 accumulation order on both tensor-core paths; allow bf16 rounding.
+        tol = 1e-2 if name.startswith("out") else 1e-4
+        np.testing.assert_allclose(got, want, atol=tol, rtol=tol, err_msg=name)
+        assert np.isfinite(got).all(), name
