@@ -1,5 +1,5 @@
-// Host entry points of the sm90a GNA kernels (see gna_kernels.h): what they cover beyond the
-// sm80 kernels' limits, and dtype/head-dim dispatch.
+// Host entry points of the sm90a GNA kernels (see gna_kernels.h): what they cover (the sm80
+// kernels' limits, head_dim 64 or 128) and dtype/head-dim dispatch.
 #include <cutlass/numeric_types.h>
 
 #include "../gna_kernels.h"
