@@ -55,12 +55,14 @@ bench-xla)
   ;;
 native)
   step native  # kernel sweep, compute-sanitizer memcheck + racecheck, harness timings
-  # Sweep + sanitizers with the sm80 forward, then with the sm90a forward; times both.
-  timeout 480 bash tests/native/run_sm80_check.sh all 300 777 > "$OUT/native.log" 2>&1
+  # Sweep + sanitizers with the sm80 kernels, then with the sm90a kernels; times both.
+  timeout 540 bash tests/native/run_sm80_check.sh all 300 777 > "$OUT/native.log" 2>&1
   echo "native rc=$?"
-  grep -iE "forward kernels|fail|error summary|hazard|configs" "$OUT/native.log" | tail -14
-  echo "HGMMA instructions in the sm90a forward (bf16, D=128):" \
-    "$(cuobjdump -sass "$BUILD_DIR/sm90_forward_bf16_d128.o" | grep -c HGMMA)"
+  grep -iE "^kernels|fail|error summary|hazard|configs" "$OUT/native.log" | tail -14
+  for f in forward backward; do
+    echo "HGMMA instructions in the sm90a $f (bf16, D=128):" \
+      "$(cuobjdump -sass "$BUILD_DIR/sm90_${f}_bf16_d128.o" | grep -c HGMMA)"
+  done
   sed -n '/^problem/,$p' "$OUT/native.log"
   ;;
 e2e)

@@ -20,8 +20,8 @@ namespace gna {
 const char* cuda_sm80_archs() { return JAX_GNA_SM80_ARCHS; }
 
 // sm_90a code runs on compute capability 9.0 only. JAX_GNA_CUDA_KERNELS=sm80 (read once)
-// keeps the sm80 forward, to compare the two on one card.
-bool cuda_sm90_forward_enabled(int cc) {
+// keeps the sm80 kernels, to compare the two families on one card.
+bool cuda_sm90_enabled(int cc) {
 #ifdef JAX_GNA_HAS_SM90
   static const bool sm80_only = [] {
     const char* env = std::getenv("JAX_GNA_CUDA_KERNELS");
@@ -34,6 +34,7 @@ bool cuda_sm90_forward_enabled(int cc) {
 #endif
 }
 
+// Both kernel families need the same workspace (the rowwise dO·O).
 size_t cuda_backward_workspace(const Problem& p) { return sm80_backward_workspace(p); }
 
 namespace {
@@ -101,8 +102,8 @@ ffi::Error select_kernels(const Problem& p, DType dtype, int32_t device, int* cc
   return ffi::Error::Success();
 }
 
-bool use_sm90_forward(int cc, const Problem& p, DType dtype) {
-  return cuda_sm90_forward_enabled(cc) && sm90_supports(p, dtype).empty();
+bool use_sm90(int cc, const Problem& p, DType dtype) {
+  return cuda_sm90_enabled(cc) && sm90_supports(p, dtype).empty();
 }
 
 ffi::Error CudaForward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -117,7 +118,7 @@ ffi::Error CudaForward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ff
   if (p.batch == 0) return ffi::Error::Success();
   int cc = 0;
   if (ffi::Error e = select_kernels(p, dtype, device, &cc); e.failure()) return e;
-  auto forward = use_sm90_forward(cc, p, dtype) ? sm90_forward : sm80_forward;
+  auto forward = use_sm90(cc, p, dtype) ? sm90_forward : sm80_forward;
   std::string err = forward(p, dtype, q.untyped_data(), k.untyped_data(), v.untyped_data(),
                             out->untyped_data(), lse->typed_data(), stream);
   if (!err.empty()) return ffi::Error::Internal("implementation='cuda': " + err);
@@ -154,11 +155,11 @@ ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
     return ffi::Error::InvalidArgument(
         "implementation='cuda': backward workspace has " +
         std::to_string(workspace->size_bytes()) + " bytes, needs " + std::to_string(bytes));
-  std::string err = sm80_backward(p, dtype, q.untyped_data(), k.untyped_data(),
-                                  v.untyped_data(), out.untyped_data(), dout.untyped_data(),
-                                  lse.typed_data(), dq->untyped_data(), dk->untyped_data(),
-                                  dv->untyped_data(), bytes ? workspace->untyped_data() : nullptr,
-                                  stream);
+  auto backward = use_sm90(cc, p, dtype) ? sm90_backward : sm80_backward;
+  std::string err = backward(p, dtype, q.untyped_data(), k.untyped_data(), v.untyped_data(),
+                             out.untyped_data(), dout.untyped_data(), lse.typed_data(),
+                             dq->untyped_data(), dk->untyped_data(), dv->untyped_data(),
+                             bytes ? workspace->untyped_data() : nullptr, stream);
   if (!err.empty()) return ffi::Error::Internal("implementation='cuda': " + err);
   return ffi::Error::Success();
 }

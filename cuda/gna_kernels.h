@@ -30,11 +30,16 @@ std::string sm80_backward(const Problem& p, DType dtype, const void* q, const vo
                           const void* v, const void* out, const void* dout, const float* lse,
                           void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream);
 
-// The sm90a (Hopper) forward: empty if it runs `p` with `dtype` (head_dim 64 or 128 within the
-// sm80 limits), else why not. Built only when the extension has JAX_GNA_HAS_SM90.
+// The sm90a (Hopper) kernels: empty if they run `p` with `dtype` (head_dim 64 or 128 within
+// the sm80 limits), else why not. Built only when the extension has JAX_GNA_HAS_SM90.
 std::string sm90_supports(const Problem& p, DType dtype);
 
 std::string sm90_forward(const Problem& p, DType dtype, const void* q, const void* k,
                          const void* v, void* out, float* lse, cudaStream_t stream);
+
+// Same workspace as sm80_backward (sm80_backward_workspace).
+std::string sm90_backward(const Problem& p, DType dtype, const void* q, const void* k,
+                          const void* v, const void* out, const void* dout, const float* lse,
+                          void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream);
 
 }  // namespace gna

@@ -26,9 +26,9 @@ size_t cuda_backward_workspace(const Problem& p);
 // (e.g. "80,90"); empty in CPU-only builds.
 const char* cuda_sm80_archs();
 
-// Whether the CUDA forward uses the sm90a kernel on a device of compute capability `cc`
-// (10 * major + minor) for the problems it covers: built with it, cc 9.0, and not switched
-// off with JAX_GNA_CUDA_KERNELS=sm80.
-bool cuda_sm90_forward_enabled(int cc);
+// Whether the CUDA forward and backward use the sm90a kernels on a device of compute
+// capability `cc` (10 * major + minor) for the problems they cover: built with them, cc 9.0,
+// and not switched off with JAX_GNA_CUDA_KERNELS=sm80.
+bool cuda_sm90_enabled(int cc);
 
 }  // namespace gna

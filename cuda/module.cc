@@ -163,15 +163,15 @@ NB_MODULE(_jax_gna_native, m) {
     return std::string();
 #endif
   }, "SASS architectures of the sm80 kernel family ('' without CUDA).");
-  m.def("cuda_sm90_forward_enabled", [](int cc) {
+  m.def("cuda_sm90_enabled", [](int cc) {
 #ifdef JAX_GNA_HAS_CUDA
-    return gna::cuda_sm90_forward_enabled(cc);
+    return gna::cuda_sm90_enabled(cc);
 #else
     (void)cc;
     return false;
 #endif
   }, nb::arg("cc"),
-        "Whether the CUDA forward runs the sm90a kernel on compute capability `cc` "
+        "Whether the CUDA forward and backward run the sm90a kernels on compute capability `cc` "
         "(10 * major + minor): built with it, cc 90, JAX_GNA_CUDA_KERNELS != 'sm80'.");
   m.def("backward_workspace_bytes", &backward_workspace_bytes, nb::arg("platform"),
         nb::arg("q_shape"), nb::arg("k_shape"), nb::arg("kernel"), nb::arg("stride"),

@@ -39,9 +39,9 @@ def test_extension_reports_its_build():
     assert (archs != "") == has_cuda
     assert all(a.isdigit() for a in archs.split(",") if a), archs
     # CUDA builds carry the sm90a forward, enabled for compute capability 9.0 only.
-    assert not ext.cuda_sm90_forward_enabled(80)
+    assert not ext.cuda_sm90_enabled(80)
     if os.environ.get("JAX_GNA_CUDA_KERNELS") != "sm80":
-        assert ext.cuda_sm90_forward_enabled(90) == has_cuda
+        assert ext.cuda_sm90_enabled(90) == has_cuda
     expect = os.environ.get("JAX_GNA_EXPECT_CUDA")
     if expect is not None:
         assert has_cuda == (expect == "1"), f"JAX_GNA_EXPECT_CUDA={expect}, has_cuda={has_cuda}"

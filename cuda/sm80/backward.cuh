@@ -266,13 +266,14 @@ __global__ void __launch_bounds__(Tr::kThreads)
     const float* db = delta + b * n_q_tok * p.heads + h;
 
     __syncthreads();  // the previous chunk's Q, dO and qrows are no longer read
+    const bool full_tile = sm.fulls.contains(qt);
     for (int r = tid; r < kChunk; r += kThreads) {
-      QRow row = G.q_row(p, qt, chunk * kChunk + r);
+      QRow row = G.q_row(p, qt, chunk * kChunk + r, /*window=*/!full_tile);
       row.lse2 = row.tok >= 0 ? lb[(int64_t)row.tok * p.heads] * kLog2e : INFINITY;
       row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
       sm.qrows[r] = row;
     }
-    if (tid == 0) sm.full = sm.fulls.contains(qt);
+    if (tid == 0) sm.full = full_tile;
     auto q_tok = [&](int r) { return G.q_token(p, qt, chunk * kChunk + r, ii); };
     load_rows<kChunk, kD, kThreads>(sm.q, SC{}, q + q_off, q_stride, q_tok, tid);
     load_rows<kChunk, kD, kThreads>(sm.dout, SC{}, dout + q_off, q_stride, q_tok, tid);

@@ -29,20 +29,25 @@ std::string run_dq(const Problem& p, const T* q, const T* k, const T* v, const T
 }
 
 template <class T, int kD>
+std::string launch_delta(const Problem& p, const void* out, const void* dout, float* delta,
+                         cudaStream_t stream) {
+  const int64_t rows = p.batch * p.q_tokens() * p.heads;
+  const int64_t threads = rows * (kD / 8);
+  delta_kernel<T, kD><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(
+      rows, static_cast<const T*>(out), static_cast<const T*>(dout), delta);
+  return cuda_error("delta kernel launch", cudaGetLastError());
+}
+
+template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q_, const void* k_, const void* v_,
                             const void* out_, const void* dout_, const float* lse, void* dq_,
                             void* dk_, void* dv_, float* delta, cudaStream_t stream) {
   const T* q = static_cast<const T*>(q_);
   const T* k = static_cast<const T*>(k_);
   const T* v = static_cast<const T*>(v_);
-  const T* out = static_cast<const T*>(out_);
   const T* dout = static_cast<const T*>(dout_);
 
-  const int64_t rows = p.batch * p.q_tokens() * p.heads;
-  const int64_t threads = rows * (kD / 8);
-  delta_kernel<T, kD><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(rows, out, dout,
-                                                                           delta);
-  std::string e = cuda_error("delta kernel launch", cudaGetLastError());
+  std::string e = launch_delta<T, kD>(p, out_, dout_, delta, stream);
   if (!e.empty()) return e;
 
   {
@@ -68,6 +73,8 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
 }
 
 #define GNA_SM80_BACKWARD(T, D)                                                             \
+  template std::string launch_delta<T, D>(const Problem&, const void*, const void*, float*,  \
+                                          cudaStream_t);                                    \
   template std::string launch_backward<T, D>(const Problem&, const void*, const void*,    \
                                              const void*, const void*, const void*,       \
                                              const float*, void*, void*, void*, float*,   \

@@ -309,13 +309,16 @@ struct Group {
     return tok;
   }
 
-  __device__ __forceinline__ QRow q_row(Problem const& p, const int coord[kMaxRank],
-                                        int r) const {
+  // Row `r` of Q tile `coord`. Without `window` (a Q tile that sees the KV tiles in question
+  // in full, so the mask is never evaluated) the window is left unbounded, which skips the
+  // window arithmetic (64-bit divisions).
+  __device__ __forceinline__ QRow q_row(Problem const& p, const int coord[kMaxRank], int r,
+                                        bool window = true) const {
     int ii[kMaxRank];
     QRow row;
     row.tok = q_token(p, coord, r, ii);
     for (int a = 0; a < kMaxRank; ++a) {
-      if (row.tok >= 0) {
+      if (row.tok >= 0 && window) {
         int64_t s, e;
         window_bounds(ii[a] + qoff[a], Lg[a], p.axes[a].kernel, p.axes[a].stride,
                       p.axes[a].causal, &s, &e);

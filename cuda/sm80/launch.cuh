@@ -25,6 +25,12 @@ template <class T, int kD>
 std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,
                            void* out, float* lse, cudaStream_t stream);
 
+// delta = rowsum(dO · O) per query row, float32 [B, N, H]: the backward's first pass (the
+// sm90a backward runs it too).
+template <class T, int kD>
+std::string launch_delta(const Problem& p, const void* out, const void* dout, float* delta,
+                         cudaStream_t stream);
+
 template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q, const void* k, const void* v,
                             const void* out, const void* dout, const float* lse, void* dq,

@@ -10,7 +10,7 @@ namespace gna {
 std::string sm90_supports(const Problem& p, DType dtype) {
   std::string why = sm80_supports(p, dtype);  // same tile, rank, head and grid limits
   if (why.empty() && p.head_dim != 64 && p.head_dim != 128)
-    why = "the sm90 forward supports head_dim 64 or 128, got " + std::to_string(p.head_dim);
+    why = "the sm90 kernels support head_dim 64 or 128, got " + std::to_string(p.head_dim);
   return why;
 }
 
@@ -28,6 +28,25 @@ std::string sm90_forward(const Problem& p, DType dtype, const void* q, const voi
   return dtype == DType::kBFloat16
              ? sm90::launch_forward<BF16, 128>(p, q, k, v, out, lse, stream)
              : sm90::launch_forward<F16, 128>(p, q, k, v, out, lse, stream);
+}
+
+std::string sm90_backward(const Problem& p, DType dtype, const void* q, const void* k,
+                          const void* v, const void* out, const void* dout, const float* lse,
+                          void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream) {
+  std::string why = sm90_supports(p, dtype);
+  if (!why.empty()) return why;
+  using BF16 = cutlass::bfloat16_t;
+  using F16 = cutlass::half_t;
+  float* delta = static_cast<float*>(workspace);
+  auto run = [&](auto launch) {
+    return launch(p, q, k, v, out, dout, lse, dq, dk, dv, delta, stream);
+  };
+  if (p.head_dim == 64) {
+    return dtype == DType::kBFloat16 ? run(sm90::launch_backward<BF16, 64>)
+                                     : run(sm90::launch_backward<F16, 64>);
+  }
+  return dtype == DType::kBFloat16 ? run(sm90::launch_backward<BF16, 128>)
+                                   : run(sm90::launch_backward<F16, 128>);
 }
 
 }  // namespace gna

@@ -1,5 +1,5 @@
 // Host-side launch of the sm90a forward, one explicit instantiation per (dtype, head dim) in
-// the forward_*.cu files so that the build parallelises over them.
+// the forward_*.cu files so that the build parallelises over them; the backward's declaration.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,6 +51,12 @@ std::string launch_forward(const Problem& p, const void* q, const void* k, const
   return run_forward<T, kD, 128, kPerStep, kPerStep == 1 ? 4 : 3>(p, q, k, v, out, lse,
                                                                    stream);
 }
+
+// The sm90a backward (backward_impl.cuh; instantiated in the backward_*.cu files).
+template <class T, int kD>
+std::string launch_backward(const Problem& p, const void* q, const void* k, const void* v,
+                            const void* out, const void* dout, const float* lse, void* dq,
+                            void* dk, void* dv, float* delta, cudaStream_t stream);
 
 #define GNA_SM90_FORWARD(T, D)                                                             \
   template std::string launch_forward<T, D>(const Problem&, const void*, const void*,    \

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds tests/native/sm80_check.cu with the sm80 kernels (SASS for sm_80 and sm_90: sm_80
-# SASS does not run on Hopper) and the sm90a forward (cuda/sm90, SASS for sm_90a), and runs it.
+# SASS does not run on Hopper) and the sm90a kernels (cuda/sm90, SASS for sm_90a), and runs it.
 #   tests/native/run_sm80_check.sh [check [n] [seed] | sanitize | time | all]
-# `all` sweeps and sanitizes with the sm80 forward, then with the sm90a forward
-# (GNA_CHECK_FORWARD=sm90), then times both.
+# `all` sweeps and sanitizes with the sm80 kernels, then with the sm90a kernels
+# (GNA_CHECK_KERNELS=sm90), then times both.
 # CUTLASS headers: $CUTLASS_INCLUDE, else ./.cutlass (copied there for the GPU machine), else
 # the nvidia-cutlass wheel of /work/venv. BUILD_DIR (default /tmp/sm80_check) holds objects.
 set -euo pipefail
@@ -40,10 +40,10 @@ mode=${1:-all}
 if [[ "$mode" == all ]]; then
   # Every stage runs even if an earlier one fails; the exit status reports any failure.
   status=0
-  for fwd in sm80 sm90; do
-    GNA_CHECK_FORWARD=$fwd "$BIN" check "${2:-300}" "${3:-1234}" || status=1
+  for kernels in sm80 sm90; do
+    GNA_CHECK_KERNELS=$kernels "$BIN" check "${2:-300}" "${3:-1234}" || status=1
     for tool in memcheck racecheck; do
-      GNA_CHECK_FORWARD=$fwd compute-sanitizer --tool "$tool" --error-exitcode 3 "$BIN" sanitize \
+      GNA_CHECK_KERNELS=$kernels compute-sanitizer --tool "$tool" --error-exitcode 3 "$BIN" sanitize \
         || status=1
     done
   done

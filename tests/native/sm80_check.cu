@@ -5,10 +5,11 @@
 //   sm80_check sanitize                   one small 2-D, one 3-D and one framed 2-D case
 //                                         (compute-sanitizer)
 //   sm80_check time                       the six DESIGN.md §4 problems, bf16, D = 128
-//                                         (sm80 forward and backward, and the sm90a forward
+//                                         (sm80 forward and backward, and the sm90a ones
 //                                         in builds with -DGNA_CHECK_SM90)
 //
-// GNA_CHECK_FORWARD=sm90 makes check and sanitize run the sm90a forward (see forward()).
+// GNA_CHECK_KERNELS=sm90 makes check and sanitize run the sm90a forward and backward (see
+// forward() and backward()).
 //
 // The reference is written from the semantics (DESIGN.md §2) using gna_geometry.h's
 // window_bounds; inputs are fresh seeded random values, outputs are poisoned (all-ones bytes,
@@ -55,18 +56,36 @@ static void ok_or_die(const std::string& s, const char* what) {
   }
 }
 
-// The forward the checks run: the sm80 kernels, or with GNA_CHECK_FORWARD=sm90 (in builds
-// with -DGNA_CHECK_SM90) the sm90a forward wherever it covers the problem, as the FFI handler
-// picks it on Hopper.
-static bool g_sm90_forward = false;
+// The kernels the checks run: the sm80 ones, or with GNA_CHECK_KERNELS=sm90 (in builds with
+// -DGNA_CHECK_SM90) the sm90a ones wherever they cover the problem, as the FFI handler picks
+// them on Hopper.
+static bool g_sm90 = false;
+
+static bool use_sm90(const Problem& p, DType t) {
+#ifdef GNA_CHECK_SM90
+  return g_sm90 && gna::sm90_supports(p, t).empty();
+#else
+  (void)p, (void)t;
+  return false;
+#endif
+}
 
 static std::string forward(const Problem& p, DType t, const void* q, const void* k,
                            const void* v, void* out, float* lse) {
 #ifdef GNA_CHECK_SM90
-  if (g_sm90_forward && gna::sm90_supports(p, t).empty())
-    return gna::sm90_forward(p, t, q, k, v, out, lse, 0);
+  if (use_sm90(p, t)) return gna::sm90_forward(p, t, q, k, v, out, lse, 0);
 #endif
   return gna::sm80_forward(p, t, q, k, v, out, lse, 0);
+}
+
+static std::string backward(const Problem& p, DType t, const void* q, const void* k,
+                            const void* v, const void* out, const void* dout, const void* lse,
+                            void* dq, void* dk, void* dv, void* ws) {
+  const float* l = static_cast<const float*>(lse);
+#ifdef GNA_CHECK_SM90
+  if (use_sm90(p, t)) return gna::sm90_backward(p, t, q, k, v, out, dout, l, dq, dk, dv, ws, 0);
+#endif
+  return gna::sm80_backward(p, t, q, k, v, out, dout, l, dq, dk, dv, ws, 0);
 }
 
 // ------------------------------------------------------------------ host half conversions
@@ -354,16 +373,16 @@ static Errors run_one(const Problem& p, DType t, std::mt19937& g, bool with_ref)
   ok_or_die(forward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr), "forward");
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
-  ok_or_die(gna::sm80_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, (const float*)lse.ptr,
-                               dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
+  ok_or_die(backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, lse.ptr, dq.ptr, dk.ptr,
+                     dv.ptr, ws.ptr),
             "backward");
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
   auto g_dq = download<uint16_t>(dq), g_dk = download<uint16_t>(dk), g_dv = download<uint16_t>(dv);
   // Determinism: a second backward into poisoned buffers must give identical bits.
   for (Buf* b : {&dq, &dk, &dv, &ws}) b->poison();
-  ok_or_die(gna::sm80_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, (const float*)lse.ptr,
-                               dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
+  ok_or_die(backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, lse.ptr, dq.ptr, dk.ptr,
+                     dv.ptr, ws.ptr),
             "backward (repeat)");
   CK(cudaDeviceSynchronize());
   Errors e{};
@@ -494,8 +513,8 @@ static FramedErrors run_framed(const Problem& p, const Problem& f, DType t, std:
   ok_or_die(forward(f, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr),
             "forward(framed)");
   CK(cudaDeviceSynchronize());
-  ok_or_die(gna::sm80_backward(f, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr,
-                               (const float*)lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
+  ok_or_die(backward(f, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, lse.ptr, dq.ptr, dk.ptr,
+                     dv.ptr, ws.ptr),
             "backward(framed)");
   CK(cudaDeviceSynchronize());
   // Expected slices of the global reference (dK/dV rows outside the axes: 0).
@@ -665,8 +684,8 @@ static int timing() {
   };
   std::mt19937 g(3);
   const DType t = DType::kBFloat16;
-  std::printf("%-18s %-26s %10s %10s %10s %10s %10s %10s\n", "problem", "tiles q/kv", "fwd ms",
-              "fwd TF/s", "bwd ms", "bwd TF/s", "sm90 fwd", "sm90 TF/s");
+  std::printf("%-18s %-26s %9s %9s %9s %9s %9s %9s %9s %9s\n", "problem", "tiles q/kv",
+              "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "sm90 fwd", "TF/s", "sm90 bwd", "TF/s");
   for (auto& c : cases) {
     const Problem& p = c.p;
     ok_or_die(gna::sm80_supports(p, t), c.name);
@@ -710,22 +729,27 @@ static int timing() {
     };
     const double flops = 4.0 * p.batch * p.heads * p.head_dim * neighbourhood_sum(p);
     const double f = time_ms(fwd, 7), bw = time_ms(bwd, 5);
-    double f90 = 0;  // sm90a forward, where built and supported
+    double f90 = 0, b90 = 0;  // sm90a kernels, where built and supported
 #ifdef GNA_CHECK_SM90
     if (gna::sm90_supports(p, t).empty()) {
       f90 = time_ms([&] {
         ok_or_die(gna::sm90_forward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr, 0),
                   "sm90 fwd");
       }, 7);
+      b90 = time_ms([&] {
+        ok_or_die(gna::sm90_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr,
+                                     (const float*)lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
+                  "sm90 bwd");
+      }, 5);
     }
 #endif
     char tiles[64];
     std::snprintf(tiles, sizeof tiles, "%ldx%ldx%ld/%ldx%ldx%ld", (long)p.q_tile[0],
                   (long)p.q_tile[1], (long)p.q_tile[2], (long)p.kv_tile[0], (long)p.kv_tile[1],
                   (long)p.kv_tile[2]);
-    std::printf("%-18s %-26s %10.3f %10.1f %10.3f %10.1f %10.3f %10.1f\n", c.name, tiles, f,
-                flops / f * 1e-9, bw, 2.5 * flops / bw * 1e-9, f90,
-                f90 > 0 ? flops / f90 * 1e-9 : 0.0);
+    std::printf("%-18s %-26s %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f\n", c.name, tiles,
+                f, flops / f * 1e-9, bw, 2.5 * flops / bw * 1e-9, f90,
+                f90 > 0 ? flops / f90 * 1e-9 : 0.0, b90, b90 > 0 ? 2.5 * flops / b90 * 1e-9 : 0.0);
     std::fflush(stdout);
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
@@ -735,15 +759,15 @@ static int timing() {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
-  const char* which = std::getenv("GNA_CHECK_FORWARD");
-  g_sm90_forward = which != nullptr && std::string(which) == "sm90";
+  const char* which = std::getenv("GNA_CHECK_KERNELS");
+  g_sm90 = which != nullptr && std::string(which) == "sm90";
 #ifndef GNA_CHECK_SM90
-  if (g_sm90_forward) {
-    std::fprintf(stderr, "GNA_CHECK_FORWARD=sm90 needs a build with -DGNA_CHECK_SM90\n");
+  if (g_sm90) {
+    std::fprintf(stderr, "GNA_CHECK_KERNELS=sm90 needs a build with -DGNA_CHECK_SM90\n");
     return 2;
   }
 #endif
-  std::printf("forward kernels: %s\n", g_sm90_forward ? "sm90a (sm80 where unsupported)" : "sm80");
+  std::printf("kernels: %s\n", g_sm90 ? "sm90a (sm80 where unsupported)" : "sm80");
   if (mode == "check") {
     const int n = argc > 2 ? std::atoi(argv[2]) : 300;
     const unsigned seed = argc > 3 ? (unsigned)std::atoi(argv[3]) : 1234u;

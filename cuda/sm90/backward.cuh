@@ -1,0 +1,442 @@
+// sm90a GNA backward: the sm80 backward's decomposition (delta pre-kernel, a dK/dV kernel per
+// KV tile, a dQ kernel per Q tile; no atomics, so bitwise deterministic) with Hopper
+// warpgroup MMAs. Both kernels have the same shape: a CTA owns M rows (64 per warpgroup)
+// whose gradient it accumulates in registers, and walks steps of N rows of the other side:
+//   dK/dV: M = the KV tile's rows, N = 64-row chunks of the Q tiles that see it (the
+//          geometry's q_range box, times the query heads of its GQA group);
+//          S^T = K·Q^T, dP^T = V·dO^T, P^T = exp2(S^T·c − lse), dS^T = P^T ∘ (dP^T − delta),
+//          dV += P^T·dO, dK += dS^T·Q.
+//   dQ:    M = the Q tile's rows, N = the KV tiles of its box;
+//          S = Q·K^T, dP = dO·V^T, dS = P ∘ (dP − delta), dQ += dS·K.
+// S and dP run with both operands in shared memory; the gradient GEMMs take P or dS from
+// registers (the S/dP accumulators converted in place) and the N-side tile seen MN-major.
+//
+// Per step `it`, after one CTA barrier: issue S(it) and dP(it); while they run, gather the
+// N-side rows of step it+1 (cp.async, two buffers) and build the row tables of step it+2;
+// wait for S, compute P and issue the first gradient GEMM; wait for dP (the GEMM just issued
+// may still run), compute dS and issue the second. They retire at the top of step it+1,
+// before the barrier that frees their buffers.
+#pragma once
+
+#include "../sm80/backward.cuh"  // store_rows
+#include "../sm80/launch.cuh"     // kKvTokens
+#include "wgmma.cuh"
+
+namespace gna {
+namespace sm90 {
+
+using namespace cute;
+using sm80::FullTiles;
+using sm80::Group;
+using sm80::KRow;
+using sm80::QRow;
+using sm80::TileBox;
+
+template <class T_, int kD_, int kBlockM_, int kBlockN_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int kD = kD_;
+  static constexpr int kBlockM = kBlockM_;  // rows whose gradient the CTA accumulates
+  static constexpr int kBlockN = kBlockN_;  // rows of the other side per step
+  static constexpr int kWarpGroups = kBlockM / 64;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  static constexpr int kBuffers = 2;   // N-side buffers: step it computed, it+1 loading
+  static constexpr int kRowSlots = 3;  // row tables: it read, it+1 gathered, it+2 built
+  using WarpGroups = Layout<Shape<Int<kWarpGroups>, _1, _1>>;
+  // [M, N] = A[M, D] · B[N, D]^T (S and dP).
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kD>>>(), WarpGroups{}));
+  // [M, D] += X[M, N] · Y[N, D], X in registers (the gradients).
+  using MmaG = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kBlockN>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      WarpGroups{}));
+  // K-major [rows, D] tiles, 128-byte swizzled; the N-side tile is also seen as [D, rows]
+  // (MN-major), operand B of the gradient GEMMs.
+  using SmemM = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                       Shape<Int<kBlockM>, Int<kD>>{}));
+  using SmemN = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                       Shape<Int<kBlockN>, Int<kD>>{}));
+  using SmemNt = decltype(composition(
+      SmemN{}, make_layout(Shape<Int<kD>, Int<kBlockN>>{}, GenRowMajor{})));
+};
+
+// Shared memory of both kernels: the M side's two tiles (K and V, or Q and dO), loaded once;
+// the N side's two tiles per buffer (Q and dO, or K and V); the row tables.
+template <class Tr, class MRow, class NRow>
+struct BwdSmem {
+  using T = typename Tr::T;
+  // 128-byte swizzle atoms repeat every 1024 bytes; descriptors assume that alignment.
+  alignas(1024) T m0[Tr::kBlockM * Tr::kD];
+  alignas(1024) T m1[Tr::kBlockM * Tr::kD];
+  alignas(1024) T n0[Tr::kBuffers][Tr::kBlockN * Tr::kD];
+  alignas(1024) T n1[Tr::kBuffers][Tr::kBlockN * Tr::kD];
+  MRow mrows[Tr::kBlockM];
+  NRow nrows[Tr::kRowSlots][Tr::kBlockN];
+  int full[Tr::kRowSlots];  // step needs no element mask (words: see FwdSmem::full)
+  Group group;               // the CTA's geometry (dK/dV: kept out of registers)
+  FullTiles fulls;
+};
+
+// QRow with the backward's per-row values: lse·log2(e) (+inf on padding rows, so that P = 0
+// there) and delta = rowsum(dO·O).
+__device__ __forceinline__ QRow q_row_with_stats(Group const& G, Problem const& p,
+                                                 const int qt[kMaxRank], int r, bool window,
+                                                 const float* lb, const float* db) {
+  QRow row = G.q_row(p, qt, r, window);
+  row.lse2 = row.tok >= 0 ? lb[(int64_t)row.tok * p.heads] * sm80::kLog2e : INFINITY;
+  row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
+  return row;
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
+    dkdv_kernel(const Problem p, const typename Tr::T* __restrict__ q,
+                const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
+                const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
+                const float* __restrict__ delta, typename Tr::T* __restrict__ dk,
+                typename Tr::T* __restrict__ dv) {
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kD;
+  constexpr int kBlockM = Tr::kBlockM;
+  constexpr int kBlockN = Tr::kBlockN;
+  constexpr int kThreads = Tr::kThreads;
+  constexpr int kSlots = Tr::kRowSlots;
+  static_assert(kBlockM == sm80::kKvTokens, "one KV tile per CTA");
+  using Smem = BwdSmem<Tr, KRow, QRow>;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  const int64_t b = blockIdx.z;
+
+  int kt[kMaxRank];
+  {
+    Group g0;
+    if (!g0.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
+    if (tid == 0) {
+      sm.group = g0;
+      sm.fulls = FullTiles::seeing(g0, p, kt, kBlockM);
+    }
+    __syncthreads();
+  }
+  const Group& G = sm.group;
+  const int group_heads = (int)(p.heads / p.kv_heads);
+  const int64_t n_q_tok = sm80::q_tokens_of(p);
+  const int64_t n_kv_tok = sm80::kv_tokens_of(p);
+  const int64_t q_stride = p.heads * kD;
+  const int64_t kv_stride = p.kv_heads * kD;
+  const int64_t kv_off = (b * n_kv_tok * p.kv_heads + hkv) * kD;
+  const TileBox box = TileBox::seeing(G, p, kt);
+  const int n_chunks = (Group::qprod(p) + kBlockN - 1) / kBlockN;
+  const int steps = group_heads * box.total * n_chunks;
+
+  Tensor sK = make_tensor(make_smem_ptr(sm.m0), typename Tr::SmemM{});
+  Tensor sV = make_tensor(make_smem_ptr(sm.m1), typename Tr::SmemM{});
+  auto sQ = [&](int s) { return make_tensor(make_smem_ptr(sm.n0[s]), typename Tr::SmemN{}); };
+  auto sdO = [&](int s) { return make_tensor(make_smem_ptr(sm.n1[s]), typename Tr::SmemN{}); };
+  auto sQt = [&](int s) { return make_tensor(make_smem_ptr(sm.n0[s]), typename Tr::SmemNt{}); };
+  auto sdOt = [&](int s) {
+    return make_tensor(make_smem_ptr(sm.n1[s]), typename Tr::SmemNt{});
+  };
+
+  // Step j: query head, Q tile of the box and chunk of its rows (chunks fastest).
+  auto step_head = [&](int j) { return hkv * group_heads + j / (n_chunks * box.total); };
+  auto fill_qrows = [&](int j) {
+    const int chunk = j % n_chunks;
+    int qt[kMaxRank];
+    box.at((j / n_chunks) % box.total, qt);
+    const bool full = sm.fulls.contains(qt);
+    const int64_t stats = b * n_q_tok * p.heads + step_head(j);
+    QRow* rows = sm.nrows[j % kSlots];
+    for (int r = tid; r < kBlockN; r += kThreads)
+      rows[r] = q_row_with_stats(G, p, qt, chunk * kBlockN + r, !full, lse + stats,
+                                 delta + stats);
+    if (tid == 0) sm.full[j % kSlots] = full;
+  };
+  // Gathers Q/dO of step j if it exists; always commits a group.
+  auto stage = [&](int j) {
+    if (j < steps) {
+      const QRow* rows = sm.nrows[j % kSlots];
+      auto tok = [&](int r) { return rows[r].tok; };
+      const int64_t q_off = (b * n_q_tok * p.heads + step_head(j)) * kD;
+      Tensor q_s = sQ(j % Tr::kBuffers);
+      Tensor do_s = sdO(j % Tr::kBuffers);
+      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &q_s(r, c); },
+                                               q + q_off, q_stride, tok, tid);
+      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &do_s(r, c); },
+                                               dout + q_off, q_stride, tok, tid);
+    }
+    sm80::cp_async_commit();
+  };
+
+  {
+    int jj[kMaxRank];
+    for (int r = tid; r < kBlockM; r += kThreads) sm.mrows[r] = G.k_row(p, kt, r);
+    auto k_tok = [&](int r) { return G.kv_token(p, kt, r, jj); };
+    sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sK(r, c); },
+                                             k + kv_off, kv_stride, k_tok, tid);
+    sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sV(r, c); },
+                                             v + kv_off, kv_stride, k_tok, tid);
+  }
+  for (int j = 0; j < 2 && j < steps; ++j) fill_qrows(j);
+  __syncthreads();
+  stage(0);  // one group with K and V
+
+  typename Tr::MmaS mma_s;
+  typename Tr::MmaG mma_g;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_g = mma_g.get_thread_slice(tid);
+  Tensor tSrK = thr_s.partition_fragment_A(sK);
+  Tensor tSrV = thr_s.partition_fragment_A(sV);
+  Tensor acc_dk = partition_fragment_C(mma_g, Shape<Int<kBlockM>, Int<kD>>{});
+  Tensor acc_dv = partition_fragment_C(mma_g, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor rP = make_tensor<T>(acc_s.layout());
+  Tensor rdS = make_tensor<T>(acc_dp.layout());
+  Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a(rP.layout()));
+  Tensor tOrdS = make_tensor(rdS.data(), gmma_acc_as_a(rdS.layout()));
+  Tensor rs = make_tensor(acc_s.data(), gmma_rowcol(acc_s.layout()));
+  Tensor rdp = make_tensor(acc_dp.data(), gmma_rowcol(acc_dp.layout()));
+  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cSrc = make_tensor(cS.data(), gmma_rowcol(cS.layout()));
+  const float scale2 = p.scale * sm80::kLog2e;
+
+  for (int it = 0; it < steps; ++it) {
+    // dV/dK(it-1) are retired (their buffer and registers are free); Q/dO(it) have landed.
+    warpgroup_wait<0>();
+    sm80::cp_async_wait<0>();
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+    const int buf = it % Tr::kBuffers;
+    wgmma_issue(mma_s, tSrK, thr_s.partition_fragment_B(sQ(buf)), acc_s, false);
+    wgmma_issue(mma_s, tSrV, thr_s.partition_fragment_B(sdO(buf)), acc_dp, false);
+    stage(it + 1);
+    if (it + 2 < steps) fill_qrows(it + 2);
+    const bool full = sm.full[it % kSlots];
+    const QRow* qrows = sm.nrows[it % kSlots];
+
+    warpgroup_wait<1>();  // S^T
+    warpgroup_fence_operand(acc_s);
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(rs); ++mi) {
+      if (full) {
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni)
+          rs(mi, ni) = exp2f(rs(mi, ni) * scale2 - qrows[get<1>(cSrc(mi, ni))].lse2);
+      } else {
+        const KRow kr = sm.mrows[get<0>(cSrc(mi, 0))];
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          const QRow& qr = qrows[get<1>(cSrc(mi, ni))];
+          const float pr = exp2f(rs(mi, ni) * scale2 - qr.lse2);
+          rs(mi, ni) = sm80::visible(qr, kr) ? pr : 0.f;
+        }
+      }
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
+    wgmma_issue(mma_g, tOrP, thr_g.partition_fragment_B(sdOt(buf)), acc_dv, true);
+
+    warpgroup_wait<1>();  // dP^T (dV may still run)
+    warpgroup_fence_operand(acc_dp);
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(rdp); ++mi) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rdp); ++ni) {
+        const float dl = qrows[get<1>(cSrc(mi, ni))].delta;
+        rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - dl);
+      }
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
+    wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sQt(buf)), acc_dk, true);
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_dk);
+  warpgroup_fence_operand(acc_dv);
+
+  sm80::cp_async_wait<0>();  // a KV tile no query sees still waits for its loads
+  __syncthreads();
+  if (G.kv_pad) {
+    // Rows outside the global axis were read as -1 (zero-filled, never seen, so their
+    // accumulators are exactly 0); they are still part of dK/dV and are written as 0.
+    int jj[kMaxRank];
+    for (int r = tid; r < kBlockM; r += kThreads)
+      sm.mrows[r].tok = G.kv_store_token(p, kt, r, jj);
+    __syncthreads();
+  }
+  Tensor cO = thr_g.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cOrc = make_tensor(cO.data(), gmma_rowcol(cO.layout()));
+  auto out_tok = [&](int r) { return sm.mrows[r].tok; };
+  sm80::store_rows(make_tensor(acc_dk.data(), gmma_rowcol(acc_dk.layout())), cOrc, dk + kv_off,
+                   kv_stride, p.scale, out_tok);
+  sm80::store_rows(make_tensor(acc_dv.data(), gmma_rowcol(acc_dv.layout())), cOrc, dv + kv_off,
+                   kv_stride, 1.f, out_tok);
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
+    dq_kernel(const Problem p, const typename Tr::T* __restrict__ q,
+              const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
+              const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
+              const float* __restrict__ delta, typename Tr::T* __restrict__ dq) {
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kD;
+  constexpr int kBlockM = Tr::kBlockM;
+  constexpr int kBlockN = Tr::kBlockN;
+  constexpr int kThreads = Tr::kThreads;
+  constexpr int kSlots = Tr::kRowSlots;
+  static_assert(kBlockN == sm80::kKvTokens, "one KV tile per step");
+  using Smem = BwdSmem<Tr, QRow, KRow>;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+
+  Group G;
+  int qt[kMaxRank];
+  if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
+  const int hkv = h / (int)(p.heads / p.kv_heads);
+  const int64_t n_q_tok = sm80::q_tokens_of(p);
+  const int64_t n_kv_tok = sm80::kv_tokens_of(p);
+  const int64_t q_stride = p.heads * kD;
+  const int64_t kv_stride = p.kv_heads * kD;
+  const int64_t q_off = (b * n_q_tok * p.heads + h) * kD;
+  const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+  const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+  const TileBox box = TileBox::seen_by(G, p, qt);
+  const int steps = box.total;
+  if (tid == kThreads - 1) sm.fulls = FullTiles::of(G, p, qt, kBlockN);
+
+  Tensor sQ = make_tensor(make_smem_ptr(sm.m0), typename Tr::SmemM{});
+  Tensor sdO = make_tensor(make_smem_ptr(sm.m1), typename Tr::SmemM{});
+  auto sK = [&](int s) { return make_tensor(make_smem_ptr(sm.n0[s]), typename Tr::SmemN{}); };
+  auto sV = [&](int s) { return make_tensor(make_smem_ptr(sm.n1[s]), typename Tr::SmemN{}); };
+  auto sKt = [&](int s) { return make_tensor(make_smem_ptr(sm.n0[s]), typename Tr::SmemNt{}); };
+
+  {
+    const int64_t stats = b * n_q_tok * p.heads + h;
+    for (int r = tid; r < kBlockM; r += kThreads)
+      sm.mrows[r] = q_row_with_stats(G, p, qt, r, true, lse + stats, delta + stats);
+    int ii[kMaxRank];
+    auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
+    sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sQ(r, c); },
+                                             q + q_off, q_stride, q_tok, tid);
+    sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sdO(r, c); },
+                                             dout + q_off, q_stride, q_tok, tid);
+  }
+  auto fill_krows = [&](int j) {
+    int kt[kMaxRank];
+    box.at(j, kt);
+    KRow* rows = sm.nrows[j % kSlots];
+    for (int r = tid; r < kBlockN; r += kThreads) rows[r] = G.k_row(p, kt, r);
+    if (tid == kThreads - 1) sm.full[j % kSlots] = sm.fulls.contains(kt);
+  };
+  // Gathers K/V of step j if it exists; always commits a group.
+  auto stage = [&](int j) {
+    if (j < steps) {
+      const KRow* rows = sm.nrows[j % kSlots];
+      auto tok = [&](int r) { return rows[r].tok; };
+      Tensor k_s = sK(j % Tr::kBuffers);
+      Tensor v_s = sV(j % Tr::kBuffers);
+      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &k_s(r, c); }, kb,
+                                               kv_stride, tok, tid);
+      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &v_s(r, c); }, vb,
+                                               kv_stride, tok, tid);
+    }
+    sm80::cp_async_commit();
+  };
+  // The last thread computes FullTiles (above) and the full flags after it; the rows of the
+  // first two steps only need the box.
+  if (steps > 0) fill_krows(0);
+  __syncthreads();
+  stage(0);  // one group with Q and dO
+  if (steps > 1) fill_krows(1);
+
+  typename Tr::MmaS mma_s;
+  typename Tr::MmaG mma_g;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_g = mma_g.get_thread_slice(tid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  Tensor tSrdO = thr_s.partition_fragment_A(sdO);
+  Tensor acc_dq = partition_fragment_C(mma_g, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_dq);
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor rdS = make_tensor<T>(acc_dp.layout());
+  Tensor tOrdS = make_tensor(rdS.data(), gmma_acc_as_a(rdS.layout()));
+  Tensor rs = make_tensor(acc_s.data(), gmma_rowcol(acc_s.layout()));
+  Tensor rdp = make_tensor(acc_dp.data(), gmma_rowcol(acc_dp.layout()));
+  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cSrc = make_tensor(cS.data(), gmma_rowcol(cS.layout()));
+  constexpr int kRowsPerThread = decltype(size<0>(rs))::value;
+  const float scale2 = p.scale * sm80::kLog2e;
+  float lse2_of[kRowsPerThread];  // this thread's rows never change
+  float delta_of[kRowsPerThread];
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRowsPerThread; ++mi) {
+    lse2_of[mi] = sm.mrows[get<0>(cSrc(mi, 0))].lse2;
+    delta_of[mi] = sm.mrows[get<0>(cSrc(mi, 0))].delta;
+  }
+
+  for (int it = 0; it < steps; ++it) {
+    // dQ(it-1) is retired (its K buffer and dS registers are free); K/V(it) have landed.
+    warpgroup_wait<0>();
+    sm80::cp_async_wait<0>();
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+    const int buf = it % Tr::kBuffers;
+    wgmma_issue(mma_s, tSrQ, thr_s.partition_fragment_B(sK(buf)), acc_s, false);
+    wgmma_issue(mma_s, tSrdO, thr_s.partition_fragment_B(sV(buf)), acc_dp, false);
+    stage(it + 1);
+    if (it + 2 < steps) fill_krows(it + 2);
+    const bool full = sm.full[it % kSlots];
+    const KRow* krows = sm.nrows[it % kSlots];
+
+    warpgroup_wait<1>();  // S
+    warpgroup_fence_operand(acc_s);
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRowsPerThread; ++mi) {
+      const float lse2 = lse2_of[mi];
+      if (full) {
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) rs(mi, ni) = exp2f(rs(mi, ni) * scale2 - lse2);
+      } else {
+        const QRow qr = sm.mrows[get<0>(cSrc(mi, 0))];
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          const float pr = exp2f(rs(mi, ni) * scale2 - lse2);
+          rs(mi, ni) = sm80::visible(qr, krows[get<1>(cSrc(mi, ni))]) ? pr : 0.f;
+        }
+      }
+    }
+    warpgroup_wait<0>();  // dP
+    warpgroup_fence_operand(acc_dp);
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRowsPerThread; ++mi) {
+      const float dl = delta_of[mi];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rdp); ++ni) rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - dl);
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
+    wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sKt(buf)), acc_dq, true);
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_dq);
+
+  sm80::cp_async_wait<0>();
+  __syncthreads();  // mrows are visible even if the box was empty
+  Tensor cO = thr_g.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  sm80::store_rows(make_tensor(acc_dq.data(), gmma_rowcol(acc_dq.layout())),
+                   make_tensor(cO.data(), gmma_rowcol(cO.layout())), dq + q_off, q_stride,
+                   p.scale, [&](int r) { return sm.mrows[r].tok; });
+}
+
+}  // namespace sm90
+}  // namespace gna

@@ -1,0 +1,8 @@
+// Explicit instantiation of the sm90a backward for bf16, head dim 64.
+#include "backward_impl.cuh"
+
+namespace gna {
+namespace sm90 {
+GNA_SM90_BACKWARD(cutlass::bfloat16_t, 64)
+}  // namespace sm90
+}  // namespace gna

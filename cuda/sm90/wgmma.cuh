@@ -1,0 +1,54 @@
+// Warpgroup-MMA (wgmma) helpers shared by the sm90a kernels: accumulator views and one
+// asynchronous GEMM issue.
+#pragma once
+
+#include <cute/arch/copy_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "../sm80/common.cuh"
+
+namespace gna {
+namespace sm90 {
+
+using namespace cute;
+
+// Accumulator of a 64xN warpgroup MMA, ((2 cols, 2 rows, N/8), M, N) viewed as (rows, cols).
+template <class L>
+__device__ __forceinline__ auto gmma_rowcol(L const& l) {
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
+                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// The same accumulator seen as the register A operand of a k16 warpgroup MMA: every pair of
+// 8-column blocks holds the 16 k-values of one k step.
+template <class L>
+__device__ __forceinline__ auto gmma_acc_as_a(L const& l) {
+  auto blocks = logical_divide(get<0, 2>(l), Layout<_2>{});
+  return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0>(blocks)), get<1>(l),
+                     make_layout(get<1>(blocks), get<2>(l)));
+}
+
+// Issues acc = A·B^T (or acc += A·B^T if `accumulate`) as one wgmma group of the
+// warpgroup; the caller waits (warpgroup_wait) before touching acc or a register A again.
+template <class Mma, class TA, class TB, class Acc>
+__device__ __forceinline__ void wgmma_issue(Mma& mma, TA& a, TB const& b, Acc& acc,
+                                            bool accumulate) {
+  // A is either shared-memory descriptors or registers (then fenced like the accumulator).
+  constexpr bool kRegA = !is_same_v<typename TA::iterator, GMMA::DescriptorIterator>;
+  warpgroup_fence_operand(acc);
+  if constexpr (kRegA) warpgroup_fence_operand(a);
+  warpgroup_arrive();
+  mma.accumulate_ = accumulate ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kk = 0; kk < size<2>(a); ++kk) {
+    cute::gemm(mma, a(_, _, kk), b(_, _, kk), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(acc);
+  if constexpr (kRegA) warpgroup_fence_operand(a);
+}
+
+}  // namespace sm90
+}  // namespace gna
