@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine: build, GPU tests, benchmarks, end-to-end stacks.
 # Usage (on the device, repo root):
-#   bash benchmarks/device_run.sh [build|native|test|cp-test|cp-bench|bench|bench-xla|e2e]...
+#   bash benchmarks/device_run.sh [build|native|test|cp-test|cp-bench|bench|bench-xla|profile|e2e]...
 # Needs the nvidia-cutlass wheel in .whl/ (the device has no network). Writes logs to $OUT.
 # Build outputs go to .device/ (git-ignored), so a later call on the still-warm machine
 # reuses them.
@@ -64,6 +64,17 @@ native)
       "$(cuobjdump -sass "$BUILD_DIR/sm90_${f}_bf16_d128.o" | grep -c HGMMA)"
   done
   sed -n '/^problem/,$p' "$OUT/native.log"
+  ;;
+profile)
+  step profile  # ncu of the kernels matching $NCU_KERNELS on one harness problem
+  bash tests/native/run_sm80_check.sh none > /dev/null 2>&1  # builds the harness only
+  GNA_TIME_ONLY="${NCU_PROBLEM:-FLUX-4K GNA}" timeout 400 ncu --kernel-name-base demangled \
+    -k "regex:${NCU_KERNELS:-sm90::(dkdv|dq)_kernel}" -c "${NCU_COUNT:-2}" --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section SchedulerStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis \
+    "$BUILD_DIR/sm80_check" time > "$OUT/ncu.log" 2>&1
+  echo "ncu rc=$?"
+  grep -E "^  [a-z_:]+.*\(|Duration|Throughput|Registers|Achieved Occupancy|Issued Warp|No Eligible|Eligible Warps|Stall|L2 Hit|Mem Busy|Max Bandwidth" "$OUT/ncu.log" | head -80
   ;;
 e2e)
   step e2e

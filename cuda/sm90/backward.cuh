@@ -74,7 +74,8 @@ struct BwdSmem {
   MRow mrows[Tr::kBlockM];
   NRow nrows[Tr::kRowSlots][Tr::kBlockN];
   int full[Tr::kRowSlots];  // step needs no element mask (words: see FwdSmem::full)
-  Group group;               // the CTA's geometry (dK/dV: kept out of registers)
+  Group group;  // dK/dV: the CTA's geometry and box, kept out of registers (D = 128 spills)
+  TileBox box;
   FullTiles fulls;
 };
 
@@ -116,18 +117,19 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     if (!g0.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
     if (tid == 0) {
       sm.group = g0;
+      sm.box = TileBox::seeing(g0, p, kt);
       sm.fulls = FullTiles::seeing(g0, p, kt, kBlockM);
     }
     __syncthreads();
   }
   const Group& G = sm.group;
+  const TileBox& box = sm.box;
   const int group_heads = (int)(p.heads / p.kv_heads);
   const int64_t n_q_tok = sm80::q_tokens_of(p);
   const int64_t n_kv_tok = sm80::kv_tokens_of(p);
   const int64_t q_stride = p.heads * kD;
   const int64_t kv_stride = p.kv_heads * kD;
   const int64_t kv_off = (b * n_kv_tok * p.kv_heads + hkv) * kD;
-  const TileBox box = TileBox::seeing(G, p, kt);
   const int n_chunks = (Group::qprod(p) + kBlockN - 1) / kBlockN;
   const int steps = group_heads * box.total * n_chunks;
 
@@ -215,7 +217,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     wgmma_issue(mma_s, tSrK, thr_s.partition_fragment_B(sQ(buf)), acc_s, false);
     wgmma_issue(mma_s, tSrV, thr_s.partition_fragment_B(sdO(buf)), acc_dp, false);
     stage(it + 1);
-    if (it + 2 < steps) fill_qrows(it + 2);
     const bool full = sm.full[it % kSlots];
     const QRow* qrows = sm.nrows[it % kSlots];
 
@@ -254,6 +255,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
     wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sQt(buf)), acc_dk, true);
+    // Here rather than under S^T/dP^T: their accumulators would stay live next to the
+    // window arithmetic and spill (D = 128).
+    if (it + 2 < steps) fill_qrows(it + 2);
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_dk);

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds tests/native/sm80_check.cu with the sm80 kernels (SASS for sm_80 and sm_90: sm_80
 # SASS does not run on Hopper) and the sm90a kernels (cuda/sm90, SASS for sm_90a), and runs it.
-#   tests/native/run_sm80_check.sh [check [n] [seed] | sanitize | time | all]
+#   tests/native/run_sm80_check.sh [check [n] [seed] | sanitize | time | all | none]
 # `all` sweeps and sanitizes with the sm80 kernels, then with the sm90a kernels
-# (GNA_CHECK_KERNELS=sm90), then times both.
+# (GNA_CHECK_KERNELS=sm90), then times both; `none` only builds.
 # CUTLASS headers: $CUTLASS_INCLUDE, else ./.cutlass (copied there for the GPU machine), else
 # the nvidia-cutlass wheel of /work/venv. BUILD_DIR (default /tmp/sm80_check) holds objects.
 set -euo pipefail
@@ -37,7 +37,9 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 nvcc "${FLAGS[@]}" -Xcompiler -fopenmp "$OUT_DIR"/*.o -o "$OUT_DIR/sm80_check"
 BIN="$OUT_DIR/sm80_check"
 mode=${1:-all}
-if [[ "$mode" == all ]]; then
+if [[ "$mode" == none ]]; then
+  exit 0  # build only
+elif [[ "$mode" == all ]]; then
   # Every stage runs even if an earlier one fails; the exit status reports any failure.
   status=0
   for kernels in sm80 sm90; do

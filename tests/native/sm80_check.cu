@@ -642,8 +642,11 @@ static int sanitize() {
   Problem p2 = make_problem(2, {{13, 5, 2, 1, false}, {11, 4, 1, 2, true}}, 1, 2, 1, 64);
   Problem p3 = make_problem(3, {{5, 3, 1, 1, true}, {6, 3, 3, 1, false}, {9, 2, 1, 3, false}}, 1,
                             2, 2, 32);
+  // A 3-D case at head dim 64, which the sm90a kernels also cover (GQA, dilation, causal).
+  Problem p3b = make_problem(3, {{6, 3, 2, 1, false}, {7, 4, 1, 2, true}, {9, 3, 3, 1, false}},
+                             1, 2, 1, 64);
   int bad = 0;
-  for (auto* p : {&p2, &p3}) {
+  for (auto* p : {&p2, &p3, &p3b}) {
     Errors e = run_one(*p, DType::kBFloat16, g, true);
     const bool ok = e.out < 2e-2 && e.dq < 4e-2 && e.dk < 4e-2 && e.dv < 4e-2 && e.deterministic;
     std::printf("sanitize %s: out %.2e dq %.2e dk %.2e dv %.2e %s\n",
@@ -686,7 +689,10 @@ static int timing() {
   const DType t = DType::kBFloat16;
   std::printf("%-18s %-26s %9s %9s %9s %9s %9s %9s %9s %9s\n", "problem", "tiles q/kv",
               "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "sm90 fwd", "TF/s", "sm90 bwd", "TF/s");
+  // GNA_TIME_ONLY=<text>: only the problems whose name contains it (e.g. for a profiler).
+  const char* only = std::getenv("GNA_TIME_ONLY");
   for (auto& c : cases) {
+    if (only != nullptr && std::string(c.name).find(only) == std::string::npos) continue;
     const Problem& p = c.p;
     ok_or_die(gna::sm80_supports(p, t), c.name);
     const size_t nq = p.batch * p.q_tokens() * p.heads * p.head_dim;
