@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
       const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(rs); ++ni) {
-        float pr = exp2f(rs(mi, ni) * scale2 - qr.lse2);
+        float pr = fast_exp2(rs(mi, ni) * scale2 - qr.lse2);
         if (!full && !visible(qr, sm.krows[get<1>(cSrc(mi, ni))])) pr = 0.f;
         rs(mi, ni) = pr * (rdp(mi, ni) - qr.delta);  // dS (without the softmax scale)
       }
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(rs); ++ni) {
         const QRow& qr = sm.qrows[get<1>(cSrc(mi, ni))];
-        float pr = exp2f(rs(mi, ni) * scale2 - qr.lse2);
+        float pr = fast_exp2(rs(mi, ni) * scale2 - qr.lse2);
         if (!full && !visible(qr, kr)) pr = 0.f;
         rs(mi, ni) = pr;
       }

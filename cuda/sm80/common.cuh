@@ -137,6 +137,15 @@ __device__ __forceinline__ void gemm_rs(Mma const& mma, Acc& acc, RA const& rA, 
   }
 }
 
+// 2^x on the MUFU unit, subnormal results flushed to zero. exp2f adds a fix-up for results
+// below 2^-126 (three more instructions per call); softmax weights that small are zero to
+// every consumer here (bf16/f16 outputs, float32 sums of terms up to 1).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Butterfly over the 4 lanes (a quad) that share an accumulator row.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -433,23 +442,34 @@ struct FullTiles {
 // padding rows). `dst(r, c)` is the shared-memory address of element (r, c), c a multiple of
 // 8 (any layout that keeps 8 consecutive columns contiguous, e.g. a 16-byte swizzle);
 // `tok_of(r)` gives row r's token or -1; `row_stride` is the element distance between
-// consecutive tokens (heads · D).
+// consecutive tokens (heads · D, below 2^32).
+//
+// Each thread copies one 16-byte column chunk of every (kThreads / (kD / 8))-th row. The
+// layouts used here are swizzled within 1024-byte periods and advance by whole periods over
+// that many rows, so the thread's destinations are its first one plus a fixed distance: the
+// address arithmetic runs once per call, not per copy (it was most of the staging's
+// instructions).
 template <int kRows, int kD, int kThreads, class T, class DstFn, class TokFn>
 __device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int64_t row_stride,
                                             TokFn const& tok_of, int tid) {
   constexpr int kChunks = kD / 8;
   static_assert(kThreads % kChunks == 0, "threads must cover whole rows");
   constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(kRows % kRowsPerPass == 0 || kRows < kRowsPerPass, "whole passes");
   const int c = tid % kChunks;
+  const int r0 = tid / kChunks;
+  T* const to = dst(r0, c * 8);
+  const ptrdiff_t pass = kRows > kRowsPerPass ? dst(r0 + kRowsPerPass, c * 8) - to : 0;
+  const T* const from = base + c * 8;
+  const uint64_t stride = (uint32_t)row_stride;
   CUTE_UNROLL
-  for (int r0 = 0; r0 < kRows; r0 += kRowsPerPass) {
-    const int r = r0 + tid / kChunks;
-    if (kRows % kRowsPerPass != 0 && r >= kRows) break;
-    const int tok = tok_of(r);
-    const T* src = tok >= 0 ? base + (int64_t)tok * row_stride + c * 8 : base;
-    T* to = dst(r, c * 8);
+  for (int i = 0; i * kRowsPerPass < kRows; ++i) {
+    if (kRows < kRowsPerPass && r0 >= kRows) break;
+    const int tok = tok_of(r0 + i * kRowsPerPass);
+    const T* src = tok >= 0 ? from + (uint32_t)tok * stride : base;
     SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-        *reinterpret_cast<const uint128_t*>(src), *reinterpret_cast<uint128_t*>(to), tok >= 0);
+        *reinterpret_cast<const uint128_t*>(src),
+        *reinterpret_cast<uint128_t*>(to + i * pass), tok >= 0);
   }
 }
 

@@ -230,12 +230,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mx = sm80::quad_max(mx);
       // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
       const float base = mx == -INFINITY ? 0.f : mx;
-      const float corr = exp2f(row_max[mi] - base);
+      const float corr = sm80::fast_exp2(row_max[mi] - base);
       row_max[mi] = mx;
       float sum = 0.f;
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(rs); ++ni) {
-        rs(mi, ni) = exp2f(rs(mi, ni) - base);
+        rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) - base);
         sum += rs(mi, ni);
       }
       row_sum[mi] = row_sum[mi] * corr + sum;
