@@ -318,6 +318,51 @@ struct Group {
     return tok;
   }
 
+  // Division-free tokens from per-CTA row tables. A tile that lies inside its frame (and,
+  // for K/V reads, inside the global axis) holds token tile_base(coord) + row_offset(r) in
+  // row r, and group index coord · dim + local(r) per axis; kernels tabulate row_offset and
+  // local once per CTA and take q_token / kv_token for the other tiles. This is the same
+  // Horner sum as q_token's, split into its tile and row parts.
+  __device__ __forceinline__ int row_offset(Problem const& p, int r, bool kv_side,
+                                            int local[kMaxRank]) const {
+    int rem = r;
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      const int dim = kv_side ? kvdim(p, a) : qdim(p, a);
+      local[a] = rem % dim;
+      rem /= dim;
+    }
+    int off = 0;
+    for (int a = 0; a < kMaxRank; ++a) {
+      const Axis& ax = p.axes[a];
+      off = off * (int)(kv_side ? ax.kv_length : ax.q_length) + local[a] * (int)ax.dilation;
+    }
+    return r < (kv_side ? kvprod(p) : qprod(p)) ? off : -1;
+  }
+
+  __device__ __forceinline__ int tile_base(Problem const& p, const int coord[kMaxRank],
+                                           bool kv_side) const {
+    int tok = 0;
+    for (int a = 0; a < kMaxRank; ++a) {
+      const Axis& ax = p.axes[a];
+      const int dim = kv_side ? kvdim(p, a) : qdim(p, a);
+      tok = tok * (int)(kv_side ? ax.kv_length : ax.q_length) +
+            coord[a] * dim * (int)ax.dilation + g[a];
+    }
+    return tok;
+  }
+
+  __device__ __forceinline__ bool tile_inside(Problem const& p, const int coord[kMaxRank],
+                                              bool kv_side) const {
+    bool ok = true;
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int dim = kv_side ? kvdim(p, a) : qdim(p, a);
+      const int lo = coord[a] * dim, hi = lo + dim;
+      ok = ok && hi <= (kv_side ? kvlen[a] : qlen[a]);
+      if (kv_side && kv_pad) ok = ok && lo + kvoff[a] >= 0 && hi + kvoff[a] <= Lg[a];
+    }
+    return ok;
+  }
+
   // Row `r` of Q tile `coord`. Without `window` (a Q tile that sees the KV tiles in question
   // in full, so the mask is never evaluated) the window is left unbounded, which skips the
   // window arithmetic (64-bit divisions).
@@ -347,6 +392,33 @@ struct Group {
                                         int r) const {
     KRow row;
     row.tok = kv_token(p, coord, r, row.jj);
+    return row;
+  }
+};
+
+// Group::row_offset and the tile-local coordinates of the rows of a tile (up to kRows),
+// tabulated once per CTA for the division-free row tables of tiles inside the frame.
+template <int kRows>
+struct RowTable {
+  int offset[kRows];
+  uint8_t local[kRows][kMaxRank];  // tile dims are at most 128
+
+  __device__ __forceinline__ void build(Group const& G, Problem const& p, bool kv_side,
+                                        int tid, int threads) {
+    for (int r = tid; r < kRows; r += threads) {
+      int loc[kMaxRank];
+      offset[r] = G.row_offset(p, r, kv_side, loc);
+      for (int a = 0; a < kMaxRank; ++a) local[r][a] = (uint8_t)loc[a];
+    }
+  }
+
+  // Group::k_row(p, kt, r) for a KV tile `kt` that lies inside (Group::tile_inside) and
+  // starts at token `base` (Group::tile_base).
+  __device__ __forceinline__ KRow k_row(Problem const& p, const int kt[kMaxRank], int base,
+                                        int r) const {
+    KRow row;
+    row.tok = offset[r] < 0 ? -1 : base + offset[r];
+    for (int a = 0; a < kMaxRank; ++a) row.jj[a] = kt[a] * (int)p.kv_tile[a] + local[r][a];
     return row;
   }
 };

@@ -12,10 +12,10 @@
 // registers (the S/dP accumulators converted in place) and the N-side tile seen MN-major.
 //
 // Per step `it`, after one CTA barrier: issue S(it) and dP(it); while they run, gather the
-// N-side rows of step it+1 (cp.async, two buffers) and build the row tables of step it+2;
-// wait for S, compute P and issue the first gradient GEMM; wait for dP (the GEMM just issued
-// may still run), compute dS and issue the second. They retire at the top of step it+1,
-// before the barrier that frees their buffers.
+// N-side rows of step it+1 (cp.async, two buffers); wait for S, compute P and issue the
+// first gradient GEMM; wait for dP (the GEMM just issued may still run), compute dS and issue
+// the second; build the row table of step it+2 while they run. They retire at the top of
+// step it+1, before the barrier that frees their buffers.
 #pragma once
 
 #include "../sm80/backward.cuh"  // store_rows
@@ -73,10 +73,15 @@ struct BwdSmem {
   alignas(1024) T n1[Tr::kBuffers][Tr::kBlockN * Tr::kD];
   MRow mrows[Tr::kBlockM];
   NRow nrows[Tr::kRowSlots][Tr::kBlockN];
+  // dK/dV: lse (+inf on padding rows) and delta of the N-side rows, loaded with cp.async
+  // so that building a row table never waits on global memory.
+  float nlse[Tr::kRowSlots][Tr::kBlockN];
+  float ndelta[Tr::kRowSlots][Tr::kBlockN];
   int full[Tr::kRowSlots];  // step needs no element mask (words: see FwdSmem::full)
   Group group;  // dK/dV: the CTA's geometry and box, kept out of registers (D = 128 spills)
   TileBox box;
   FullTiles fulls;
+  sm80::RowTable<sm80::kMaxQTokens> ntable;  // rows of an N-side tile
 };
 
 // QRow with the backward's per-row values: lse·log2(e) (+inf on padding rows, so that P = 0
@@ -144,17 +149,41 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
 
   // Step j: query head, Q tile of the box and chunk of its rows (chunks fastest).
   auto step_head = [&](int j) { return hkv * group_heads + j / (n_chunks * box.total); };
+  // Builds the row table of step j if it exists; always commits a cp.async group (its lse
+  // and delta), so that group counts stay in step with the loop's waits.
   auto fill_qrows = [&](int j) {
-    const int chunk = j % n_chunks;
-    int qt[kMaxRank];
-    box.at((j / n_chunks) % box.total, qt);
-    const bool full = sm.fulls.contains(qt);
-    const int64_t stats = b * n_q_tok * p.heads + step_head(j);
-    QRow* rows = sm.nrows[j % kSlots];
-    for (int r = tid; r < kBlockN; r += kThreads)
-      rows[r] = q_row_with_stats(G, p, qt, chunk * kBlockN + r, !full, lse + stats,
-                                 delta + stats);
-    if (tid == 0) sm.full[j % kSlots] = full;
+    if (j < steps) {
+      const int chunk = j % n_chunks;
+      const int slot = j % kSlots;
+      int qt[kMaxRank];
+      box.at((j / n_chunks) % box.total, qt);
+      const bool full = sm.fulls.contains(qt);
+      // A full tile inside the frame needs only its tokens (the mask is never evaluated).
+      const bool fast = full && G.tile_inside(p, qt, /*kv_side=*/false);
+      const int base = G.tile_base(p, qt, false);
+      const int64_t stats = b * n_q_tok * p.heads + step_head(j);
+      for (int r = tid; r < kBlockN; r += kThreads) {
+        QRow row;
+        if (fast) {
+          const int off = sm.ntable.offset[chunk * kBlockN + r];
+          row.tok = off < 0 ? -1 : base + off;
+          sm.nrows[slot][r].tok = row.tok;
+        } else {
+          row = G.q_row(p, qt, chunk * kBlockN + r, /*window=*/!full);
+          sm.nrows[slot][r] = row;
+        }
+        if (row.tok >= 0) {
+          const int64_t at = stats + (int64_t)row.tok * p.heads;
+          SM80_CP_ASYNC_CACHEALWAYS<float>::copy(lse[at], sm.nlse[slot][r]);
+          SM80_CP_ASYNC_CACHEALWAYS<float>::copy(delta[at], sm.ndelta[slot][r]);
+        } else {
+          sm.nlse[slot][r] = INFINITY;  // P = 0 on padding rows
+          sm.ndelta[slot][r] = 0.f;
+        }
+      }
+      if (tid == 0) sm.full[slot] = full;
+    }
+    sm80::cp_async_commit();
   };
   // Gathers Q/dO of step j if it exists; always commits a group.
   auto stage = [&](int j) {
@@ -181,9 +210,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sV(r, c); },
                                              v + kv_off, kv_stride, k_tok, tid);
   }
-  for (int j = 0; j < 2 && j < steps; ++j) fill_qrows(j);
+  sm.ntable.build(G, p, /*kv_side=*/false, tid, kThreads);
   __syncthreads();
-  stage(0);  // one group with K and V
+  // cp.async groups, oldest first: rows(0) (with K and V), Q/dO(0), rows(1); then per step
+  // it: Q/dO(it+1), rows(it+2). The top of step it waits for all but the newest.
+  fill_qrows(0);
+  __syncthreads();  // the tokens of step 0
+  stage(0);
+  fill_qrows(1);
 
   typename Tr::MmaS mma_s;
   typename Tr::MmaG mma_g;
@@ -208,9 +242,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
   const float scale2 = p.scale * sm80::kLog2e;
 
   for (int it = 0; it < steps; ++it) {
-    // dV/dK(it-1) are retired (their buffer and registers are free); Q/dO(it) have landed.
+    // dV/dK(it-1) are retired (their buffer and registers are free); Q/dO(it) and the lse and
+    // delta of step it have landed (rows(it+1) may still load).
     warpgroup_wait<0>();
-    sm80::cp_async_wait<0>();
+    sm80::cp_async_wait<1>();
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
     const int buf = it % Tr::kBuffers;
@@ -219,6 +254,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     stage(it + 1);
     const bool full = sm.full[it % kSlots];
     const QRow* qrows = sm.nrows[it % kSlots];
+    const float* qlse = sm.nlse[it % kSlots];
+    const float* qdelta = sm.ndelta[it % kSlots];
 
     warpgroup_wait<1>();  // S^T
     warpgroup_fence_operand(acc_s);
@@ -226,15 +263,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     for (int mi = 0; mi < size<0>(rs); ++mi) {
       if (full) {
         CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni)
-          rs(mi, ni) = exp2f(rs(mi, ni) * scale2 - qrows[get<1>(cSrc(mi, ni))].lse2);
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          const float lse2 = qlse[get<1>(cSrc(mi, ni))] * sm80::kLog2e;
+          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
+        }
       } else {
         const KRow kr = sm.mrows[get<0>(cSrc(mi, 0))];
         CUTE_UNROLL
         for (int ni = 0; ni < size<1>(rs); ++ni) {
-          const QRow& qr = qrows[get<1>(cSrc(mi, ni))];
-          const float pr = exp2f(rs(mi, ni) * scale2 - qr.lse2);
-          rs(mi, ni) = sm80::visible(qr, kr) ? pr : 0.f;
+          const int col = get<1>(cSrc(mi, ni));
+          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - qlse[col] * sm80::kLog2e);
+          rs(mi, ni) = sm80::visible(qrows[col], kr) ? pr : 0.f;
         }
       }
     }
@@ -248,7 +287,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     for (int mi = 0; mi < size<0>(rdp); ++mi) {
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(rdp); ++ni) {
-        const float dl = qrows[get<1>(cSrc(mi, ni))].delta;
+        const float dl = qdelta[get<1>(cSrc(mi, ni))];
         rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - dl);
       }
     }
@@ -257,7 +296,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sQt(buf)), acc_dk, true);
     // Here rather than under S^T/dP^T: their accumulators would stay live next to the
     // window arithmetic and spill (D = 128).
-    if (it + 2 < steps) fill_qrows(it + 2);
+    fill_qrows(it + 2);
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_dk);
@@ -338,7 +377,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     int kt[kMaxRank];
     box.at(j, kt);
     KRow* rows = sm.nrows[j % kSlots];
-    for (int r = tid; r < kBlockN; r += kThreads) rows[r] = G.k_row(p, kt, r);
+    const bool inside = G.tile_inside(p, kt, /*kv_side=*/true);
+    const int base = G.tile_base(p, kt, true);
+    for (int r = tid; r < kBlockN; r += kThreads)
+      rows[r] = inside ? sm.ntable.k_row(p, kt, base, r) : G.k_row(p, kt, r);
     if (tid == kThreads - 1) sm.full[j % kSlots] = sm.fulls.contains(kt);
   };
   // Gathers K/V of step j if it exists; always commits a group.
@@ -355,8 +397,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     }
     sm80::cp_async_commit();
   };
-  // The last thread computes FullTiles (above) and the full flags after it; the rows of the
-  // first two steps only need the box.
+  // The last thread computes FullTiles (above) and the full flags after it.
+  sm.ntable.build(G, p, /*kv_side=*/true, tid, kThreads);
+  __syncthreads();
   if (steps > 0) fill_krows(0);
   __syncthreads();
   stage(0);  // one group with Q and dO
@@ -398,7 +441,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     wgmma_issue(mma_s, tSrQ, thr_s.partition_fragment_B(sK(buf)), acc_s, false);
     wgmma_issue(mma_s, tSrdO, thr_s.partition_fragment_B(sV(buf)), acc_dp, false);
     stage(it + 1);
-    if (it + 2 < steps) fill_krows(it + 2);
     const bool full = sm.full[it % kSlots];
     const KRow* krows = sm.nrows[it % kSlots];
 
@@ -409,12 +451,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       const float lse2 = lse2_of[mi];
       if (full) {
         CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni) rs(mi, ni) = exp2f(rs(mi, ni) * scale2 - lse2);
+        for (int ni = 0; ni < size<1>(rs); ++ni)
+          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
       } else {
         const QRow qr = sm.mrows[get<0>(cSrc(mi, 0))];
         CUTE_UNROLL
         for (int ni = 0; ni < size<1>(rs); ++ni) {
-          const float pr = exp2f(rs(mi, ni) * scale2 - lse2);
+          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
           rs(mi, ni) = sm80::visible(qr, krows[get<1>(cSrc(mi, ni))]) ? pr : 0.f;
         }
       }
@@ -430,6 +473,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
     wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sKt(buf)), acc_dq, true);
+    if (it + 2 < steps) fill_krows(it + 2);
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_dq);
