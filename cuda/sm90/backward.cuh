@@ -26,11 +26,6 @@ namespace gna {
 namespace sm90 {
 
 using namespace cute;
-using sm80::FullTiles;
-using sm80::Group;
-using sm80::KRow;
-using sm80::QRow;
-using sm80::TileBox;
 
 template <class T_, int kD_, int kBlockM_, int kBlockN_>
 struct BwdTraits {

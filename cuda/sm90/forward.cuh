@@ -18,11 +18,6 @@ namespace gna {
 namespace sm90 {
 
 using namespace cute;
-using sm80::FullTiles;
-using sm80::Group;
-using sm80::KRow;
-using sm80::QRow;
-using sm80::TileBox;
 
 template <class T_, int kD_, int kBlockM_, int kTileRows_, int kTilesPerStep_, int kStages_>
 struct FwdTraits {

@@ -1,5 +1,5 @@
-// Warpgroup-MMA (wgmma) helpers shared by the sm90a kernels: accumulator views and one
-// asynchronous GEMM issue.
+// What the sm90a kernels share: warpgroup-MMA (wgmma) helpers (accumulator views, one
+// asynchronous GEMM issue) and the sm80 kernels' tile geometry.
 #pragma once
 
 #include <cute/arch/copy_sm90.hpp>
@@ -12,6 +12,12 @@ namespace gna {
 namespace sm90 {
 
 using namespace cute;
+// The tile geometry is the sm80 kernels' (common.cuh).
+using sm80::FullTiles;
+using sm80::Group;
+using sm80::KRow;
+using sm80::QRow;
+using sm80::TileBox;
 
 // Accumulator of a 64xN warpgroup MMA, ((2 cols, 2 rows, N/8), M, N) viewed as (rows, cols).
 template <class L>
