@@ -553,6 +553,82 @@ __device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* b
                                    row_stride, tok_of, tid);
 }
 
+// ---------------------------------------------------------------- forward softmax and output
+
+// One online-softmax step of a forward over a tile of scores, for the rows this thread
+// holds. `rs` (scores) and `ro` (output accumulator) are register tensors seen as (rows,
+// cols), as rowcol() gives them for mma.sync and the sm90 kernels' gmma_rowcol for wgmma;
+// `cSrc` maps rs's elements to (row, col) of the tile. Scores go to log2 units, are masked
+// element-wise unless `full`, and become exp2(score - running max); O is rescaled to the new
+// max and the running sums updated.
+template <int kRows, class RS, class RO, class CS>
+__device__ __forceinline__ void online_softmax(RS& rs, RO& ro, CS const& cSrc,
+                                               float (&row_max)[kRows], float (&row_sum)[kRows],
+                                               bool full, const QRow* qrows, const KRow* krows,
+                                               float scale2) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    float mx = row_max[mi];
+    if (full) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        rs(mi, ni) *= scale2;
+        mx = fmaxf(mx, rs(mi, ni));
+      }
+    } else {
+      const QRow qr = qrows[get<0>(cSrc(mi, 0))];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        const KRow kr = krows[get<1>(cSrc(mi, ni))];
+        rs(mi, ni) = visible(qr, kr) ? rs(mi, ni) * scale2 : -INFINITY;
+        mx = fmaxf(mx, rs(mi, ni));
+      }
+    }
+    mx = quad_max(mx);
+    // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
+    const float base = mx == -INFINITY ? 0.f : mx;
+    const float corr = fast_exp2(row_max[mi] - base);
+    row_max[mi] = mx;
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(rs); ++ni) {
+      rs(mi, ni) = fast_exp2(rs(mi, ni) - base);
+      sum += rs(mi, ni);
+    }
+    row_sum[mi] = row_sum[mi] * corr + sum;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(ro); ++ni) ro(mi, ni) *= corr;
+  }
+}
+
+// A forward's epilogue for the rows this thread holds: O normalised by the row sums (input
+// dtype) and lse (natural log, -inf for rows that saw no key) for valid rows. `ob` and `lb`
+// point at the CTA's batch and head; tokens are `heads` lse entries apart.
+template <int kRows, class T, class RO, class CO>
+__device__ __forceinline__ void store_out_lse(RO const& ro, CO const& cOrc,
+                                              const float (&row_max)[kRows],
+                                              const float (&row_sum)[kRows],
+                                              const QRow* qrows, T* ob, float* lb,
+                                              int64_t q_stride, int64_t heads, int lane) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const float sum = quad_sum(row_sum[mi]);
+    const int tok = qrows[get<0>(cOrc(mi, 0))].tok;
+    if (tok < 0) continue;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    T* orow = ob + (int64_t)tok * q_stride;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(ro); ni += 2) {
+      const int c = get<1>(cOrc(mi, ni));
+      // Consecutive value pairs are adjacent columns: store them as one 32-bit word.
+      T pair[2] = {static_cast<T>(ro(mi, ni) * inv), static_cast<T>(ro(mi, ni + 1) * inv)};
+      *reinterpret_cast<uint32_t*>(orow + c) = *reinterpret_cast<uint32_t*>(pair);
+    }
+    if (lane % 4 == 0)
+      lb[(int64_t)tok * heads] = sum > 0.f ? (row_max[mi] + log2f(sum)) * kLn2 : -INFINITY;
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() { cp_async_fence(); }
 
 }  // namespace sm80

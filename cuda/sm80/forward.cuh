@@ -125,40 +125,7 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     clear(acc_s);
     gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK, tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRowsPerThread; ++mi) {
-      float mx = row_max[mi];
-      if (full) {
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni) {
-          rs(mi, ni) *= scale2;
-          mx = fmaxf(mx, rs(mi, ni));
-        }
-      } else {
-        const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni) {
-          const KRow kr = krows[get<1>(cSrc(mi, ni))];
-          rs(mi, ni) = visible(qr, kr) ? rs(mi, ni) * scale2 : -INFINITY;
-          mx = fmaxf(mx, rs(mi, ni));
-        }
-      }
-      mx = quad_max(mx);
-      // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
-      const float base = mx == -INFINITY ? 0.f : mx;
-      const float corr = fast_exp2(row_max[mi] - base);
-      row_max[mi] = mx;
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rs); ++ni) {
-        rs(mi, ni) = fast_exp2(rs(mi, ni) - base);
-        sum += rs(mi, ni);
-      }
-      row_sum[mi] = row_sum[mi] * corr + sum;
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(ro); ++ni) ro(mi, ni) *= corr;
-    }
+    online_softmax(rs, ro, cSrc, row_max, row_sum, full, sm.qrows, krows, scale2);
     Tensor rP = to_operand_a<T>(acc_s);
 
     cp_async_wait<0>();
@@ -174,27 +141,7 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   Tensor cOrc = make_tensor(cO.data(), rowcol(cO.layout()));
   T* ob = out + (b * n_q_tok * p.heads + h) * kD;
   float* lb = lse + b * n_q_tok * p.heads + h;
-  const int lane = tid % 32;
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRowsPerThread; ++mi) {
-    const float sum = quad_sum(row_sum[mi]);
-    const int r = get<0>(cOrc(mi, 0));
-    const int tok = sm.qrows[r].tok;
-    if (tok < 0) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    T* orow = ob + (int64_t)tok * q_stride;
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(ro); ni += 2) {
-      const int c = get<1>(cOrc(mi, ni));
-      // Consecutive value pairs are adjacent columns: store them as one 32-bit word.
-      T pair[2] = {static_cast<T>(ro(mi, ni) * inv), static_cast<T>(ro(mi, ni + 1) * inv)};
-      *reinterpret_cast<uint32_t*>(orow + c) = *reinterpret_cast<uint32_t*>(pair);
-    }
-    if (lane % 4 == 0) {
-      lb[(int64_t)tok * p.heads] =
-          sum > 0.f ? (row_max[mi] + log2f(sum)) * kLn2 : -INFINITY;
-    }
-  }
+  store_out_lse(ro, cOrc, row_max, row_sum, sm.qrows, ob, lb, q_stride, p.heads, tid % 32);
 }
 
 }  // namespace sm80
