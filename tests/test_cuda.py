@@ -1,6 +1,6 @@
-"""The `cuda` implementation (sm80 CuTe kernels, and the sm90a forward on Hopper): the shared
+"""The `cuda` implementation (sm80 CuTe kernels, and the sm90a kernels on Hopper): the shared
 battery on a GPU, plus bitwise-reproducible gradients, tile-shape variants the default tiles
-do not reach, and the two forwards against each other.
+do not reach, and the two kernel families against each other.
 
 Every test here needs a CUDA GPU (``pytest.mark.gpu``) and skips cleanly without one.
 """
