@@ -66,9 +66,10 @@ struct FwdSmem {
   // iteration j.
   static constexpr int kRowSlots = Tr::kLookahead + 2;
   KRow krows[kRowSlots][Tr::kBlockN];
-  // Whether step j is mask-free. One word per slot: compute-sanitizer's racecheck tracks
-  // shared memory in 4-byte words, so byte flags of neighbouring slots (one written while
-  // another is read) would show as hazards.
+  // Whether step j is mask-free. One word per slot: with byte flags, compute-sanitizer's
+  // racecheck reported hazards in the dK/dV kernel (same layout) between one slot's write
+  // and a neighbouring slot's read in the same step, bytes of one 4-byte word; with words
+  // both kernels are clean.
   int full[kRowSlots];
   FullTiles fulls;  // KV tiles this Q tile sees in full (used by the last thread only)
 };
