@@ -37,21 +37,12 @@ struct BwdTraits {
   static constexpr int kThreads = 128 * kWarpGroups;
   static constexpr int kBuffers = 2;   // N-side buffers: step it computed, it+1 loading
   static constexpr int kRowSlots = 3;  // row tables: it read, it+1 gathered, it+2 built
-  using WarpGroups = Layout<Shape<Int<kWarpGroups>, _1, _1>>;
-  // [M, N] = A[M, D] · B[N, D]^T (S and dP).
-  using MmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kD>>>(), WarpGroups{}));
-  // [M, D] += X[M, N] · Y[N, D], X in registers (the gradients).
-  using MmaG = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kBlockN>>, GMMA::Major::K,
-                           GMMA::Major::MN>(),
-      WarpGroups{}));
-  // K-major [rows, D] tiles, 128-byte swizzled; the N-side tile is also seen as [D, rows]
-  // (MN-major), operand B of the gradient GEMMs.
-  using SmemM = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
-                                       Shape<Int<kBlockM>, Int<kD>>{}));
-  using SmemN = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
-                                       Shape<Int<kBlockN>, Int<kD>>{}));
+  using MmaS = MmaSS<T, kWarpGroups, kBlockN, kD>;  // [M, N] = A[M, D] · B[N, D]^T (S, dP)
+  using MmaG = MmaRS<T, kWarpGroups, kD, kBlockN>;  // [M, D] += X[M, N] · Y[N, D] (gradients)
+  // K-major [rows, D] tiles; the N-side tile is also seen as [D, rows] (MN-major), operand B
+  // of the gradient GEMMs.
+  using SmemM = SmemKMajor<T, kBlockM, kD>;
+  using SmemN = SmemKMajor<T, kBlockN, kD>;
   using SmemNt = decltype(composition(
       SmemN{}, make_layout(Shape<Int<kD>, Int<kBlockN>>{}, GenRowMajor{})));
 };

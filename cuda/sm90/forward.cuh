@@ -36,19 +36,12 @@ struct FwdTraits {
   static constexpr int kVBuffers = kLookahead + 2;
   static constexpr int kWarpGroups = kBlockM / 64;
   static constexpr int kThreads = 128 * kWarpGroups;
-  using WarpGroups = Layout<Shape<Int<kWarpGroups>, _1, _1>>;
-  using MmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kD>>>(), WarpGroups{}));
-  using MmaO = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kBlockN>>, GMMA::Major::K,
-                           GMMA::Major::MN>(),
-      WarpGroups{}));
-  // 128-byte swizzled tiles as the GMMA descriptors expect them. Q and K are K-major [rows,
-  // D]; V is stored [rows, D] as well, which is operand B of P·V seen MN-major as [D, rows].
-  using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
-                                       Shape<Int<kBlockM>, Int<kD>>{}));
-  using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
-                                       Shape<Int<kBlockN>, Int<kD>>{}));
+  using MmaS = MmaSS<T, kWarpGroups, kBlockN, kD>;  // S = Q·K^T
+  using MmaO = MmaRS<T, kWarpGroups, kD, kBlockN>;  // O += P·V
+  // Q and K are K-major [rows, D]; V is stored [rows, D] as well, which is operand B of P·V
+  // seen MN-major as [D, rows].
+  using SmemQ = SmemKMajor<T, kBlockM, kD>;
+  using SmemK = SmemKMajor<T, kBlockN, kD>;
   using SmemVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
                                         Shape<Int<kD>, Int<kBlockN>>{}));
 };

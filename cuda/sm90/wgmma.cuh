@@ -19,6 +19,24 @@ using sm80::KRow;
 using sm80::QRow;
 using sm80::TileBox;
 
+// The two warpgroup MMAs of every sm90a kernel, kWarpGroups warpgroups of 64 rows each:
+// [M, N] = A[M, K] · B[N, K]^T with both operands in shared memory (S, dP), and
+// [M, N] += X[M, K] · Y[K, N] with X in registers and Y seen MN-major (P·V and the gradients).
+template <class T, int kWarpGroups, int kN, int kK>
+using MmaSS = decltype(make_tiled_mma(
+    GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kN>, Int<kK>>>(),
+    Layout<Shape<Int<kWarpGroups>, _1, _1>>{}));
+template <class T, int kWarpGroups, int kN, int kK>
+using MmaRS = decltype(make_tiled_mma(
+    GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kN>, Int<kK>>, GMMA::Major::K,
+                         GMMA::Major::MN>(),
+    Layout<Shape<Int<kWarpGroups>, _1, _1>>{}));
+
+// A K-major [kRows, kD] tile, 128-byte swizzled as the GMMA descriptors expect it.
+template <class T, int kRows, int kD>
+using SmemKMajor = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                          Shape<Int<kRows>, Int<kD>>{}));
+
 // Accumulator of a 64xN warpgroup MMA, ((2 cols, 2 rows, N/8), M, N) viewed as (rows, cols).
 template <class L>
 __device__ __forceinline__ auto gmma_rowcol(L const& l) {
