@@ -556,16 +556,16 @@ __device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* b
 // ---------------------------------------------------------------- forward softmax and output
 
 // One online-softmax step of a forward over a tile of scores, for the rows this thread
-// holds. `rs` (scores) and `ro` (output accumulator) are register tensors seen as (rows,
-// cols), as rowcol() gives them for mma.sync and the sm90 kernels' gmma_rowcol for wgmma;
-// `cSrc` maps rs's elements to (row, col) of the tile. Scores go to log2 units, are masked
-// element-wise unless `full`, and become exp2(score - running max); O is rescaled to the new
-// max and the running sums updated.
-template <int kRows, class RS, class RO, class CS>
-__device__ __forceinline__ void online_softmax(RS& rs, RO& ro, CS const& cSrc,
-                                               float (&row_max)[kRows], float (&row_sum)[kRows],
-                                               bool full, const QRow* qrows, const KRow* krows,
-                                               float scale2) {
+// holds. `rs` (scores) is a register tensor seen as (rows, cols), as rowcol() gives it for
+// mma.sync and the sm90 kernels' gmma_rowcol for wgmma; `cSrc` maps its elements to (row, col)
+// of the tile. Scores go to log2 units, are masked element-wise unless `full`, and become
+// exp2(score - running max); the running sums are updated and `corr` receives the factor by
+// which the output accumulator must be rescaled before this tile's P·V is added to it.
+template <int kRows, class RS, class CS>
+__device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row_max)[kRows],
+                                             float (&row_sum)[kRows], float (&corr)[kRows],
+                                             bool full, const QRow* qrows, const KRow* krows,
+                                             float scale2) {
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     float mx = row_max[mi];
@@ -587,7 +587,7 @@ __device__ __forceinline__ void online_softmax(RS& rs, RO& ro, CS const& cSrc,
     mx = quad_max(mx);
     // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
     const float base = mx == -INFINITY ? 0.f : mx;
-    const float corr = fast_exp2(row_max[mi] - base);
+    corr[mi] = fast_exp2(row_max[mi] - base);
     row_max[mi] = mx;
     float sum = 0.f;
     CUTE_UNROLL
@@ -595,10 +595,29 @@ __device__ __forceinline__ void online_softmax(RS& rs, RO& ro, CS const& cSrc,
       rs(mi, ni) = fast_exp2(rs(mi, ni) - base);
       sum += rs(mi, ni);
     }
-    row_sum[mi] = row_sum[mi] * corr + sum;
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(ro); ++ni) ro(mi, ni) *= corr;
+    row_sum[mi] = row_sum[mi] * corr[mi] + sum;
   }
+}
+
+// Output accumulator rows (seen as (rows, cols)) times their correction factors.
+template <int kRows, class RO>
+__device__ __forceinline__ void rescale_rows(RO& ro, const float (&corr)[kRows]) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(ro); ++ni) ro(mi, ni) *= corr[mi];
+  }
+}
+
+// softmax_step with the output accumulator `ro` rescaled at once.
+template <int kRows, class RS, class RO, class CS>
+__device__ __forceinline__ void online_softmax(RS& rs, RO& ro, CS const& cSrc,
+                                               float (&row_max)[kRows], float (&row_sum)[kRows],
+                                               bool full, const QRow* qrows, const KRow* krows,
+                                               float scale2) {
+  float corr[kRows];
+  softmax_step(rs, cSrc, row_max, row_sum, corr, full, qrows, krows, scale2);
+  rescale_rows(ro, corr);
 }
 
 // A forward's epilogue for the rows this thread holds: O normalised by the row sums (input

@@ -9,6 +9,7 @@
 #include "../gna_problem.h"
 #include "../sm80/launch.cuh"
 #include "forward.cuh"
+#include "forward_ws.cuh"
 
 namespace gna {
 namespace sm90 {
@@ -34,6 +35,32 @@ std::string run_forward(const Problem& p, const void* q, const void* k, const vo
   return sm80::cuda_error("sm90 forward kernel launch", cudaGetLastError());
 }
 
+// The warp-specialised forward (forward_ws.cuh) for Q tiles of more than 64 tokens.
+template <class T, int kD, int kStages, bool kPingPong>
+std::string run_ws_forward(const Problem& p, const void* q, const void* k, const void* v,
+                           void* out, float* lse, cudaStream_t stream) {
+  using Tr = WsFwdTraits<T, kD, kStages, kPingPong>;
+  static_assert(Tr::kTileRows == kKvTokens && Tr::kBlockM == kMaxQTokens, "tile limits");
+  auto kernel = ws_fwd_kernel<Tr>;
+  const int smem = (int)sizeof(WsFwdSmem<Tr>);
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return sm80::cuda_error("cudaFuncSetAttribute(sm90 ws forward)", err);
+  const dim3 grid((unsigned)sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false),
+                  (unsigned)p.heads, (unsigned)p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, static_cast<const T*>(q),
+                                               static_cast<const T*>(k),
+                                               static_cast<const T*>(v), static_cast<T*>(out),
+                                               lse);
+  return sm80::cuda_error("sm90 ws forward kernel launch", cudaGetLastError());
+}
+
+// Which forward runs the Q tiles of more than 64 tokens: 2 = warp-specialised with
+// ping-pong, 1 = warp-specialised, 0 = forward.cuh (builds for comparisons set it).
+#ifndef GNA_SM90_FWD_WS
+#define GNA_SM90_FWD_WS 2
+#endif
+
 // KV tiles of the box per GEMM step of the 128-row variant: 2 gives Q·K^T an N of 128.
 #ifndef GNA_SM90_FWD_TILES_PER_STEP
 #define GNA_SM90_FWD_TILES_PER_STEP 2
@@ -48,6 +75,10 @@ std::string launch_forward(const Problem& p, const void* q, const void* k, const
   constexpr int kPerStep = GNA_SM90_FWD_TILES_PER_STEP;
   const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
   if (q_tokens <= 64) return run_forward<T, kD, 64, 1, 3>(p, q, k, v, out, lse, stream);
+  // Ring of K/V buffers: Q and two steps of K and V are 160 KB at D = 128.
+  constexpr int kWsStages = kD == 128 ? 2 : 4;
+  if (GNA_SM90_FWD_WS > 0)
+    return run_ws_forward<T, kD, kWsStages, GNA_SM90_FWD_WS == 2>(p, q, k, v, out, lse, stream);
   return run_forward<T, kD, 128, kPerStep, kPerStep == 1 ? 4 : 3>(p, q, k, v, out, lse,
                                                                    stream);
 }

@@ -3,7 +3,8 @@
 # SASS does not run on Hopper) and the sm90a kernels (cuda/sm90, SASS for sm_90a), and runs it.
 #   tests/native/run_sm80_check.sh [check [n] [seed] | sanitize | time | all | none]
 # `all` sweeps and sanitizes with the sm80 kernels, then with the sm90a kernels
-# (GNA_CHECK_KERNELS=sm90), then times both; `none` only builds.
+# (GNA_CHECK_KERNELS=sm90), then times both (GNA_SWEEP_KERNELS=sm90: only the sm90a sweep and
+# sanitizers); `none` only builds.
 # CUTLASS headers: $CUTLASS_INCLUDE, else ./.cutlass (copied there for the GPU machine), else
 # the nvidia-cutlass wheel of /work/venv. BUILD_DIR (default /tmp/sm80_check) holds objects.
 set -euo pipefail
@@ -26,6 +27,8 @@ for src in cuda/sm80/*.cu; do
 done
 for src in cuda/sm90/*.cu; do
   obj="$OUT_DIR/sm90_$(basename "$src" .cu).o"
+  # REUSE_SM90_BACKWARD=1: the same for the sm90a backward's objects.
+  [[ "${REUSE_SM90_BACKWARD:-0}" == 1 && "$src" == */backward_* && -f "$obj" ]] && continue
   nvcc -gencode arch=compute_90a,code=sm_90a "${FLAGS[@]:4}" --expt-relaxed-constexpr \
     ${NVCC_EXTRA:-} -c "$src" -o "$obj" &
   pids+=($!)
@@ -42,7 +45,7 @@ if [[ "$mode" == none ]]; then
 elif [[ "$mode" == all ]]; then
   # Every stage runs even if an earlier one fails; the exit status reports any failure.
   status=0
-  for kernels in sm80 sm90; do
+  for kernels in ${GNA_SWEEP_KERNELS:-sm80 sm90}; do
     GNA_CHECK_KERNELS=$kernels "$BIN" check "${2:-300}" "${3:-1234}" || status=1
     for tool in memcheck racecheck; do
       GNA_CHECK_KERNELS=$kernels compute-sanitizer --tool "$tool" --error-exitcode 3 "$BIN" sanitize \
