@@ -18,6 +18,7 @@
 
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "tensor_maps.h"
 #include "wgmma.cuh"
 
 namespace gna {
@@ -45,9 +46,10 @@ struct WsFwdTraits {
   using MmaO = MmaRS<T, kConsumers, kD, kBlockN>;  // O += P·V
   using SmemQ = SmemKMajor<T, kBlockM, kD>;
   using SmemK = SmemKMajor<T, kBlockN, kD>;
-  // V is stored [rows, D] like K: operand B of P·V seen MN-major as [D, rows].
+  // V is stored [rows, D] exactly like K (atoms tiled along the rows first, so a TMA box of
+  // 64 columns lands as one block): operand B of P·V seen MN-major as [D, rows].
   using SmemVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
-                                        Shape<Int<kD>, Int<kBlockN>>{}));
+                                        Shape<Int<kD>, Int<kBlockN>>{}, Step<_2, _1>{}));
 };
 
 template <class Tr>
@@ -63,7 +65,7 @@ struct WsFwdSmem {
   static constexpr int kRowSlots = Tr::kStages + 1;
   KRow krows[kRowSlots][Tr::kBlockN];
   int full[kRowSlots];
-  FullTiles fulls;                       // producer's last thread only
+  int tma[kRowSlots];  // bit t: tile t of the step is loaded as TMA boxes (else gathered)
   uint64_t q_full;
   uint64_t k_full[Tr::kStages], v_full[Tr::kStages];    // producer → consumers
   uint64_t k_empty[Tr::kStages], v_empty[Tr::kStages];  // consumers → producer
@@ -73,6 +75,9 @@ struct WsFwdSmem {
 // ping-pong.
 constexpr int kProducerBarrier = 1;
 constexpr int kTurnBarrier = 2;
+
+// L2 cache policy of the TMA loads (the "evict normal" createpolicy value).
+constexpr uint64_t kEvictNormal = 0x1000000000000000ull;
 
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
@@ -93,7 +98,8 @@ template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     ws_fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                   const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
-                  typename Tr::T* __restrict__ out, float* __restrict__ lse) {
+                  typename Tr::T* __restrict__ out, float* __restrict__ lse,
+                  const __grid_constant__ KvTensorMaps maps) {
   using T = typename Tr::T;
   using Barrier = cutlass::arch::ClusterBarrier;
   constexpr int kD = Tr::kD;
@@ -142,7 +148,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const T* qb = q + (b * n_q_tok * p.heads + h) * kD;
     const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
     const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
-    if (tid == 127) sm.fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
+    if (tid == 0 && maps.on) {
+      prefetch_tma_descriptor(&maps.k);
+      prefetch_tma_descriptor(&maps.v);
+    }
+    const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
     for (int r = tid; r < kBlockM; r += 128) sm.qrows[r] = G.q_row(p, qt, r);
     int ii[kMaxRank];
     sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sQ(r, c); }, qb, q_stride,
@@ -153,6 +163,22 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // is issued, while the producer waits for V's buffer, so that they are ready when K(j+1)'s
     // buffer frees up (built just before each gather, they cost 1.12x in FLUX-4K GNA).
     auto fill_rows = [&](int j) {
+      // Every producer thread computes the step's flags (the same values); its last writes them.
+      bool full = true;
+      int tma = 0;
+      for (int t = 0; t < kPerStep; ++t) {
+        const int tt = j * kPerStep + t;
+        int kj[kMaxRank];
+        box.at(tt, kj);
+        full = full && tt < box.total && fulls.contains(kj);
+        if (maps.on && tt < box.total && G.tile_inside(p, kj, /*kv_side=*/true)) tma |= 1 << t;
+      }
+      if (tid == 127) {
+        sm.full[j % kRowSlots] = full;
+        sm.tma[j % kRowSlots] = tma;
+      }
+      // A mask-free step loaded by TMA alone never reads its rows.
+      if (full && tma == (1 << kPerStep) - 1) return;
       KRow* rows = sm.krows[j % kRowSlots];
       for (int r = tid; r < kBlockN; r += 128) {
         const int t = j * kPerStep + r / Tr::kTileRows;
@@ -160,15 +186,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         box.at(t < box.total ? t : 0, kj);
         rows[r] = G.k_row(p, kj, r % Tr::kTileRows);
         if (t >= box.total) rows[r].tok = -1;
-      }
-      if (tid == 127) {
-        bool f = true;
-        for (int t = j * kPerStep; t < (j + 1) * kPerStep; ++t) {
-          int kj[kMaxRank];
-          box.at(t, kj);
-          f = f && t < box.total && sm.fulls.contains(kj);
-        }
-        sm.full[j % kRowSlots] = f;
       }
     };
     for (int j = 0; j < steps; ++j) {
@@ -181,19 +198,41 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // step j+1-kRowSlots <= j-2).
       named_sync(kProducerBarrier, 128);
       const KRow* rows = sm.krows[j % kRowSlots];
-      auto tok = [&](int r) { return rows[r].tok; };
+      const int tma = sm.tma[j % kRowSlots];
+      // Tiles of step j into buffer `dst` ((row, col) -> address): TMA boxes issued by thread
+      // 0 (the barrier expects their bytes), row gathers by every producer thread.
+      auto load = [&](const CUtensorMap* map, const T* base, uint64_t* bar, auto const& dst) {
+        if (tid == 0 && tma != 0) {
+          cutlass::arch::ClusterTransactionBarrier::expect_transaction(
+              bar, __popc(tma) * Tr::kTileRows * kD * (int)sizeof(T));
+          for (int t = 0; t < kPerStep; ++t) {
+            if (!(tma >> t & 1)) continue;
+            int kj[kMaxRank], x[kMaxRank];
+            box.at(j * kPerStep + t, kj);
+            for (int a = 0; a < kMaxRank; ++a)
+              x[a] = G.g[a] + (int)p.axes[a].dilation * kj[a] * (int)p.kv_tile[a];
+            for (int c = 0; c < kD; c += 64)
+              SM90_TMA_LOAD_5D::copy(map, bar, kEvictNormal, dst(t * Tr::kTileRows, c), c, hkv,
+                                     x[2], x[1], (int)b * (int)p.axes[0].kv_length + x[0]);
+          }
+        }
+        for (int t = 0; t < kPerStep; ++t) {
+          if (tma >> t & 1) continue;
+          const int r0 = t * Tr::kTileRows;
+          sm80::gather_rows<Tr::kTileRows, kD, 128>(
+              [&](int r, int c) { return dst(r0 + r, c); }, base, kv_stride,
+              [&](int r) { return rows[r0 + r].tok; }, tid);
+        }
+        producer_commit(bar);
+      };
       Tensor k_s = sK(s);
-      sm80::gather_rows<kBlockN, kD, 128>([&](int r, int c) { return &k_s(r, c); }, kb,
-                                          kv_stride, tok, tid);
-      producer_commit(&sm.k_full[s]);
+      load(&maps.k, kb, &sm.k_full[s], [&](int r, int c) { return &k_s(r, c); });
       // The consumers have released the rows of step j+1-kRowSlots (<= j-kStages) with that
       // step's K buffer, which the wait above saw.
       if (j + 1 < steps) fill_rows(j + 1);
       if (j >= kStages) Barrier::wait(&sm.v_empty[s], free_phase);
       Tensor vt_s = sVt(s);
-      sm80::gather_rows<kBlockN, kD, 128>([&](int r, int c) { return &vt_s(c, r); }, vb,
-                                          kv_stride, tok, tid);
-      producer_commit(&sm.v_full[s]);
+      load(&maps.v, vb, &sm.v_full[s], [&](int r, int c) { return &vt_s(c, r); });
     }
     sm80::cp_async_wait<0>();
     return;

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "../gna_problem.h"
 #include "../sm80/launch.cuh"
@@ -35,6 +36,12 @@ std::string run_forward(const Problem& p, const void* q, const void* k, const vo
   return sm80::cuda_error("sm90 forward kernel launch", cudaGetLastError());
 }
 
+// Whether the warp-specialised forward loads whole KV tiles as TMA boxes (tensor_maps.h);
+// 0 gathers every tile's rows (builds for comparisons set it).
+#ifndef GNA_SM90_FWD_TMA
+#define GNA_SM90_FWD_TMA 1
+#endif
+
 // The warp-specialised forward (forward_ws.cuh) for Q tiles of more than 64 tokens.
 template <class T, int kD, int kStages, bool kPingPong>
 std::string run_ws_forward(const Problem& p, const void* q, const void* k, const void* v,
@@ -46,19 +53,27 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return sm80::cuda_error("cudaFuncSetAttribute(sm90 ws forward)", err);
+  KvTensorMaps maps;
+  maps.on = 0;
+  if (GNA_SM90_FWD_TMA)
+    encode_kv_maps(p, k, v,
+                   std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                   (int)sizeof(T), Tr::kTileRows, &maps);
   const dim3 grid((unsigned)sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false),
                   (unsigned)p.heads, (unsigned)p.batch);
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, static_cast<const T*>(q),
                                                static_cast<const T*>(k),
                                                static_cast<const T*>(v), static_cast<T*>(out),
-                                               lse);
+                                               lse, maps);
   return sm80::cuda_error("sm90 ws forward kernel launch", cudaGetLastError());
 }
 
-// Which forward runs the Q tiles of more than 64 tokens: 2 = warp-specialised with
-// ping-pong, 1 = warp-specialised, 0 = forward.cuh (builds for comparisons set it).
+// Which forward runs the Q tiles of more than 64 tokens: 1 = warp-specialised, 2 = the same
+// with the consumers' ping-pong (0.97-0.98x of 1 on H200, same run), 0 = forward.cuh (builds
+// for comparisons set it).
 #ifndef GNA_SM90_FWD_WS
-#define GNA_SM90_FWD_WS 2
+#define GNA_SM90_FWD_WS 1
 #endif
 
 // KV tiles of the box per GEMM step of the 128-row variant: 2 gives Q·K^T an N of 128.
