@@ -1,6 +1,8 @@
 // sm90a GNA forward: the sm80 forward's geometry (one CTA per Q tile of one dilation group,
 // head and batch, walking the box of KV tiles the Q tile sees; full tiles skip the mask) with
-// Hopper warpgroup MMAs. Each warpgroup owns 64 Q rows; S = Q·K^T runs with both operands in
+// Hopper warpgroup MMAs. It runs the Q tiles of up to 64 tokens (larger ones take the
+// warp-specialised forward_ws.cuh unless a build selects this one). Each warpgroup owns 64 Q
+// rows; S = Q·K^T runs with both operands in
 // shared memory, O += P·V with P in registers.
 //
 // The loop walks the box in steps of kTilesPerStep consecutive KV tiles (N = 128 rows for

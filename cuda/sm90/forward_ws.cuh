@@ -3,17 +3,18 @@
 // steps of two 64-token tiles; full steps skip the mask), with the work split by role.
 //
 // - Warpgroup 0, the producer, keeps few registers (setmaxnreg.dec) and does all data
-//   movement: the row tables (tokens and mask coordinates) of Q and of every step, and the
-//   cp.async gathers of Q, K and V into a ring of kStages shared-memory buffers. A buffer is
-//   announced by an mbarrier that completes when the gathers have landed
-//   (cp.async.mbarrier.arrive) and the producer's row tables are written (a plain arrive,
-//   which releases them).
+//   movement: the row tables (tokens and mask coordinates) of Q and of every step, Q by
+//   cp.async, and K and V into a ring of kStages shared-memory buffers: tiles that lie inside
+//   the frame as TMA boxes (tensor_maps.h), the others by cp.async row gathers. A buffer is
+//   announced by an mbarrier that completes when its TMA bytes and gathers have landed and
+//   the producer's row tables are written (a plain arrive, which releases them).
 // - Warpgroups 1.., the consumers, take the registers the producer gave up (setmaxnreg.inc)
 //   and only run GEMMs and the softmax on 64 Q rows each. Per step `it` a consumer issues
 //   S(it) = Q·K(it)^T and O += P(it-1)·V(it-1) back to back, then runs the softmax of S(it)
 //   while the tensor cores still compute P·V; it frees K(it) after the softmax (the mask has
 //   read the step's rows) and V(it-1) once P·V has retired. With kPingPong, the consumers
-//   take turns to issue (named barriers), so that one's softmax runs under the other's GEMMs.
+//   take turns to issue (named barriers), so that one's softmax runs under the other's GEMMs
+//   (measured slightly slower than letting them issue when ready: off by default).
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -59,8 +60,8 @@ struct WsFwdSmem {
   alignas(1024) T k[Tr::kStages][Tr::kBlockN * Tr::kD];
   alignas(1024) T v[Tr::kStages][Tr::kBlockN * Tr::kD];
   QRow qrows[Tr::kBlockM];
-  // Rows of step j (tokens and mask coordinates) and whether it is mask-free (words: see
-  // forward.cuh), in slot j % kRowSlots: one more slot than buffers, so that the producer
+  // Rows of step j (tokens and mask coordinates), whether it is mask-free (words: see
+  // forward.cuh) and which of its tiles TMA loads, in slot j % kRowSlots: one more slot than buffers, so that the producer
   // writes step j+1's while the consumers still read step j+1-kStages's.
   static constexpr int kRowSlots = Tr::kStages + 1;
   KRow krows[kRowSlots][Tr::kBlockN];

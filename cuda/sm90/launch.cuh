@@ -81,16 +81,16 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
 #define GNA_SM90_FWD_TILES_PER_STEP 2
 #endif
 
-// One warpgroup per 64 rows of the Q tile. Shared memory at D = 128: the 128-row variant
-// with steps of two KV tiles holds Q (32 KB) and 2 K + 3 V step buffers (160 KB), one CTA per
-// SM; the 64-row variant (one tile per step, 96 KB) fits two CTAs per SM.
+// Q tiles of up to 64 tokens: forward.cuh with one warpgroup and one KV tile per step (96 KB
+// of shared memory at D = 128, two CTAs per SM). Larger Q tiles: the warp-specialised forward
+// (Q and two steps of K and V are 160 KB at D = 128; four steps at D = 64), or forward.cuh's
+// 128-row variant in comparison builds.
 template <class T, int kD>
 std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,
                            void* out, float* lse, cudaStream_t stream) {
   constexpr int kPerStep = GNA_SM90_FWD_TILES_PER_STEP;
   const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
   if (q_tokens <= 64) return run_forward<T, kD, 64, 1, 3>(p, q, k, v, out, lse, stream);
-  // Ring of K/V buffers: Q and two steps of K and V are 160 KB at D = 128.
   constexpr int kWsStages = kD == 128 ? 2 : 4;
   if (GNA_SM90_FWD_WS > 0)
     return run_ws_forward<T, kD, kWsStages, GNA_SM90_FWD_WS == 2>(p, q, k, v, out, lse, stream);
