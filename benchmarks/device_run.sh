@@ -67,7 +67,8 @@ native)
   ;;
 ab)
   step ab  # harness timings of builds with other compile-time choices, e.g. AB="-DX=0 -DX=1"
-  # (the sm80 objects and the sm90a backward's come from the default build)
+  # (the sm80 objects and the sm90a backward's come from the default build). AB_ONLY and
+  # GNA_TIME_KERNELS (e.g. sm90fwd) narrow the problems and kernels timed.
   [[ -x "$BUILD_DIR/sm80_check" ]] || bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1
   echo "--- default build"
   GNA_TIME_ONLY="${AB_ONLY:-}" "$BUILD_DIR/sm80_check" time 2>&1 | sed -n '/^problem/,$p'
@@ -80,12 +81,13 @@ ab)
   done
   ;;
 profile)
-  step profile  # ncu of the kernels matching $NCU_KERNELS on one harness problem
+  step profile  # ncu of the kernels matching $NCU_KERNELS on one harness problem; NCU_EXTRA
+  # adds options (e.g. "--section SourceCounters --print-details all")
   bash tests/native/run_sm80_check.sh none > /dev/null 2>&1  # builds the harness only
-  GNA_TIME_ONLY="${NCU_PROBLEM:-FLUX-4K GNA}" timeout 400 ncu --kernel-name-base demangled \
+  GNA_TIME_ONLY="${NCU_PROBLEM:-FLUX-4K GNA}" timeout 400 ncu --clock-control none --kernel-name-base demangled \
     -k "regex:${NCU_KERNELS:-sm90::(dkdv|dq)_kernel}" -c "${NCU_COUNT:-2}" --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section SchedulerStats \
-    --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section MemoryWorkloadAnalysis ${NCU_EXTRA:-} \
     "$BUILD_DIR/sm80_check" time > "$OUT/ncu.log" 2>&1
   echo "ncu rc=$?"
   grep -E "^  [a-z_:]+.*\(|Duration|Throughput|Registers|Achieved Occupancy|Issued Warp|No Eligible|Eligible Warps|Stall|L2 Hit|Mem Busy|Max Bandwidth" "$OUT/ncu.log" | head -80

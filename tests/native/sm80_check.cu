@@ -691,6 +691,12 @@ static int timing() {
               "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "sm90 fwd", "TF/s", "sm90 bwd", "TF/s");
   // GNA_TIME_ONLY=<text>: only the problems whose name contains it (e.g. for a profiler).
   const char* only = std::getenv("GNA_TIME_ONLY");
+  // GNA_TIME_KERNELS=<list>: only the kernels named in it (sm80fwd, sm80bwd, sm90fwd,
+  // sm90bwd; default all), to save device time when comparing builds; others print 0.
+  const char* kernels = std::getenv("GNA_TIME_KERNELS");
+  auto timed = [&](const char* name) {
+    return kernels == nullptr || std::string(kernels).find(name) != std::string::npos;
+  };
   for (auto& c : cases) {
     if (only != nullptr && std::string(c.name).find(only) == std::string::npos) continue;
     const Problem& p = c.p;
@@ -734,14 +740,18 @@ static int timing() {
       return (double)ms[ms.size() / 2];
     };
     const double flops = 4.0 * p.batch * p.heads * p.head_dim * neighbourhood_sum(p);
-    const double f = time_ms(fwd, 7), bw = time_ms(bwd, 5);
+    fwd();  // out and lse for the backwards, whichever kernels are timed
+    const double f = timed("sm80fwd") ? time_ms(fwd, 7) : 0;
+    const double bw = timed("sm80bwd") ? time_ms(bwd, 5) : 0;
     double f90 = 0, b90 = 0;  // sm90a kernels, where built and supported
 #ifdef GNA_CHECK_SM90
-    if (gna::sm90_supports(p, t).empty()) {
+    if (gna::sm90_supports(p, t).empty() && timed("sm90fwd")) {
       f90 = time_ms([&] {
         ok_or_die(gna::sm90_forward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr, 0),
                   "sm90 fwd");
       }, 7);
+    }
+    if (gna::sm90_supports(p, t).empty() && timed("sm90bwd")) {
       b90 = time_ms([&] {
         ok_or_die(gna::sm90_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr,
                                      (const float*)lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
@@ -754,7 +764,7 @@ static int timing() {
                   (long)p.q_tile[1], (long)p.q_tile[2], (long)p.kv_tile[0], (long)p.kv_tile[1],
                   (long)p.kv_tile[2]);
     std::printf("%-18s %-26s %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f\n", c.name, tiles,
-                f, flops / f * 1e-9, bw, 2.5 * flops / bw * 1e-9, f90,
+                f, f > 0 ? flops / f * 1e-9 : 0.0, bw, bw > 0 ? 2.5 * flops / bw * 1e-9 : 0.0, f90,
                 f90 > 0 ? flops / f90 * 1e-9 : 0.0, b90, b90 > 0 ? 2.5 * flops / b90 * 1e-9 : 0.0);
     std::fflush(stdout);
     CK(cudaEventDestroy(e0));
