@@ -92,10 +92,11 @@ std::string launch_forward(const Problem& p, const void* q, const void* k, const
   const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
   if (q_tokens <= 64) return run_forward<T, kD, 64, 1, 3>(p, q, k, v, out, lse, stream);
   constexpr int kWsStages = kD == 128 ? 2 : 4;
-  if (GNA_SM90_FWD_WS > 0)
+  if constexpr (GNA_SM90_FWD_WS > 0)
     return run_ws_forward<T, kD, kWsStages, GNA_SM90_FWD_WS == 2>(p, q, k, v, out, lse, stream);
-  return run_forward<T, kD, 128, kPerStep, kPerStep == 1 ? 4 : 3>(p, q, k, v, out, lse,
-                                                                   stream);
+  else
+    return run_forward<T, kD, 128, kPerStep, kPerStep == 1 ? 4 : 3>(p, q, k, v, out, lse,
+                                                                     stream);
 }
 
 // The sm90a backward (backward_impl.cuh; instantiated in the backward_*.cu files).
