@@ -2,8 +2,7 @@
 // head and batch, walking the box of KV tiles the Q tile sees; full tiles skip the mask) with
 // Hopper warpgroup MMAs. It runs the Q tiles of up to 64 tokens (larger ones take the
 // warp-specialised forward_ws.cuh unless a build selects this one). Each warpgroup owns 64 Q
-// rows; S = Q·K^T runs with both operands in
-// shared memory, O += P·V with P in registers.
+// rows; S = Q·K^T runs with both operands in shared memory, O += P·V with P in registers.
 //
 // The loop walks the box in steps of kTilesPerStep consecutive KV tiles (N = 128 rows for
 // the tensor cores while the geometry keeps its 64-token tiles). Per step `it`, after one CTA
