@@ -566,24 +566,28 @@ __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row
                                              float (&row_sum)[kRows], float (&corr)[kRows],
                                              bool full, const QRow* qrows, const KRow* krows,
                                              float scale2) {
+  // Scores to log2 units; masked ones to -inf. A column's KRow is the same for every row,
+  // so the masked path loads it once (columns outside, rows inside).
+  if (full) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(rs); ++i) rs(i) *= scale2;
+  } else {
+    QRow qr[kRows];
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) qr[mi] = qrows[get<0>(cSrc(mi, 0))];
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(rs); ++ni) {
+      const KRow kr = krows[get<1>(cSrc(0, ni))];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi)
+        rs(mi, ni) = visible(qr[mi], kr) ? rs(mi, ni) * scale2 : -INFINITY;
+    }
+  }
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     float mx = row_max[mi];
-    if (full) {
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rs); ++ni) {
-        rs(mi, ni) *= scale2;
-        mx = fmaxf(mx, rs(mi, ni));
-      }
-    } else {
-      const QRow qr = qrows[get<0>(cSrc(mi, 0))];
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rs); ++ni) {
-        const KRow kr = krows[get<1>(cSrc(mi, ni))];
-        rs(mi, ni) = visible(qr, kr) ? rs(mi, ni) * scale2 : -INFINITY;
-        mx = fmaxf(mx, rs(mi, ni));
-      }
-    }
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(rs); ++ni) mx = fmaxf(mx, rs(mi, ni));
     mx = quad_max(mx);
     // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
     const float base = mx == -INFINITY ? 0.f : mx;

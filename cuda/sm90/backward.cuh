@@ -432,19 +432,25 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
 
     warpgroup_wait<1>();  // S
     warpgroup_fence_operand(acc_s);
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRowsPerThread; ++mi) {
-      const float lse2 = lse2_of[mi];
-      if (full) {
+    if (full) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRowsPerThread; ++mi) {
         CUTE_UNROLL
         for (int ni = 0; ni < size<1>(rs); ++ni)
-          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
-      } else {
-        const QRow qr = sm.mrows[get<0>(cSrc(mi, 0))];
+          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
+      }
+    } else {
+      // A column's KRow is the same for all of this thread's rows: load it once per column.
+      QRow qr[kRowsPerThread];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRowsPerThread; ++mi) qr[mi] = sm.mrows[get<0>(cSrc(mi, 0))];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        const KRow kr = krows[get<1>(cSrc(0, ni))];
         CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni) {
-          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
-          rs(mi, ni) = sm80::visible(qr, krows[get<1>(cSrc(mi, ni))]) ? pr : 0.f;
+        for (int mi = 0; mi < kRowsPerThread; ++mi) {
+          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
+          rs(mi, ni) = sm80::visible(qr[mi], kr) ? pr : 0.f;
         }
       }
     }
