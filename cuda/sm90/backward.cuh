@@ -20,6 +20,8 @@
 
 #include "../sm80/backward.cuh"  // store_rows
 #include "../sm80/launch.cuh"     // kKvTokens
+#include "pipeline.cuh"
+#include "tensor_maps.h"
 #include "wgmma.cuh"
 
 namespace gna {
@@ -64,11 +66,35 @@ struct BwdSmem {
   float nlse[Tr::kRowSlots][Tr::kBlockN];
   float ndelta[Tr::kRowSlots][Tr::kBlockN];
   int full[Tr::kRowSlots];  // step needs no element mask (words: see FwdSmem::full)
+  int tma[Tr::kRowSlots];   // dK/dV: the step's Q/dO chunk is loaded as TMA boxes
+  uint64_t n_bar[Tr::kBuffers];  // dK/dV: the TMA bytes of a buffer (one phase per step)
   Group group;  // dK/dV: the CTA's geometry and box, kept out of registers (D = 128 spills)
   TileBox box;
   FullTiles fulls;
   sm80::RowTable<sm80::kMaxQTokens> ntable;  // rows of an N-side tile
 };
+
+// Loads chunk `chunk` (rows chunk·N ..) of Q tile `qt` of query head `head` from Q and dO
+// as TMA boxes (QTensorMaps), completing on `bar`; `q_dst(c)` and `do_dst(c)` are the
+// shared-memory addresses of column c of the chunk's first row. By one thread.
+template <int kD, class QDst, class DoDst>
+__device__ __forceinline__ void tma_load_q_chunk(QTensorMaps const& maps, uint64_t* bar,
+                                                 Group const& G, Problem const& p,
+                                                 const int qt[kMaxRank], int chunk, int head,
+                                                 int64_t b, QDst const& q_dst,
+                                                 DoDst const& do_dst) {
+  int x[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) {
+    const int chunk_at = a == maps.axis ? chunk * maps.step : 0;
+    x[a] = G.g[a] + (int)p.axes[a].dilation * (qt[a] * (int)p.q_tile[a] + chunk_at);
+  }
+  const int outer = (int)b * (int)p.axes[0].q_length + x[0];
+  for (int c = 0; c < kD; c += 64) {
+    SM90_TMA_LOAD_5D::copy(&maps.q, bar, kEvictNormal, q_dst(c), c, head, x[2], x[1], outer);
+    SM90_TMA_LOAD_5D::copy(&maps.dout, bar, kEvictNormal, do_dst(c), c, head, x[2], x[1],
+                           outer);
+  }
+}
 
 // QRow with the backward's per-row values: lse·log2(e) (+inf on padding rows, so that P = 0
 // there) and delta = rowsum(dO·O).
@@ -87,8 +113,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
                 const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                 const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
                 const float* __restrict__ delta, typename Tr::T* __restrict__ dk,
-                typename Tr::T* __restrict__ dv) {
+                typename Tr::T* __restrict__ dv, const __grid_constant__ QTensorMaps maps) {
   using T = typename Tr::T;
+  using Barrier = cutlass::arch::ClusterBarrier;
   constexpr int kD = Tr::kD;
   constexpr int kBlockM = Tr::kBlockM;
   constexpr int kBlockN = Tr::kBlockN;
@@ -110,6 +137,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       sm.group = g0;
       sm.box = TileBox::seeing(g0, p, kt);
       sm.fulls = FullTiles::seeing(g0, p, kt, kBlockM);
+      for (int s = 0; s < Tr::kBuffers; ++s) Barrier::init(&sm.n_bar[s], 1);
+      cutlass::arch::fence_barrier_init();
+      if (maps.on) {
+        prefetch_tma_descriptor(&maps.q);
+        prefetch_tma_descriptor(&maps.dout);
+      }
     }
     __syncthreads();
   }
@@ -144,8 +177,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       int qt[kMaxRank];
       box.at((j / n_chunks) % box.total, qt);
       const bool full = sm.fulls.contains(qt);
+      const bool inside = G.tile_inside(p, qt, /*kv_side=*/false);
       // A full tile inside the frame needs only its tokens (the mask is never evaluated).
-      const bool fast = full && G.tile_inside(p, qt, /*kv_side=*/false);
+      const bool fast = full && inside;
       const int base = G.tile_base(p, qt, false);
       const int64_t stats = b * n_q_tok * p.heads + step_head(j);
       for (int r = tid; r < kBlockN; r += kThreads) {
@@ -167,22 +201,41 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
           sm.ndelta[slot][r] = 0.f;
         }
       }
-      if (tid == 0) sm.full[slot] = full;
+      if (tid == 0) {
+        sm.full[slot] = full;
+        sm.tma[slot] = maps.on && inside;
+      }
     }
     sm80::cp_async_commit();
   };
-  // Gathers Q/dO of step j if it exists; always commits a group.
+  // Loads Q/dO of step j if it exists: TMA boxes for a chunk inside the frame (one thread),
+  // else row gathers; always commits a cp.async group, and completes one phase of the
+  // buffer's barrier (at once for gathers).
   auto stage = [&](int j) {
     if (j < steps) {
-      const QRow* rows = sm.nrows[j % kSlots];
-      auto tok = [&](int r) { return rows[r].tok; };
-      const int64_t q_off = (b * n_q_tok * p.heads + step_head(j)) * kD;
-      Tensor q_s = sQ(j % Tr::kBuffers);
-      Tensor do_s = sdO(j % Tr::kBuffers);
-      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &q_s(r, c); },
-                                               q + q_off, q_stride, tok, tid);
-      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &do_s(r, c); },
-                                               dout + q_off, q_stride, tok, tid);
+      const int buf = j % Tr::kBuffers;
+      Tensor q_s = sQ(buf);
+      Tensor do_s = sdO(buf);
+      if (sm.tma[j % kSlots]) {
+        if (tid == 0) {
+          int qt[kMaxRank];
+          box.at((j / n_chunks) % box.total, qt);
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
+              &sm.n_bar[buf], 2 * kBlockN * kD * (int)sizeof(T));
+          tma_load_q_chunk<kD>(
+              maps, &sm.n_bar[buf], G, p, qt, j % n_chunks, step_head(j), b,
+              [&](int c) { return &q_s(0, c); }, [&](int c) { return &do_s(0, c); });
+        }
+      } else {
+        const QRow* rows = sm.nrows[j % kSlots];
+        auto tok = [&](int r) { return rows[r].tok; };
+        const int64_t q_off = (b * n_q_tok * p.heads + step_head(j)) * kD;
+        sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &q_s(r, c); },
+                                                 q + q_off, q_stride, tok, tid);
+        sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &do_s(r, c); },
+                                                 dout + q_off, q_stride, tok, tid);
+        if (tid == 0) Barrier::arrive(&sm.n_bar[buf]);
+      }
     }
     sm80::cp_async_commit();
   };
@@ -235,6 +288,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
     const int buf = it % Tr::kBuffers;
+    Barrier::wait(&sm.n_bar[buf], (it / Tr::kBuffers) & 1);
     wgmma_issue(mma_s, tSrK, thr_s.partition_fragment_B(sQ(buf)), acc_s, false);
     wgmma_issue(mma_s, tSrV, thr_s.partition_fragment_B(sdO(buf)), acc_dp, false);
     stage(it + 1);
@@ -305,6 +359,48 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
                    kv_stride, p.scale, out_tok);
   sm80::store_rows(make_tensor(acc_dv.data(), gmma_rowcol(acc_dv.layout())), cOrc, dv + kv_off,
                    kv_stride, 1.f, out_tok);
+}
+
+// The dQ kernels' P = exp2(S·scale2 − lse2) on the thread's part of S (rows: Q rows, whose
+// lse2 the thread holds; columns: KV rows), 0 where the mask hides the key unless `full`.
+template <int kRows, class RS, class CS>
+__device__ __forceinline__ void dq_probs(RS& rs, CS const& cSrc, const float (&lse2_of)[kRows],
+                                         float scale2, bool full, const QRow* qrows,
+                                         const KRow* krows) {
+  if (full) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni)
+        rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
+    }
+  } else {
+    // A column's KRow is the same for all of this thread's rows: load it once per column.
+    QRow qr[kRows];
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) qr[mi] = qrows[get<0>(cSrc(mi, 0))];
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(rs); ++ni) {
+      const KRow kr = krows[get<1>(cSrc(0, ni))];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
+        rs(mi, ni) = sm80::visible(qr[mi], kr) ? pr : 0.f;
+      }
+    }
+  }
+}
+
+// dS = P ∘ (dP − delta), in place of dP, for the dQ kernels (delta per Q row).
+template <int kRows, class RD, class RS>
+__device__ __forceinline__ void dq_grad_scores(RD& rdp, RS const& rs,
+                                               const float (&delta_of)[kRows]) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(rdp); ++ni)
+      rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - delta_of[mi]);
+  }
 }
 
 template <class Tr>
@@ -432,36 +528,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
 
     warpgroup_wait<1>();  // S
     warpgroup_fence_operand(acc_s);
-    if (full) {
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRowsPerThread; ++mi) {
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni)
-          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
-      }
-    } else {
-      // A column's KRow is the same for all of this thread's rows: load it once per column.
-      QRow qr[kRowsPerThread];
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRowsPerThread; ++mi) qr[mi] = sm.mrows[get<0>(cSrc(mi, 0))];
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rs); ++ni) {
-        const KRow kr = krows[get<1>(cSrc(0, ni))];
-        CUTE_UNROLL
-        for (int mi = 0; mi < kRowsPerThread; ++mi) {
-          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
-          rs(mi, ni) = sm80::visible(qr[mi], kr) ? pr : 0.f;
-        }
-      }
-    }
+    dq_probs(rs, cSrc, lse2_of, scale2, full, sm.mrows, krows);
     warpgroup_wait<0>();  // dP
     warpgroup_fence_operand(acc_dp);
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRowsPerThread; ++mi) {
-      const float dl = delta_of[mi];
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rdp); ++ni) rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - dl);
-    }
+    dq_grad_scores(rdp, rs, delta_of);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
     wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sKt(buf)), acc_dq, true);

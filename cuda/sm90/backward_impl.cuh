@@ -3,6 +3,7 @@
 #pragma once
 
 #include "backward.cuh"
+#include "backward_ws.cuh"
 #include "launch.cuh"
 
 namespace gna {
@@ -18,9 +19,24 @@ std::string run_bwd_kernel(Kernel kernel, int smem, const char* what, dim3 grid,
   return sm80::cuda_error(what, cudaGetLastError());
 }
 
-// dK/dV: one warpgroup per 64-token KV tile, 64 query rows per step; 96 KB of shared memory
-// at D = 128, two CTAs per SM. dQ: one warpgroup per 64 rows of the Q tile, one KV tile per
-// step; 128 KB for the 128-row Q tile (one CTA per SM), 96 KB for the 64-row one.
+// Which kernels are the warp-specialised ones of backward_ws.cuh (the others are
+// backward.cuh's): bit 0 the dK/dV kernel, bit 1 the dQ kernel of 128-token Q tiles (builds
+// for comparisons set it).
+#ifndef GNA_SM90_BWD_WS
+#define GNA_SM90_BWD_WS 2
+#endif
+// Whether backward.cuh's dK/dV kernel loads Q/dO chunks inside the frame as TMA boxes.
+#ifndef GNA_SM90_BWD_TMA
+#define GNA_SM90_BWD_TMA 1
+#endif
+
+// dK/dV: warp-specialised, a producer and two consumer warpgroups per 64-token KV tile, 64
+// query rows per step, Q/dO in a ring of 4 buffers at D = 128 (176 KB of shared memory, one
+// CTA per SM) or 6 at D = 64; or backward.cuh's, one warpgroup per KV tile (96 KB at D = 128,
+// two CTAs per SM). dQ of a 128-token Q tile: warp-specialised, two consumer warpgroups of 64
+// rows, one KV tile per step, K/V in a ring of 4 steps at D = 128 (about 200 KB) or 6 at
+// D = 64; a 64-token Q tile (or a comparison build): backward.cuh's, one warpgroup per 64
+// rows (96 KB).
 template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q_, const void* k_, const void* v_,
                             const void* out, const void* dout_, const float* lse, void* dq,
@@ -31,15 +47,28 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   const T* dout = static_cast<const T*>(dout_);
   std::string e = sm80::launch_delta<T, kD>(p, out, dout_, delta, stream);
   if (!e.empty()) return e;
-  {
+  const dim3 kv_grid((unsigned)sm80::grid_tiles(p, p.kv_tile, /*kv_side=*/true),
+                     (unsigned)p.kv_heads, (unsigned)p.batch);
+  const CUtensorMapDataType dtype = std::is_same_v<T, cutlass::bfloat16_t>
+                                        ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  if constexpr ((GNA_SM90_BWD_WS & 1) != 0) {
+    using Tr = WsDkdvTraits<T, kD, kD == 128 ? 4 : 6>;
+    QTensorMaps maps;
+    encode_q_maps(p, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps);
+    e = run_bwd_kernel<Tr>(ws_dkdv_kernel<Tr>, (int)sizeof(WsDkdvSmem<Tr>),
+                           "sm90 ws dkdv kernel", kv_grid, stream, p, q, k, v, dout, lse,
+                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv), maps);
+  } else {
     using Tr = BwdTraits<T, kD, kKvTokens, 64>;
-    const dim3 grid((unsigned)sm80::grid_tiles(p, p.kv_tile, /*kv_side=*/true),
-                    (unsigned)p.kv_heads, (unsigned)p.batch);
+    QTensorMaps maps;
+    encode_q_maps(p, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps);
+    if (!GNA_SM90_BWD_TMA) maps.on = 0;
     e = run_bwd_kernel<Tr>(dkdv_kernel<Tr>, (int)sizeof(BwdSmem<Tr, KRow, QRow>),
-                           "sm90 dkdv kernel", grid, stream, p, q, k, v, dout, lse,
-                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv));
-    if (!e.empty()) return e;
+                           "sm90 dkdv kernel", kv_grid, stream, p, q, k, v, dout, lse,
+                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv), maps);
   }
+  if (!e.empty()) return e;
   const dim3 grid((unsigned)sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false),
                   (unsigned)p.heads, (unsigned)p.batch);
   auto run_dq = [&](auto traits) {
@@ -50,7 +79,17 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   };
   if (p.q_tile[0] * p.q_tile[1] * p.q_tile[2] <= 64)
     return run_dq(BwdTraits<T, kD, 64, kKvTokens>{});
-  return run_dq(BwdTraits<T, kD, 128, kKvTokens>{});
+  if constexpr ((GNA_SM90_BWD_WS & 2) != 0) {
+    using Tr = WsDqTraits<T, kD, kD == 128 ? 4 : 6>;
+    static_assert(Tr::kBlockM == kMaxQTokens && Tr::Ring::kTileRows == kKvTokens, "tiles");
+    KvTensorMaps maps;
+    encode_kv_maps(p, k, v, dtype, (int)sizeof(T), Tr::Ring::kTileRows, &maps);
+    return run_bwd_kernel<Tr>(ws_dq_kernel<Tr>, (int)sizeof(WsDqSmem<Tr>), "sm90 ws dq kernel",
+                              grid, stream, p, q, k, v, dout, lse, (const float*)delta,
+                              static_cast<T*>(dq), maps);
+  } else {
+    return run_dq(BwdTraits<T, kD, 128, kKvTokens>{});
+  }
 }
 
 #define GNA_SM90_BACKWARD(T, D)                                                             \

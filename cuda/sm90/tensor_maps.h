@@ -1,5 +1,6 @@
-// TMA descriptors (CUtensorMap) of the K and V buffers, so that a KV tile of 64 tokens can be
-// loaded as one multi-dimensional box per 64 columns instead of 64 row gathers.
+// TMA descriptors (CUtensorMap) of the K and V buffers (and of Q and dO for the dK/dV kernel),
+// so that a KV tile of 64 tokens (or 64 rows of a Q tile) can be loaded as one
+// multi-dimensional box per 64 columns instead of 64 row gathers.
 //
 // A buffer [B, L0, L1, L2, H_kv, D] is described as the 5-D tensor (innermost first)
 // [D, H_kv, L2, L1, B·L0]: the batch folds into the outermost axis (its stride is L0 times
@@ -50,43 +51,85 @@ inline EncodeTiled encode_tiled() {
 
 }  // namespace detail
 
+// Encodes `map` over a [B, L0, L1, L2, H, D] buffer of `p` (the Q side: q_length and heads;
+// the K/V side: kv_length and kv_heads) as [D, H, L2, L1, B·L0], with boxes of 64 columns
+// times box[a] tokens per axis a (the dilation as element stride). False where TMA cannot.
+inline bool encode_token_map(CUtensorMap* map, const void* ptr, const Problem& p, bool kv_side,
+                             const int64_t box[kMaxRank], CUtensorMapDataType dtype,
+                             int elem_bytes) {
+  const detail::EncodeTiled encode = detail::encode_tiled();
+  if (encode == nullptr) return false;
+  auto length = [&](int a) { return kv_side ? p.axes[a].kv_length : p.axes[a].q_length; };
+  for (int a = 0; a < kMaxRank; ++a) {
+    // TMA: element strides up to 8, boxes up to 256 elements per dimension.
+    const int64_t d = p.axes[a].dilation;
+    if (d > 8 || box[a] * d > 256) return false;
+  }
+  if (p.batch * length(0) >= (int64_t{1} << 31)) return false;
+  const uint64_t e = (uint64_t)elem_bytes;
+  const cuuint64_t dims[5] = {(cuuint64_t)p.head_dim,
+                              (cuuint64_t)(kv_side ? p.kv_heads : p.heads),
+                              (cuuint64_t)length(2), (cuuint64_t)length(1),
+                              (cuuint64_t)(p.batch * length(0))};
+  const cuuint64_t strides[4] = {dims[0] * e, dims[1] * dims[0] * e,
+                                 dims[2] * dims[1] * dims[0] * e,
+                                 dims[3] * dims[2] * dims[1] * dims[0] * e};
+  cuuint32_t box_dims[5] = {64, 1, 1, 1, 1};
+  cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  for (int a = 0; a < kMaxRank; ++a) {
+    box_dims[4 - a] = (cuuint32_t)(box[a] * p.axes[a].dilation);
+    elem_strides[4 - a] = (cuuint32_t)p.axes[a].dilation;
+  }
+  return encode(map, dtype, 5, const_cast<void*>(ptr), dims, strides, box_dims, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // Fills `maps` for K and V buffers of `p` (elements of `elem_bytes`, `dtype`), with boxes of
 // `tile_rows` tokens; maps->on = 0 where TMA cannot load the problem's KV tiles as boxes.
 inline void encode_kv_maps(const Problem& p, const void* k, const void* v,
                            CUtensorMapDataType dtype, int elem_bytes, int tile_rows,
                            KvTensorMaps* maps) {
+  maps->on = p.kv_tile[0] * p.kv_tile[1] * p.kv_tile[2] == tile_rows &&
+             encode_token_map(&maps->k, k, p, /*kv_side=*/true, p.kv_tile, dtype, elem_bytes) &&
+             encode_token_map(&maps->v, v, p, /*kv_side=*/true, p.kv_tile, dtype, elem_bytes);
+}
+
+// TMA descriptors of the Q and dO buffers for the dK/dV kernel, which reads a Q tile in
+// chunks of `chunk_rows` rows: chunk c is the box of the tile's extent on every axis but
+// `axis`, where it spans `step` tokens from c · step (row order is last axis fastest, so a
+// run of whole rows of the faster axes is a box).
+struct QTensorMaps {
+  CUtensorMap q;
+  CUtensorMap dout;
+  int on;  // 0: chunks are not boxes (or encoding failed); gather every chunk
+  int axis;
+  int step;
+};
+
+inline void encode_q_maps(const Problem& p, const void* q, const void* dout,
+                          CUtensorMapDataType dtype, int elem_bytes, int chunk_rows,
+                          QTensorMaps* maps) {
   maps->on = 0;
-  const detail::EncodeTiled encode = detail::encode_tiled();
-  if (encode == nullptr) return;
-  int64_t rows = 1;
-  for (int a = 0; a < kMaxRank; ++a) {
-    const Axis& ax = p.axes[a];
-    rows *= p.kv_tile[a];
-    // TMA: element strides up to 8, boxes up to 256 elements per dimension.
-    if (ax.dilation > 8 || p.kv_tile[a] * ax.dilation > 256) return;
+  maps->axis = 0;
+  maps->step = 0;
+  // The slowest axis of the tile with an extent over 1 is split; every chunk must be full
+  // (a box shorter than the buffer's rows would leave stale rows in shared memory).
+  int64_t box[kMaxRank] = {p.q_tile[0], p.q_tile[1], p.q_tile[2]};
+  const int64_t rows = box[0] * box[1] * box[2];
+  if (rows % chunk_rows != 0) return;
+  if (rows > chunk_rows) {
+    int a = 0;
+    while (box[a] == 1) ++a;
+    const int64_t inner = rows / box[a];
+    if (chunk_rows % inner != 0 || box[a] % (chunk_rows / inner) != 0) return;
+    box[a] = chunk_rows / inner;
+    maps->axis = a;
+    maps->step = (int)box[a];
   }
-  if (rows != tile_rows || p.batch * p.axes[0].kv_length >= (int64_t{1} << 31)) return;
-  const uint64_t e = (uint64_t)elem_bytes;
-  const cuuint64_t dims[5] = {(cuuint64_t)p.head_dim, (cuuint64_t)p.kv_heads,
-                              (cuuint64_t)p.axes[2].kv_length, (cuuint64_t)p.axes[1].kv_length,
-                              (cuuint64_t)(p.batch * p.axes[0].kv_length)};
-  const cuuint64_t strides[4] = {dims[0] * e, dims[1] * dims[0] * e,
-                                 dims[2] * dims[1] * dims[0] * e,
-                                 dims[3] * dims[2] * dims[1] * dims[0] * e};
-  const cuuint32_t box[5] = {64, 1, (cuuint32_t)(p.kv_tile[2] * p.axes[2].dilation),
-                             (cuuint32_t)(p.kv_tile[1] * p.axes[1].dilation),
-                             (cuuint32_t)(p.kv_tile[0] * p.axes[0].dilation)};
-  const cuuint32_t elem_strides[5] = {1, 1, (cuuint32_t)p.axes[2].dilation,
-                                      (cuuint32_t)p.axes[1].dilation,
-                                      (cuuint32_t)p.axes[0].dilation};
-  for (int i = 0; i < 2; ++i) {
-    if (encode(i == 0 ? &maps->k : &maps->v, dtype, 5, const_cast<void*>(i == 0 ? k : v), dims,
-               strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-      return;
-  }
-  maps->on = 1;
+  maps->on = encode_token_map(&maps->q, q, p, /*kv_side=*/false, box, dtype, elem_bytes) &&
+             encode_token_map(&maps->dout, dout, p, /*kv_side=*/false, box, dtype, elem_bytes);
 }
 
 }  // namespace sm90

@@ -27,8 +27,12 @@ for src in cuda/sm80/*.cu; do
 done
 for src in cuda/sm90/*.cu; do
   obj="$OUT_DIR/sm90_$(basename "$src" .cu).o"
-  # REUSE_SM90_BACKWARD=1: the same for the sm90a backward's objects.
-  [[ "${REUSE_SM90_BACKWARD:-0}" == 1 && "$src" == */backward_* && -f "$obj" ]] && continue
+  # REUSE_SM90_BACKWARD=1 / REUSE_SM90_FORWARD=1: the same for the sm90a backward's objects
+  # or the others.
+  if [[ -f "$obj" ]]; then
+    [[ "${REUSE_SM90_BACKWARD:-0}" == 1 && "$src" == */backward_* ]] && continue
+    [[ "${REUSE_SM90_FORWARD:-0}" == 1 && "$src" != */backward_* ]] && continue
+  fi
   nvcc -gencode arch=compute_90a,code=sm_90a "${FLAGS[@]:4}" --expt-relaxed-constexpr \
     ${NVCC_EXTRA:-} -c "$src" -o "$obj" &
   pids+=($!)

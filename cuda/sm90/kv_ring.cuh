@@ -1,0 +1,176 @@
+// The K/V ring of the warp-specialised kernels that walk the box of KV tiles a Q tile sees
+// (forward_ws.cuh, and the dQ kernel of backward_ws.cuh): shared-memory buffers for kStages
+// steps of kPerStep 64-token KV tiles, the row tables of the steps, the mbarriers, the
+// producer's loop that fills them and the consumers' side of the handshake.
+//
+// The producer loads tiles that lie inside the frame as TMA boxes (tensor_maps.h) and
+// gathers the others' rows with cp.async; a buffer's mbarrier completes when its TMA bytes
+// and gathers have landed and the producer's row tables are written. Consumers wait for K
+// and V of a step separately and release each once read (one arrival per warp).
+#pragma once
+
+#include "pipeline.cuh"
+#include "tensor_maps.h"
+#include "wgmma.cuh"
+
+namespace gna {
+namespace sm90 {
+
+using namespace cute;
+
+template <class T, int kD, int kPerStep, int kStages, int kConsumerWarps>
+struct KvRing {
+  using Barrier = cutlass::arch::ClusterBarrier;
+  static constexpr int kTileRows = 64;  // K/V rows of one KV tile of the box
+  static constexpr int kRows = kTileRows * kPerStep;
+  // Row tables of step j live in slot j % kRowSlots: one more slot than buffers, so that the
+  // producer writes step j+1's while the consumers still read step j+1-kStages's.
+  static constexpr int kRowSlots = kStages + 1;
+  using SmemK = SmemKMajor<T, kRows, kD>;
+  // A buffer seen MN-major as [D, rows] (operand B of P·V, and of dS·K): atoms tiled along
+  // the rows first, which maps every element where SmemK does, so V is written (and a TMA
+  // box lands) exactly like K.
+  using SmemT = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
+                                       Shape<Int<kD>, Int<kRows>>{}, Step<_2, _1>{}));
+
+  alignas(1024) T k[kStages][kRows * kD];
+  alignas(1024) T v[kStages][kRows * kD];
+  KRow krows[kRowSlots][kRows];  // tokens and mask coordinates
+  int full[kRowSlots];           // the step needs no element mask
+  int tma[kRowSlots];            // bit t: tile t of the step is loaded as TMA boxes
+  uint64_t k_full[kStages], v_full[kStages];    // producer → consumers
+  uint64_t k_empty[kStages], v_empty[kStages];  // consumers → producer
+
+  // By one thread, before the CTA barrier that precedes the roles.
+  __device__ __forceinline__ void init() {
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&k_full[s], 2 * 128);  // two arrivals per producer thread
+      Barrier::init(&v_full[s], 2 * 128);
+      Barrier::init(&k_empty[s], kConsumerWarps);
+      Barrier::init(&v_empty[s], kConsumerWarps);
+    }
+  }
+
+  // Buffer s seen K-major as [rows, D] (sK, sV) or MN-major as [D, rows] (sKt, sVt).
+  __device__ __forceinline__ auto sK(int s) { return make_tensor(make_smem_ptr(k[s]), SmemK{}); }
+  __device__ __forceinline__ auto sV(int s) { return make_tensor(make_smem_ptr(v[s]), SmemK{}); }
+  __device__ __forceinline__ auto sKt(int s) { return make_tensor(make_smem_ptr(k[s]), SmemT{}); }
+  __device__ __forceinline__ auto sVt(int s) { return make_tensor(make_smem_ptr(v[s]), SmemT{}); }
+
+  // ---------------------------------------------------------------------------- consumers
+  // Waits until K (or V) of step `it` has landed; the fence orders the cp.async writes
+  // (generic proxy) before the wgmma reads (async proxy).
+  __device__ __forceinline__ void wait_k(int it) {
+    Barrier::wait(&k_full[it % kStages], (it / kStages) & 1);
+    cutlass::arch::fence_view_async_shared();
+  }
+  __device__ __forceinline__ void wait_v(int it) {
+    Barrier::wait(&v_full[it % kStages], (it / kStages) & 1);
+    cutlass::arch::fence_view_async_shared();
+  }
+  // K(it) and the step's rows (or V(it)) are no longer read by this warp.
+  __device__ __forceinline__ void release_k(int it) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) Barrier::arrive(&k_empty[it % kStages]);
+  }
+  __device__ __forceinline__ void release_v(int it) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) Barrier::arrive(&v_empty[it % kStages]);
+  }
+  __device__ __forceinline__ const KRow* rows(int it) const { return krows[it % kRowSlots]; }
+  __device__ __forceinline__ bool is_full(int it) const { return full[it % kRowSlots] != 0; }
+
+  // ----------------------------------------------------------------------------- producer
+  // Fills the ring for steps 0..steps-1 of the box (kPerStep tiles each) from the K and V
+  // rows of the CTA's batch and KV head (`kb`, `vb`); run by the 128 producer threads.
+  __device__ __forceinline__ void produce(Problem const& p, Group const& G, TileBox const& box,
+                          FullTiles const& fulls, KvTensorMaps const& maps, const T* kb,
+                          const T* vb, int hkv, int64_t b, int tid, int steps) {
+    const int64_t kv_stride = p.kv_heads * kD;
+    if (tid == 0 && maps.on) {
+      prefetch_tma_descriptor(&maps.k);
+      prefetch_tma_descriptor(&maps.v);
+    }
+    // Row tables of step j: step j+1's are written right after K(j) is issued, while the
+    // producer waits for V's buffer, so that they are ready when K(j+1)'s buffer frees up
+    // (built just before each gather, they cost 1.12x in the FLUX-4K GNA forward).
+    auto fill_rows = [&](int j) {
+      // Every producer thread computes the step's flags (the same values); its last writes
+      // them.
+      bool all_full = true;
+      int tma_bits = 0;
+      for (int t = 0; t < kPerStep; ++t) {
+        const int tt = j * kPerStep + t;
+        int kj[kMaxRank];
+        box.at(tt, kj);
+        all_full = all_full && tt < box.total && fulls.contains(kj);
+        if (maps.on && tt < box.total && G.tile_inside(p, kj, /*kv_side=*/true))
+          tma_bits |= 1 << t;
+      }
+      if (tid == 127) {
+        full[j % kRowSlots] = all_full;
+        tma[j % kRowSlots] = tma_bits;
+      }
+      // A mask-free step loaded by TMA alone never reads its rows.
+      if (all_full && tma_bits == (1 << kPerStep) - 1) return;
+      KRow* step_rows = krows[j % kRowSlots];
+      for (int r = tid; r < kRows; r += 128) {
+        const int t = j * kPerStep + r / kTileRows;
+        int kj[kMaxRank];
+        box.at(t < box.total ? t : 0, kj);
+        step_rows[r] = G.k_row(p, kj, r % kTileRows);
+        if (t >= box.total) step_rows[r].tok = -1;
+      }
+    };
+    for (int j = 0; j < steps; ++j) {
+      if (j == 0) fill_rows(0);
+      const int s = j % kStages;
+      const uint32_t free_phase = ((j / kStages) + 1) & 1;  // the (j/kStages - 1)-th release
+      if (j >= kStages) Barrier::wait(&k_empty[s], free_phase);
+      // Every producer thread gathers rows that others wrote. This barrier also orders the
+      // gathers of step j-1 before step j+1 rewrites slot (j+1) % kRowSlots (the slot of
+      // step j+1-kRowSlots <= j-2).
+      named_sync(kProducerBarrier, 128);
+      const KRow* step_rows = krows[j % kRowSlots];
+      const int tma_bits = tma[j % kRowSlots];
+      // Tiles of step j into buffer `dst` ((row, col) -> address): TMA boxes issued by thread
+      // 0 (the barrier expects their bytes), row gathers by every producer thread.
+      auto load = [&](const CUtensorMap* map, const T* base, uint64_t* bar, auto const& dst) {
+        if (tid == 0 && tma_bits != 0) {
+          cutlass::arch::ClusterTransactionBarrier::expect_transaction(
+              bar, __popc(tma_bits) * kTileRows * kD * (int)sizeof(T));
+          for (int t = 0; t < kPerStep; ++t) {
+            if (!(tma_bits >> t & 1)) continue;
+            int kj[kMaxRank], x[kMaxRank];
+            box.at(j * kPerStep + t, kj);
+            for (int a = 0; a < kMaxRank; ++a)
+              x[a] = G.g[a] + (int)p.axes[a].dilation * kj[a] * (int)p.kv_tile[a];
+            for (int c = 0; c < kD; c += 64)
+              SM90_TMA_LOAD_5D::copy(map, bar, kEvictNormal, dst(t * kTileRows, c), c, hkv,
+                                     x[2], x[1], (int)b * (int)p.axes[0].kv_length + x[0]);
+          }
+        }
+        for (int t = 0; t < kPerStep; ++t) {
+          if (tma_bits >> t & 1) continue;
+          const int r0 = t * kTileRows;
+          sm80::gather_rows<kTileRows, kD, 128>([&](int r, int c) { return dst(r0 + r, c); },
+                                                base, kv_stride,
+                                                [&](int r) { return step_rows[r0 + r].tok; },
+                                                tid);
+        }
+        producer_commit(bar);
+      };
+      Tensor k_s = sK(s);
+      load(&maps.k, kb, &k_full[s], [&](int r, int c) { return &k_s(r, c); });
+      // The consumers have released the rows of step j+1-kRowSlots (<= j-kStages) with that
+      // step's K buffer, which the wait above saw.
+      if (j + 1 < steps) fill_rows(j + 1);
+      if (j >= kStages) Barrier::wait(&v_empty[s], free_phase);
+      Tensor vt_s = sVt(s);
+      load(&maps.v, vb, &v_full[s], [&](int r, int c) { return &vt_s(c, r); });
+    }
+  }
+};
+
+}  // namespace sm90
+}  // namespace gna
