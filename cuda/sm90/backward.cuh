@@ -11,11 +11,12 @@
 // S and dP run with both operands in shared memory; the gradient GEMMs take P or dS from
 // registers (the S/dP accumulators converted in place) and the N-side tile seen MN-major.
 //
-// Per step `it`, after one CTA barrier: issue S(it) and dP(it); while they run, gather the
-// N-side rows of step it+1 (cp.async, two buffers); wait for S, compute P and issue the
-// first gradient GEMM; wait for dP (the GEMM just issued may still run), compute dS and issue
-// the second; build the row table of step it+2 while they run. They retire at the top of
-// step it+1, before the barrier that frees their buffers.
+// Per step `it`, after one CTA barrier: issue S(it) and dP(it); while they run, load the
+// N-side rows of step it+1 (two buffers; dK/dV: a Q/dO chunk inside the frame as TMA boxes,
+// else cp.async gathers); wait for S, compute P and issue the first gradient GEMM; wait for
+// dP (the GEMM just issued may still run), compute dS and issue the second; build the row
+// table of step it+2 while they run. They retire at the top of step it+1, before the
+// barrier that frees their buffers. (Q tiles of 128 tokens use backward_ws.cuh's dQ kernel.)
 #pragma once
 
 #include "../sm80/backward.cuh"  // store_rows

@@ -19,24 +19,21 @@ std::string run_bwd_kernel(Kernel kernel, int smem, const char* what, dim3 grid,
   return sm80::cuda_error(what, cudaGetLastError());
 }
 
-// Which kernels are the warp-specialised ones of backward_ws.cuh (the others are
-// backward.cuh's): bit 0 the dK/dV kernel, bit 1 the dQ kernel of 128-token Q tiles (builds
-// for comparisons set it).
+// Whether the dQ kernel of 128-token Q tiles is the warp-specialised one (backward_ws.cuh);
+// 0 = backward.cuh's (builds for comparisons set it).
 #ifndef GNA_SM90_BWD_WS
-#define GNA_SM90_BWD_WS 2
+#define GNA_SM90_BWD_WS 1
 #endif
 // Whether backward.cuh's dK/dV kernel loads Q/dO chunks inside the frame as TMA boxes.
 #ifndef GNA_SM90_BWD_TMA
 #define GNA_SM90_BWD_TMA 1
 #endif
 
-// dK/dV: warp-specialised, a producer and two consumer warpgroups per 64-token KV tile, 64
-// query rows per step, Q/dO in a ring of 4 buffers at D = 128 (176 KB of shared memory, one
-// CTA per SM) or 6 at D = 64; or backward.cuh's, one warpgroup per KV tile (96 KB at D = 128,
-// two CTAs per SM). dQ of a 128-token Q tile: warp-specialised, two consumer warpgroups of 64
-// rows, one KV tile per step, K/V in a ring of 4 steps at D = 128 (about 200 KB) or 6 at
-// D = 64; a 64-token Q tile (or a comparison build): backward.cuh's, one warpgroup per 64
-// rows (96 KB).
+// dK/dV: one warpgroup per 64-token KV tile, 64 query rows per step, Q/dO as TMA boxes where
+// they can be (96 KB of shared memory at D = 128, two CTAs per SM). dQ of a 128-token Q tile:
+// warp-specialised, two consumer warpgroups of 64 rows, one KV tile per step, K/V in a ring
+// of 4 steps at D = 128 (about 200 KB) or 6 at D = 64; a 64-token Q tile (or a comparison
+// build): backward.cuh's, one warpgroup per 64 rows (96 KB).
 template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q_, const void* k_, const void* v_,
                             const void* out, const void* dout_, const float* lse, void* dq,
@@ -52,14 +49,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   const CUtensorMapDataType dtype = std::is_same_v<T, cutlass::bfloat16_t>
                                         ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  if constexpr ((GNA_SM90_BWD_WS & 1) != 0) {
-    using Tr = WsDkdvTraits<T, kD, kD == 128 ? 4 : 6>;
-    QTensorMaps maps;
-    encode_q_maps(p, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps);
-    e = run_bwd_kernel<Tr>(ws_dkdv_kernel<Tr>, (int)sizeof(WsDkdvSmem<Tr>),
-                           "sm90 ws dkdv kernel", kv_grid, stream, p, q, k, v, dout, lse,
-                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv), maps);
-  } else {
+  {
     using Tr = BwdTraits<T, kD, kKvTokens, 64>;
     QTensorMaps maps;
     encode_q_maps(p, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps);
@@ -79,7 +69,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   };
   if (p.q_tile[0] * p.q_tile[1] * p.q_tile[2] <= 64)
     return run_dq(BwdTraits<T, kD, 64, kKvTokens>{});
-  if constexpr ((GNA_SM90_BWD_WS & 2) != 0) {
+  if constexpr (GNA_SM90_BWD_WS != 0) {
     using Tr = WsDqTraits<T, kD, kD == 128 ? 4 : 6>;
     static_assert(Tr::kBlockM == kMaxQTokens && Tr::Ring::kTileRows == kKvTokens, "tiles");
     KvTensorMaps maps;

@@ -1,5 +1,5 @@
-// What the warp-specialised sm90a kernels (forward_ws.cuh, backward_ws.cuh) share: named
-// barriers and the producer's way of announcing a buffer on an mbarrier.
+// What the warp-specialised sm90a kernels (forward_ws.cuh, kv_ring.cuh, backward_ws.cuh)
+// share: named barriers and the producer's way of announcing a buffer on an mbarrier.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -10,10 +10,9 @@ namespace gna {
 namespace sm90 {
 
 // Named barriers (0 is __syncthreads): the producer warpgroup's own, then one per consumer
-// warpgroup (the forward's ping-pong turns, the dK/dV kernel's final reduction).
+// warpgroup (the forward's ping-pong turns).
 constexpr int kProducerBarrier = 1;
 constexpr int kTurnBarrier = 2;
-constexpr int kConsumersBarrier = 2;
 
 // L2 cache policy of the TMA loads (the "evict normal" createpolicy value).
 constexpr uint64_t kEvictNormal = 0x1000000000000000ull;
