@@ -561,17 +561,25 @@ __device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* b
 // of the tile. Scores go to log2 units, are masked element-wise unless `full`, and become
 // exp2(score - running max); the running sums are updated and `corr` receives the factor by
 // which the output accumulator must be rescaled before this tile's P·V is added to it.
-template <int kRows, class RS, class CS>
+// kFoldScale: see below (the sm90a forwards; it measured 1.02-1.03x there and 0.99x in the
+// sm80 forward, whose mma.sync steps are smaller).
+template <bool kFoldScale, int kRows, class RS, class CS>
 __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row_max)[kRows],
                                              float (&row_sum)[kRows], float (&corr)[kRows],
                                              bool full, const QRow* qrows, const KRow* krows,
                                              float scale2) {
-  // Scores to log2 units; masked ones to -inf. A column's KRow is the same for every row,
-  // so the masked path loads it once (columns outside, rows inside).
-  if (full) {
+  // With kFoldScale, scores go to log2 units as late as possible: a positive scale keeps
+  // their order, so the row max is taken on the raw scores and scaled once, and the exp2's
+  // argument is one FFMA per score (`post`). Otherwise every score is multiplied first.
+  const bool fold = kFoldScale && scale2 > 0.f;
+  const float post = fold ? scale2 : 1.f;
+  if (!fold) {
     CUTE_UNROLL
     for (int i = 0; i < size(rs); ++i) rs(i) *= scale2;
-  } else {
+  }
+  // Masked scores to -inf. A column's KRow is the same for every row, so the masked path
+  // loads it once (columns outside, rows inside).
+  if (!full) {
     QRow qr[kRows];
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) qr[mi] = qrows[get<0>(cSrc(mi, 0))];
@@ -580,15 +588,15 @@ __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row
       const KRow kr = krows[get<1>(cSrc(0, ni))];
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi)
-        rs(mi, ni) = visible(qr[mi], kr) ? rs(mi, ni) * scale2 : -INFINITY;
+        rs(mi, ni) = visible(qr[mi], kr) ? rs(mi, ni) : -INFINITY;
     }
   }
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
-    float mx = row_max[mi];
+    float mx = -INFINITY;
     CUTE_UNROLL
     for (int ni = 0; ni < size<1>(rs); ++ni) mx = fmaxf(mx, rs(mi, ni));
-    mx = quad_max(mx);
+    mx = fmaxf(row_max[mi], quad_max(mx) * post);
     // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
     const float base = mx == -INFINITY ? 0.f : mx;
     corr[mi] = fast_exp2(row_max[mi] - base);
@@ -596,7 +604,7 @@ __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row
     float sum = 0.f;
     CUTE_UNROLL
     for (int ni = 0; ni < size<1>(rs); ++ni) {
-      rs(mi, ni) = fast_exp2(rs(mi, ni) - base);
+      rs(mi, ni) = fast_exp2(fmaf(rs(mi, ni), post, -base));
       sum += rs(mi, ni);
     }
     row_sum[mi] = row_sum[mi] * corr[mi] + sum;
@@ -614,13 +622,13 @@ __device__ __forceinline__ void rescale_rows(RO& ro, const float (&corr)[kRows])
 }
 
 // softmax_step with the output accumulator `ro` rescaled at once.
-template <int kRows, class RS, class RO, class CS>
+template <bool kFoldScale, int kRows, class RS, class RO, class CS>
 __device__ __forceinline__ void online_softmax(RS& rs, RO& ro, CS const& cSrc,
                                                float (&row_max)[kRows], float (&row_sum)[kRows],
                                                bool full, const QRow* qrows, const KRow* krows,
                                                float scale2) {
   float corr[kRows];
-  softmax_step(rs, cSrc, row_max, row_sum, corr, full, qrows, krows, scale2);
+  softmax_step<kFoldScale>(rs, cSrc, row_max, row_sum, corr, full, qrows, krows, scale2);
   rescale_rows(ro, corr);
 }
 

@@ -156,8 +156,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
   auto softmax = [&](int it) {
     warpgroup_fence_operand(acc_s);
-    sm80::softmax_step(rs, cSrc, row_max, row_sum, corr, ring.is_full(it), sm.qrows,
-                       ring.rows(it), scale2);
+    sm80::softmax_step</*kFoldScale=*/true>(rs, cSrc, row_max, row_sum, corr, ring.is_full(it),
+                                            sm.qrows, ring.rows(it), scale2);
     ring.release_k(it);  // K(it) and its rows are read
   };
   // O = O · corr + P(it)·V(it), issued without waiting.

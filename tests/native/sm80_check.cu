@@ -187,6 +187,7 @@ static Problem random_problem(std::mt19937& g) {
   if (U(0, 1)) Hkv = std::max<int64_t>(1, H / hs[U(0, 2)]);  // GQA / MQA
   Problem p = make_problem(rank, axes, U(1, 2), H, Hkv, dims[U(0, 2)]);
   p.scale *= std::uniform_real_distribution<float>(0.5f, 1.5f)(g);
+  if (U(0, 7) == 0) p.scale = -p.scale;  // the forwards' softmax has a path for scale <= 0
   if (U(0, 2) == 0) {  // odd, random tile boxes (padding rows, the 64-row variants)
     for (int tries = 0; tries < 100; ++tries) {
       int64_t q = 1, kv = 1;
