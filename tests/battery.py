@@ -401,11 +401,15 @@ class GNABattery(chex.TestCase):
                                    rtol=10 * self.tolerances[dtype]["rtol"])
 
     def test_custom_scale(self):
+        # Kernels fold a positive scale into the exponent; zero and negative scales take
+        # another path.
         case = EDGE_CASES[22]
         dtype = self.dtypes[0]
         (q, k, v), (q64, k64, v64) = self.inputs(case, dtype, seed=14)
-        out, lse = jax.jit(self.attention_fn(case, scale=0.37))(q, k, v)
-        self.assert_close((out, lse), self.expected(case, q64, k64, v64, scale=0.37), dtype)
+        for scale in (0.37, -0.37, 0.0):
+            out, lse = jax.jit(self.attention_fn(case, scale=scale))(q, k, v)
+            self.assert_close((out, lse), self.expected(case, q64, k64, v64, scale=scale),
+                              dtype)
 
     def test_na_wrappers_match_attention(self):
         for case, na in ((EDGE_CASES[13], jax_gna.na1d), (EDGE_CASES[17], jax_gna.na2d),
