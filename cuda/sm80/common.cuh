@@ -196,6 +196,24 @@ __device__ __forceinline__ bool visible(QRow const& q, KRow const& k) {
   return ok;
 }
 
+// Calls fn(mi, ni, visible) for each (row, column) element of the thread's part of a score
+// tile (`cSrc` maps them to tile rows, Q side, and columns, K/V side). A column's KRow is the
+// same for all of the thread's rows, so each row's QRow and each column's KRow is loaded once
+// (columns outside, rows inside).
+template <int kRows, int kCols, class CS, class Fn>
+__device__ __forceinline__ void for_each_visibility(CS const& cSrc, const QRow* qrows,
+                                                    const KRow* krows, Fn&& fn) {
+  QRow qr[kRows];
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) qr[mi] = qrows[get<0>(cSrc(mi, 0))];
+  CUTE_UNROLL
+  for (int ni = 0; ni < kCols; ++ni) {
+    const KRow kr = krows[get<1>(cSrc(0, ni))];
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) fn(mi, ni, visible(qr[mi], kr));
+  }
+}
+
 // One dilation group of the problem, as a CTA sees it. Tiles are boxes of frame-local group
 // indices: Q-side rows live in the Q buffer (global group index = local + qoff), K/V-side
 // rows in the K/V buffer (global = local + kvoff). Windows are computed in global group
@@ -577,19 +595,11 @@ __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row
     CUTE_UNROLL
     for (int i = 0; i < size(rs); ++i) rs(i) *= scale2;
   }
-  // Masked scores to -inf. A column's KRow is the same for every row, so the masked path
-  // loads it once (columns outside, rows inside).
+  // Masked scores to -inf.
   if (!full) {
-    QRow qr[kRows];
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) qr[mi] = qrows[get<0>(cSrc(mi, 0))];
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(rs); ++ni) {
-      const KRow kr = krows[get<1>(cSrc(0, ni))];
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi)
-        rs(mi, ni) = visible(qr[mi], kr) ? rs(mi, ni) : -INFINITY;
-    }
+    for_each_visibility<kRows, decltype(size<1>(rs))::value>(
+        cSrc, qrows, krows,
+        [&](int mi, int ni, bool vis) { rs(mi, ni) = vis ? rs(mi, ni) : -INFINITY; });
   }
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {

@@ -376,19 +376,11 @@ __device__ __forceinline__ void dq_probs(RS& rs, CS const& cSrc, const float (&l
         rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
     }
   } else {
-    // A column's KRow is the same for all of this thread's rows: load it once per column.
-    QRow qr[kRows];
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) qr[mi] = qrows[get<0>(cSrc(mi, 0))];
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(rs); ++ni) {
-      const KRow kr = krows[get<1>(cSrc(0, ni))];
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) {
-        const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
-        rs(mi, ni) = sm80::visible(qr[mi], kr) ? pr : 0.f;
-      }
-    }
+    sm80::for_each_visibility<kRows, decltype(size<1>(rs))::value>(
+        cSrc, qrows, krows, [&](int mi, int ni, bool vis) {
+          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
+          rs(mi, ni) = vis ? pr : 0.f;
+        });
   }
 }
 
