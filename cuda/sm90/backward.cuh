@@ -300,21 +300,30 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
 
     warpgroup_wait<1>();  // S^T
     warpgroup_fence_operand(acc_s);
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(rs); ++mi) {
-      if (full) {
+    if (full) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < size<0>(rs); ++mi) {
         CUTE_UNROLL
         for (int ni = 0; ni < size<1>(rs); ++ni) {
           const float lse2 = qlse[get<1>(cSrc(mi, ni))] * sm80::kLog2e;
           rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
         }
-      } else {
-        const KRow kr = sm.mrows[get<0>(cSrc(mi, 0))];
+      }
+    } else {
+      // Rows are KV rows here: the thread's KRows are loaded once, each column's QRow once.
+      constexpr int kRows = decltype(size<0>(rs))::value;
+      KRow kr[kRows];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) kr[mi] = sm.mrows[get<0>(cSrc(mi, 0))];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        const int col = get<1>(cSrc(0, ni));
+        const QRow qr = qrows[col];
+        const float lse2 = qlse[col] * sm80::kLog2e;
         CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni) {
-          const int col = get<1>(cSrc(mi, ni));
-          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - qlse[col] * sm80::kLog2e);
-          rs(mi, ni) = sm80::visible(qrows[col], kr) ? pr : 0.f;
+        for (int mi = 0; mi < kRows; ++mi) {
+          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
+          rs(mi, ni) = sm80::visible(qr, kr[mi]) ? pr : 0.f;
         }
       }
     }
