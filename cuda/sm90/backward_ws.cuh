@@ -28,8 +28,8 @@ struct WsDqTraits {
   static constexpr int kBlockN = 64;               // one KV tile per step
   static constexpr int kStages = kStages_;
   static constexpr int kThreads = 128 * (1 + kConsumers);
-  // Consumers need more than the 168 of an even split (else ptxas serialises the wgmmas);
-  // fewer for the producer spill its row arithmetic (ptxas -v).
+  // The consumers need more than the 168 of an even split (with 168, ptxas serialises the
+  // wgmmas); with fewer than 72, the producer spills its row arithmetic (ptxas -v).
   static constexpr int kProducerRegs = 72;
   static constexpr int kConsumerRegs = 216;
   static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "registers");
