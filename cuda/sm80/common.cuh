@@ -198,8 +198,8 @@ __device__ __forceinline__ bool visible(QRow const& q, KRow const& k) {
 
 // Calls fn(mi, ni, visible) for each (row, column) element of the thread's part of a score
 // tile (`cSrc` maps them to tile rows, Q side, and columns, K/V side). A column's KRow is the
-// same for all of the thread's rows, so each row's QRow and each column's KRow is loaded once
-// (columns outside, rows inside).
+// same for all of the thread's rows, so each row's QRow and each column's KRow are loaded
+// once (columns outside, rows inside).
 template <int kRows, int kCols, class CS, class Fn>
 __device__ __forceinline__ void for_each_visibility(CS const& cSrc, const QRow* qrows,
                                                     const KRow* krows, Fn&& fn) {
@@ -579,8 +579,8 @@ __device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* b
 // of the tile. Scores go to log2 units, are masked element-wise unless `full`, and become
 // exp2(score - running max); the running sums are updated and `corr` receives the factor by
 // which the output accumulator must be rescaled before this tile's P·V is added to it.
-// kFoldScale: see below (the sm90a forwards; it measured 1.02-1.03x there and 0.99x in the
-// sm80 forward, whose mma.sync steps are smaller).
+// kFoldScale: see below (on in the sm90a forwards, where it measured 1.02-1.03x; the sm80
+// forward measured 0.99x with it and keeps it off).
 template <bool kFoldScale, int kRows, class RS, class CS>
 __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row_max)[kRows],
                                              float (&row_sum)[kRows], float (&corr)[kRows],
