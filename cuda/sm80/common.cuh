@@ -483,6 +483,15 @@ struct TileBox {
       i /= cnt[a];
     }
   }
+
+  // Moves `kt` from tile i of the box to tile i+1 (the order of `at`, without its divisions);
+  // from the last tile it wraps to the first.
+  __device__ __forceinline__ void next(int kt[kMaxRank]) const {
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      if (++kt[a] < lo[a] + cnt[a]) return;
+      kt[a] = lo[a];
+    }
+  }
 };
 
 // The KV tiles that Q tile `qt` sees in full (AxisTiling::full_range per axis), or the Q

@@ -37,7 +37,6 @@ struct KvRing {
   alignas(1024) T v[kStages][kRows * kD];
   KRow krows[kRowSlots][kRows];  // tokens and mask coordinates
   int full[kRowSlots];           // the step needs no element mask
-  int tma[kRowSlots];            // bit t: tile t of the step is loaded as TMA boxes
   uint64_t k_full[kStages], v_full[kStages];    // producer → consumers
   uint64_t k_empty[kStages], v_empty[kStages];  // consumers → producer
 
@@ -91,67 +90,91 @@ struct KvRing {
       prefetch_tma_descriptor(&maps.k);
       prefetch_tma_descriptor(&maps.v);
     }
-    // Row tables of step j: step j+1's are written right after K(j) is issued, while the
-    // producer waits for V's buffer, so that they are ready when K(j+1)'s buffer frees up
-    // (built just before each gather, they cost 1.12x in the FLUX-4K GNA forward).
-    auto fill_rows = [&](int j) {
-      // Every producer thread computes the step's flags (the same values); its last writes
-      // them.
+    // The producer's own bookkeeping is on the critical path of every step (the consumers
+    // wait for K while it runs): the tiles of the box are walked, not decoded (TileBox::at
+    // divides), every producer thread keeps the step's tiles and TMA bits in registers, and
+    // the producer threads meet only before gathers. (Decoding every tile twice and a barrier
+    // per step took ~900 instructions per step in the TMA issuer's warp, which made it the
+    // bottleneck of the FLUX-4K GNA forward.)
+    int walk[kMaxRank];  // the next tile of the box to plan
+    box.at(0, walk);
+    // TMA coordinates of KV tile kt along axis a: origin[a] + kt[a] * pitch[a]; the batch
+    // is folded into the slowest axis.
+    int origin[kMaxRank], pitch[kMaxRank];
+    for (int a = 0; a < kMaxRank; ++a) {
+      origin[a] = G.g[a];
+      pitch[a] = (int)p.axes[a].dilation * (int)p.kv_tile[a];
+    }
+    origin[0] += (int)b * (int)p.axes[0].kv_length;
+    // The planned step (j+1 while step j loads) and the loading step: tile coordinates and
+    // the bits of the tiles loaded as TMA boxes.
+    int plan_kt[kPerStep][kMaxRank], cur_kt[kPerStep][kMaxRank];
+    int plan_tma = 0, cur_tma = 0;
+    // Plans step j: its tiles, flags and row tables. Step j+1's are written right after K(j)
+    // is issued, while the producer waits for V's buffer, so that they are ready when
+    // K(j+1)'s buffer frees up (built just before each gather, they cost 1.12x in the
+    // FLUX-4K GNA forward).
+    auto plan = [&](int j) {
       bool all_full = true;
-      int tma_bits = 0;
+      plan_tma = 0;
+      CUTE_UNROLL
       for (int t = 0; t < kPerStep; ++t) {
-        const int tt = j * kPerStep + t;
-        int kj[kMaxRank];
-        box.at(tt, kj);
-        all_full = all_full && tt < box.total && fulls.contains(kj);
-        if (maps.on && tt < box.total && G.tile_inside(p, kj, /*kv_side=*/true))
-          tma_bits |= 1 << t;
+        const bool in_box = j * kPerStep + t < box.total;
+        for (int a = 0; a < kMaxRank; ++a) plan_kt[t][a] = walk[a];
+        box.next(walk);
+        all_full = all_full && in_box && fulls.contains(plan_kt[t]);
+        if (maps.on && in_box && G.tile_inside(p, plan_kt[t], /*kv_side=*/true))
+          plan_tma |= 1 << t;
       }
-      if (tid == 127) {
-        full[j % kRowSlots] = all_full;
-        tma[j % kRowSlots] = tma_bits;
-      }
+      if (tid == 127) full[j % kRowSlots] = all_full;
       // A mask-free step loaded by TMA alone never reads its rows.
-      if (all_full && tma_bits == (1 << kPerStep) - 1) return;
+      if (all_full && plan_tma == (1 << kPerStep) - 1) return;
       KRow* step_rows = krows[j % kRowSlots];
       for (int r = tid; r < kRows; r += 128) {
-        const int t = j * kPerStep + r / kTileRows;
-        int kj[kMaxRank];
-        box.at(t < box.total ? t : 0, kj);
-        step_rows[r] = G.k_row(p, kj, r % kTileRows);
-        if (t >= box.total) step_rows[r].tok = -1;
+        const int t = r / kTileRows;
+        int kt[kMaxRank];  // plan_kt[t], selected without indexing registers dynamically
+        CUTE_UNROLL
+        for (int u = 0; u < kPerStep; ++u)
+          for (int a = 0; a < kMaxRank; ++a)
+            if (u == t) kt[a] = plan_kt[u][a];
+        step_rows[r] = G.k_row(p, kt, r % kTileRows);
+        // A tile past the end of the box (the walk wrapped to the first) is masked out.
+        if (j * kPerStep + t >= box.total) step_rows[r].tok = -1;
       }
     };
     for (int j = 0; j < steps; ++j) {
-      if (j == 0) fill_rows(0);
+      if (j == 0) plan(0);
+      for (int t = 0; t < kPerStep; ++t)
+        for (int a = 0; a < kMaxRank; ++a) cur_kt[t][a] = plan_kt[t][a];
+      cur_tma = plan_tma;
       const int s = j % kStages;
       const uint32_t free_phase = ((j / kStages) + 1) & 1;  // the (j/kStages - 1)-th release
+      // Every producer thread waits, so that none rewrites the row slot of step j+1 (that of
+      // step j-kStages) before the consumers are done with that step.
       if (j >= kStages) Barrier::wait(&k_empty[s], free_phase);
-      // Every producer thread gathers rows that others wrote. This barrier also orders the
-      // gathers of step j-1 before step j+1 rewrites slot (j+1) % kRowSlots (the slot of
-      // step j+1-kRowSlots <= j-2).
-      named_sync(kProducerBarrier, 128);
+      // Gathers read rows that other producer threads wrote.
+      if (cur_tma != (1 << kPerStep) - 1) named_sync(kProducerBarrier, 128);
       const KRow* step_rows = krows[j % kRowSlots];
-      const int tma_bits = tma[j % kRowSlots];
       // Tiles of step j into buffer `dst` ((row, col) -> address): TMA boxes issued by thread
       // 0 (the barrier expects their bytes), row gathers by every producer thread.
       auto load = [&](const CUtensorMap* map, const T* base, uint64_t* bar, auto const& dst) {
-        if (tid == 0 && tma_bits != 0) {
+        if (tid == 0 && cur_tma != 0) {
           cutlass::arch::ClusterTransactionBarrier::expect_transaction(
-              bar, __popc(tma_bits) * kTileRows * kD * (int)sizeof(T));
+              bar, __popc(cur_tma) * kTileRows * kD * (int)sizeof(T));
+          CUTE_UNROLL
           for (int t = 0; t < kPerStep; ++t) {
-            if (!(tma_bits >> t & 1)) continue;
-            int kj[kMaxRank], x[kMaxRank];
-            box.at(j * kPerStep + t, kj);
-            for (int a = 0; a < kMaxRank; ++a)
-              x[a] = G.g[a] + (int)p.axes[a].dilation * kj[a] * (int)p.kv_tile[a];
+            if (!(cur_tma >> t & 1)) continue;
+            int x[kMaxRank];
+            for (int a = 0; a < kMaxRank; ++a) x[a] = origin[a] + cur_kt[t][a] * pitch[a];
+            CUTE_UNROLL
             for (int c = 0; c < kD; c += 64)
               SM90_TMA_LOAD_5D::copy(map, bar, kEvictNormal, dst(t * kTileRows, c), c, hkv,
-                                     x[2], x[1], (int)b * (int)p.axes[0].kv_length + x[0]);
+                                     x[2], x[1], x[0]);
           }
         }
+        CUTE_UNROLL
         for (int t = 0; t < kPerStep; ++t) {
-          if (tma_bits >> t & 1) continue;
+          if (cur_tma >> t & 1) continue;
           const int r0 = t * kTileRows;
           sm80::gather_rows<kTileRows, kD, 128>([&](int r, int c) { return dst(r0 + r, c); },
                                                 base, kv_stride,
@@ -162,9 +185,7 @@ struct KvRing {
       };
       Tensor k_s = sK(s);
       load(&maps.k, kb, &k_full[s], [&](int r, int c) { return &k_s(r, c); });
-      // The consumers have released the rows of step j+1-kRowSlots (<= j-kStages) with that
-      // step's K buffer, which the wait above saw.
-      if (j + 1 < steps) fill_rows(j + 1);
+      if (j + 1 < steps) plan(j + 1);
       if (j >= kStages) Barrier::wait(&v_empty[s], free_phase);
       Tensor vt_s = sVt(s);
       load(&maps.v, vb, &v_full[s], [&](int r, int c) { return &vt_s(c, r); });
