@@ -50,6 +50,27 @@ struct BwdTraits {
       SmemN{}, make_layout(Shape<Int<kD>, Int<kBlockN>>{}, GenRowMajor{})));
 };
 
+// dK/dV: where step j's Q/dO rows come from (steps walk the chunks of a Q tile fastest, then
+// the tiles of the box, then the query heads of the KV head).
+struct BwdStep {
+  int qt[kMaxRank];  // Q tile
+  int tile;          // its index in the box
+  int chunk;         // rows chunk·N .. of the tile
+  int head;          // query head
+
+  // Step j+1 (the walk wraps past the last step); no divisions, unlike decoding j.
+  __device__ __forceinline__ BwdStep next(TileBox const& box, int n_chunks) const {
+    BwdStep n = *this;
+    if (++n.chunk < n_chunks) return n;
+    n.chunk = 0;
+    box.next(n.qt);
+    if (++n.tile < box.total) return n;
+    n.tile = 0;
+    ++n.head;
+    return n;
+  }
+};
+
 // Shared memory of both kernels: the M side's two tiles (K and V, or Q and dO), loaded once;
 // the N side's two tiles per buffer (Q and dO, or K and V); the row tables.
 template <class Tr, class MRow, class NRow>
@@ -68,6 +89,7 @@ struct BwdSmem {
   float ndelta[Tr::kRowSlots][Tr::kBlockN];
   int full[Tr::kRowSlots];  // step needs no element mask (words: see FwdSmem::full)
   int tma[Tr::kRowSlots];   // dK/dV: the step's Q/dO chunk is loaded as TMA boxes
+  BwdStep step[Tr::kRowSlots];  // dK/dV: step j's in slot j % kRowSlots
   uint64_t n_bar[Tr::kBuffers];  // dK/dV: the TMA bytes of a buffer (one phase per step)
   Group group;  // dK/dV: the CTA's geometry and box, kept out of registers (D = 128 spills)
   TileBox box;
@@ -138,6 +160,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       sm.group = g0;
       sm.box = TileBox::seeing(g0, p, kt);
       sm.fulls = FullTiles::seeing(g0, p, kt, kBlockM);
+      sm.box.at(0, sm.step[0].qt);
+      sm.step[0].tile = sm.step[0].chunk = 0;
+      sm.step[0].head = hkv * (int)(p.heads / p.kv_heads);
       for (int s = 0; s < Tr::kBuffers; ++s) Barrier::init(&sm.n_bar[s], 1);
       cutlass::arch::fence_barrier_init();
       if (maps.on) {
@@ -167,22 +192,23 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     return make_tensor(make_smem_ptr(sm.n1[s]), typename Tr::SmemNt{});
   };
 
-  // Step j: query head, Q tile of the box and chunk of its rows (chunks fastest).
-  auto step_head = [&](int j) { return hkv * group_heads + j / (n_chunks * box.total); };
-  // Builds the row table of step j if it exists; always commits a cp.async group (its lse
-  // and delta), so that group counts stay in step with the loop's waits.
+  // Builds the row table of step j if it exists (and thread 0 the walk's step j+1: fill_qrows
+  // runs for j = 0, 1, 2, ... in turn); always commits a cp.async group (its lse and delta),
+  // so that group counts stay in step with the loop's waits.
   auto fill_qrows = [&](int j) {
     if (j < steps) {
-      const int chunk = j % n_chunks;
       const int slot = j % kSlots;
-      int qt[kMaxRank];
-      box.at((j / n_chunks) % box.total, qt);
+      const BwdStep st = sm.step[slot];
+      // Slot (j+1) % kSlots held step j-2, which stage() and fill_qrows() are done with.
+      if (tid == 0) sm.step[(j + 1) % kSlots] = st.next(box, n_chunks);
+      const int chunk = st.chunk;
+      const int* qt = st.qt;
       const bool full = sm.fulls.contains(qt);
       const bool inside = G.tile_inside(p, qt, /*kv_side=*/false);
       // A full tile inside the frame needs only its tokens (the mask is never evaluated).
       const bool fast = full && inside;
       const int base = G.tile_base(p, qt, false);
-      const int64_t stats = b * n_q_tok * p.heads + step_head(j);
+      const int64_t stats = b * n_q_tok * p.heads + st.head;
       for (int r = tid; r < kBlockN; r += kThreads) {
         QRow row;
         if (fast) {
@@ -217,20 +243,19 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       const int buf = j % Tr::kBuffers;
       Tensor q_s = sQ(buf);
       Tensor do_s = sdO(buf);
+      const BwdStep& st = sm.step[j % kSlots];
       if (sm.tma[j % kSlots]) {
         if (tid == 0) {
-          int qt[kMaxRank];
-          box.at((j / n_chunks) % box.total, qt);
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
               &sm.n_bar[buf], 2 * kBlockN * kD * (int)sizeof(T));
           tma_load_q_chunk<kD>(
-              maps, &sm.n_bar[buf], G, p, qt, j % n_chunks, step_head(j), b,
+              maps, &sm.n_bar[buf], G, p, st.qt, st.chunk, st.head, b,
               [&](int c) { return &q_s(0, c); }, [&](int c) { return &do_s(0, c); });
         }
       } else {
         const QRow* rows = sm.nrows[j % kSlots];
         auto tok = [&](int r) { return rows[r].tok; };
-        const int64_t q_off = (b * n_q_tok * p.heads + step_head(j)) * kD;
+        const int64_t q_off = (b * n_q_tok * p.heads + st.head) * kD;
         sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &q_s(r, c); },
                                                  q + q_off, q_stride, tok, tid);
         sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &do_s(r, c); },
