@@ -9,10 +9,11 @@
 // - Warpgroups 1.., the consumers, take the registers the producer gave up (setmaxnreg.inc)
 //   and only run GEMMs and the softmax on 64 Q rows each. Per step `it` a consumer issues
 //   S(it) = Q·K(it)^T and O += P(it-1)·V(it-1) back to back, then runs the softmax of S(it)
-//   while the tensor cores still compute P·V; it frees K(it) after the softmax (the mask has
-//   read the step's rows) and V(it-1) once P·V has retired. With kPingPong, the consumers
-//   take turns to issue (named barriers), so that one's softmax runs under the other's GEMMs
-//   (measured slightly slower than letting them issue when ready: off by default).
+//   while the tensor cores still compute P·V; it frees K(it) as soon as S(it) has retired
+//   (the ring keeps the step's rows for the mask; 1.00-1.08x) and V(it-1) once P·V has
+//   retired. With kPingPong, the consumers take turns to issue (named barriers), so that
+//   one's softmax runs under the other's GEMMs (measured no faster than letting them issue
+//   when ready, before and after the producer's bookkeeping was trimmed: off by default).
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -156,9 +157,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
   auto softmax = [&](int it) {
     warpgroup_fence_operand(acc_s);
+    ring.release_k(it);  // S(it) has retired; the ring keeps the step's rows for the mask
     sm80::softmax_step</*kFoldScale=*/true>(rs, cSrc, row_max, row_sum, corr, ring.is_full(it),
                                             sm.qrows, ring.rows(it), scale2);
-    ring.release_k(it);  // K(it) and its rows are read
   };
   // O = O · corr + P(it)·V(it), issued without waiting.
   auto accumulate = [&](int it) {

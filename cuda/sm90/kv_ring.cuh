@@ -23,9 +23,11 @@ struct KvRing {
   using Barrier = cutlass::arch::ClusterBarrier;
   static constexpr int kTileRows = 64;  // K/V rows of one KV tile of the box
   static constexpr int kRows = kTileRows * kPerStep;
-  // Row tables of step j live in slot j % kRowSlots: one more slot than buffers, so that the
-  // producer writes step j+1's while the consumers still read step j+1-kStages's.
-  static constexpr int kRowSlots = kStages + 1;
+  // Row tables of step j live in slot j % kRowSlots. The producer writes step j+1's once K of
+  // step j-kStages is released, and a consumer may release K(j) before it reads step j's
+  // rows (the forward frees K as soon as S has retired), but only after it has read step
+  // j-1's: two more slots than buffers.
+  static constexpr int kRowSlots = kStages + 2;
   using SmemK = SmemKMajor<T, kRows, kD>;
   // A buffer seen MN-major as [D, rows] (operand B of P·V, and of dS·K): atoms tiled along
   // the rows first, which maps every element where SmemK does, so V is written (and a TMA
@@ -150,7 +152,8 @@ struct KvRing {
       const int s = j % kStages;
       const uint32_t free_phase = ((j / kStages) + 1) & 1;  // the (j/kStages - 1)-th release
       // Every producer thread waits, so that none rewrites the row slot of step j+1 (that of
-      // step j-kStages) before the consumers are done with that step.
+      // step j-kStages-1) before every consumer has read it: a consumer reads a step's rows
+      // before it releases the next step's K.
       if (j >= kStages) Barrier::wait(&k_empty[s], free_phase);
       // Gathers read rows that other producer threads wrote.
       if (cur_tma != (1 << kPerStep) - 1) named_sync(kProducerBarrier, 128);
