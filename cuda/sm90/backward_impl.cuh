@@ -72,6 +72,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   if constexpr (GNA_SM90_BWD_WS != 0) {
     using Tr = WsDqTraits<T, kD, kD == 128 ? 4 : 6>;
     static_assert(Tr::kBlockM == kMaxQTokens && Tr::Ring::kTileRows == kKvTokens, "tiles");
+    static_assert(sizeof(WsDqSmem<Tr>) <= 227 * 1024, "shared memory per block");
     KvTensorMaps maps;
     encode_kv_maps(p, k, v, dtype, (int)sizeof(T), Tr::Ring::kTileRows, &maps);
     return run_bwd_kernel<Tr>(ws_dq_kernel<Tr>, (int)sizeof(WsDqSmem<Tr>), "sm90 ws dq kernel",

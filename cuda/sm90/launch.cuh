@@ -48,6 +48,7 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
                            void* out, float* lse, cudaStream_t stream) {
   using Tr = WsFwdTraits<T, kD, kStages, kPingPong>;
   static_assert(Tr::kTileRows == kKvTokens && Tr::kBlockM == kMaxQTokens, "tile limits");
+  static_assert(sizeof(WsFwdSmem<Tr>) <= 227 * 1024, "shared memory per block");
   auto kernel = ws_fwd_kernel<Tr>;
   const int smem = (int)sizeof(WsFwdSmem<Tr>);
   cudaError_t err =
