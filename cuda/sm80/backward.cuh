@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const float scale2 = p.scale * kLog2e;
 
   int kt[kMaxRank];
-  for (int it = 0; it < box.total; ++it) {
-    box.at(it, kt);
+  box.at(0, kt);
+  for (int it = 0; it < box.total; ++it, box.next(kt)) {
     __syncthreads();  // the previous tile's K, V and krows are no longer read
     const bool full = sm.fulls.contains(kt);
     for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(p, kt, r);
@@ -254,13 +254,12 @@ __global__ void __launch_bounds__(Tr::kThreads)
   Tensor cSrc = make_tensor(cS.data(), rowcol(cS.layout()));
   const float scale2 = p.scale * kLog2e;
 
-  int qt[kMaxRank];
   const int steps = group_heads * box.total * n_chunks;
-  for (int step = 0; step < steps; ++step) {
-    const int chunk = step % n_chunks;
-    const int tile = (step / n_chunks) % box.total;
-    const int h = hkv * group_heads + step / (n_chunks * box.total);
-    box.at(tile, qt);
+  BoxStep st = BoxStep::first(box, hkv * group_heads);
+  for (int step = 0; step < steps; ++step, st = st.next(box, n_chunks)) {
+    const int chunk = st.chunk;
+    const int h = st.head;
+    const int* qt = st.qt;
     const int64_t q_off = (b * n_q_tok * p.heads + h) * kD;
     const float* lb = lse + b * n_q_tok * p.heads + h;
     const float* db = delta + b * n_q_tok * p.heads + h;

@@ -75,9 +75,12 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
                                    tid);
   cp_async_commit();
 
+  int walk[kMaxRank];  // the tile of the next fill_krows (called for j = 0, 1, ... in turn)
+  box.at(0, walk);
   auto fill_krows = [&](int j) {
     int kj[kMaxRank];
-    box.at(j, kj);
+    for (int a = 0; a < kMaxRank; ++a) kj[a] = walk[a];
+    box.next(walk);
     for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j & 1][r] = G.k_row(p, kj, r);
     if (tid == 0) sm.full[j & 1] = sm.fulls.contains(kj);
   };

@@ -50,27 +50,6 @@ struct BwdTraits {
       SmemN{}, make_layout(Shape<Int<kD>, Int<kBlockN>>{}, GenRowMajor{})));
 };
 
-// dK/dV: where step j's Q/dO rows come from (steps walk the chunks of a Q tile fastest, then
-// the tiles of the box, then the query heads of the KV head).
-struct BwdStep {
-  int qt[kMaxRank];  // Q tile
-  int tile;          // its index in the box
-  int chunk;         // rows chunk·N .. of the tile
-  int head;          // query head
-
-  // Step j+1 (the walk wraps past the last step); no divisions, unlike decoding j.
-  __device__ __forceinline__ BwdStep next(TileBox const& box, int n_chunks) const {
-    BwdStep n = *this;
-    if (++n.chunk < n_chunks) return n;
-    n.chunk = 0;
-    box.next(n.qt);
-    if (++n.tile < box.total) return n;
-    n.tile = 0;
-    ++n.head;
-    return n;
-  }
-};
-
 // Shared memory of both kernels: the M side's two tiles (K and V, or Q and dO), loaded once;
 // the N side's two tiles per buffer (Q and dO, or K and V); the row tables.
 template <class Tr, class MRow, class NRow>
@@ -89,7 +68,7 @@ struct BwdSmem {
   float ndelta[Tr::kRowSlots][Tr::kBlockN];
   int full[Tr::kRowSlots];  // step needs no element mask (words: see FwdSmem::full)
   int tma[Tr::kRowSlots];   // dK/dV: the step's Q/dO chunk is loaded as TMA boxes
-  BwdStep step[Tr::kRowSlots];  // dK/dV: step j's in slot j % kRowSlots
+  sm80::BoxStep step[Tr::kRowSlots];  // dK/dV: step j's in slot j % kRowSlots
   uint64_t n_bar[Tr::kBuffers];  // dK/dV: the TMA bytes of a buffer (one phase per step)
   Group group;  // dK/dV: the CTA's geometry and box, kept out of registers (D = 128 spills)
   TileBox box;
@@ -160,9 +139,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       sm.group = g0;
       sm.box = TileBox::seeing(g0, p, kt);
       sm.fulls = FullTiles::seeing(g0, p, kt, kBlockM);
-      sm.box.at(0, sm.step[0].qt);
-      sm.step[0].tile = sm.step[0].chunk = 0;
-      sm.step[0].head = hkv * (int)(p.heads / p.kv_heads);
+      sm.step[0] = sm80::BoxStep::first(sm.box, hkv * (int)(p.heads / p.kv_heads));
       for (int s = 0; s < Tr::kBuffers; ++s) Barrier::init(&sm.n_bar[s], 1);
       cutlass::arch::fence_barrier_init();
       if (maps.on) {
@@ -198,7 +175,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
   auto fill_qrows = [&](int j) {
     if (j < steps) {
       const int slot = j % kSlots;
-      const BwdStep st = sm.step[slot];
+      const sm80::BoxStep st = sm.step[slot];
       // Slot (j+1) % kSlots held step j-2, which stage() and fill_qrows() are done with.
       if (tid == 0) sm.step[(j + 1) % kSlots] = st.next(box, n_chunks);
       const int chunk = st.chunk;
@@ -243,7 +220,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       const int buf = j % Tr::kBuffers;
       Tensor q_s = sQ(buf);
       Tensor do_s = sdO(buf);
-      const BwdStep& st = sm.step[j % kSlots];
+      const sm80::BoxStep& st = sm.step[j % kSlots];
       if (sm.tma[j % kSlots]) {
         if (tid == 0) {
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
@@ -482,9 +459,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sdO(r, c); },
                                              dout + q_off, q_stride, q_tok, tid);
   }
+  int walk[kMaxRank];  // the tile of the next fill_krows (called for j = 0, 1, ... in turn)
+  box.at(0, walk);
   auto fill_krows = [&](int j) {
     int kt[kMaxRank];
-    box.at(j, kt);
+    for (int a = 0; a < kMaxRank; ++a) kt[a] = walk[a];
+    box.next(walk);
     KRow* rows = sm.nrows[j % kSlots];
     const bool inside = G.tile_inside(p, kt, /*kv_side=*/true);
     const int base = G.tile_base(p, kt, true);

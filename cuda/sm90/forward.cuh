@@ -116,25 +116,33 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   constexpr int kTileRows = Tr::kTileRows;
   constexpr int kPerStep = Tr::kTilesPerStep;
   const int steps = (box.total + kPerStep - 1) / kPerStep;
+  int walk[kMaxRank];  // the first tile of the next fill_krows (called for j = 0, 1, ...)
+  box.at(0, walk);
+  // Tile u of the step that starts at `walk` (a tile past the end of the box wraps).
+  auto tile_of_step = [&](int u, int kj[kMaxRank]) {
+    for (int a = 0; a < kMaxRank; ++a) kj[a] = walk[a];
+    for (int i = 0; i < u; ++i) box.next(kj);
+  };
   auto fill_krows = [&](int j) {
     KRow* rows = sm.krows[j % kSlots];
     for (int r = tid; r < kBlockN; r += kThreads) {
       const int t = j * kPerStep + r / kTileRows;
       int kj[kMaxRank];
-      box.at(t < box.total ? t : 0, kj);
+      tile_of_step(r / kTileRows, kj);
       rows[r] = G.k_row(p, kj, r % kTileRows);
       if (t >= box.total) rows[r].tok = -1;
     }
     // The last warpgroup computes the flag: warpgroup 0 builds the rows.
     if (tid == kThreads - 1) {
       bool f = true;
-      for (int t = j * kPerStep; t < (j + 1) * kPerStep; ++t) {
+      for (int u = 0; u < kPerStep; ++u) {
         int kj[kMaxRank];
-        box.at(t, kj);
-        f = f && t < box.total && sm.fulls.contains(kj);
+        tile_of_step(u, kj);
+        f = f && j * kPerStep + u < box.total && sm.fulls.contains(kj);
       }
       sm.full[j % kSlots] = f;
     }
+    for (int u = 0; u < kPerStep; ++u) box.next(walk);
   };
   // Gathers K/V of step j if it exists; always commits a group, so that group counts match
   // step indices in cp_async_wait.
