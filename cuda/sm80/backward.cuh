@@ -57,19 +57,23 @@ __device__ __forceinline__ void store_rows(Rc const& racc, Crc const& crc, T* ba
   }
 }
 
-template <class Tr, int kBlockM, int kBlockN>
+// dQ: K/V and the row table of KV tile `it` in buffer it % kStages. With two, the other
+// buffer loads the next tile while this one is computed (the launch picks two where the
+// card's shared memory per block allows: not on sm_86/89 at D = 128).
+template <class Tr, int kBlockM, int kBlockN, int kStages>
 struct DqSmem {
+  static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
   using T = typename Tr::T;
   alignas(128) T q[kBlockM * Tr::kD];
   alignas(128) T dout[kBlockM * Tr::kD];
-  alignas(128) T k[kBlockN * Tr::kD];
-  alignas(128) T v[kBlockN * Tr::kD];
+  alignas(128) T k[kStages][kBlockN * Tr::kD];
+  alignas(128) T v[kStages][kBlockN * Tr::kD];
   QRow qrows[kBlockM];
-  KRow krows[kBlockN];
+  KRow krows[kStages][kBlockN];
   FullTiles fulls;  // KV tiles this Q tile sees in full
 };
 
-template <class Tr, int kBlockM, int kBlockN>
+template <class Tr, int kBlockM, int kBlockN, int kStages>
 __global__ void __launch_bounds__(Tr::kThreads)
     dq_kernel(const Problem p, const typename Tr::T* __restrict__ q,
               const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
@@ -80,7 +84,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   constexpr int kThreads = Tr::kThreads;
   static_assert(kBlockM == Tr::kRowsMma, "one 16-row MMA slab per warp");
   extern __shared__ __align__(128) char smem_raw[];
-  auto& sm = *reinterpret_cast<DqSmem<Tr, kBlockM, kBlockN>*>(smem_raw);
+  auto& sm = *reinterpret_cast<DqSmem<Tr, kBlockM, kBlockN, kStages>*>(smem_raw);
   const int tid = threadIdx.x;
   const int h = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -103,9 +107,6 @@ __global__ void __launch_bounds__(Tr::kThreads)
   using SKVt = typename Tr::template SmemT<kBlockN>;
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), SQ{});
   Tensor sdO = make_tensor(make_smem_ptr(sm.dout), SQ{});
-  Tensor sK = make_tensor(make_smem_ptr(sm.k), SKV{});
-  Tensor sKt = make_tensor(make_smem_ptr(sm.k), SKVt{});
-  Tensor sV = make_tensor(make_smem_ptr(sm.v), SKV{});
 
   const TileBox box = TileBox::seen_by(G, p, qt);
   if (tid == 0) sm.fulls = FullTiles::of(G, p, qt, kBlockN);  // read after the loop's barrier
@@ -130,18 +131,38 @@ __global__ void __launch_bounds__(Tr::kThreads)
   Tensor cSrc = make_tensor(cS.data(), rowcol(cS.layout()));
   const float scale2 = p.scale * kLog2e;
 
+  // Stages KV tile `kj` as step j: its row table, then K and V as one cp.async group, into
+  // buffer j % kStages.
+  auto stage = [&](int j, const int kj[kMaxRank]) {
+    const int s = j % kStages;
+    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[s][r] = G.k_row(p, kj, r);
+    auto k_tok = [&](int r) { return G.kv_token(p, kj, r, ii); };
+    load_rows<kBlockN, kD, kThreads>(sm.k[s], SKV{}, k + kv_off, kv_stride, k_tok, tid);
+    load_rows<kBlockN, kD, kThreads>(sm.v[s], SKV{}, v + kv_off, kv_stride, k_tok, tid);
+    cp_async_commit();
+  };
   int kt[kMaxRank];
   box.at(0, kt);
-  for (int it = 0; it < box.total; ++it, box.next(kt)) {
-    __syncthreads();  // the previous tile's K, V and krows are no longer read
-    const bool full = sm.fulls.contains(kt);
-    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[r] = G.k_row(p, kt, r);
-    auto k_tok = [&](int r) { return G.kv_token(p, kt, r, ii); };
-    load_rows<kBlockN, kD, kThreads>(sm.k, SKV{}, k + kv_off, kv_stride, k_tok, tid);
-    load_rows<kBlockN, kD, kThreads>(sm.v, SKV{}, v + kv_off, kv_stride, k_tok, tid);
-    cp_async_commit();
+  if (kStages == 2 && box.total > 0) stage(0, kt);
+  for (int it = 0; it < box.total; ++it) {
+    int kt_next[kMaxRank];
+    for (int a = 0; a < kMaxRank; ++a) kt_next[a] = kt[a];
+    box.next(kt_next);
+    if (kStages == 1) {
+      __syncthreads();  // the previous tile's K, V and rows are no longer read
+      stage(it, kt);
+    }
+    // K/V(it) have landed (the only group in flight). With two buffers every thread is
+    // also done with step it-1, whose buffer step it+1 fills while step it computes.
     cp_async_wait<0>();
     __syncthreads();
+    if (kStages == 2 && it + 1 < box.total) stage(it + 1, kt_next);
+    const int s = it % kStages;
+    const bool full = sm.fulls.contains(kt);
+    const KRow* krows = sm.krows[s];
+    Tensor sK = make_tensor(make_smem_ptr(sm.k[s]), SKV{});
+    Tensor sKt = make_tensor(make_smem_ptr(sm.k[s]), SKVt{});
+    Tensor sV = make_tensor(make_smem_ptr(sm.v[s]), SKV{});
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
@@ -157,12 +178,13 @@ __global__ void __launch_bounds__(Tr::kThreads)
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(rs); ++ni) {
         float pr = fast_exp2(rs(mi, ni) * scale2 - qr.lse2);
-        if (!full && !visible(qr, sm.krows[get<1>(cSrc(mi, ni))])) pr = 0.f;
+        if (!full && !visible(qr, krows[get<1>(cSrc(mi, ni))])) pr = 0.f;
         rs(mi, ni) = pr * (rdp(mi, ni) - qr.delta);  // dS (without the softmax scale)
       }
     }
     Tensor rdS = to_operand_a<T>(acc_s);
     gemm_rs<typename Tr::LdsmT>(mma, acc_dq, rdS, sKt, tid);
+    for (int a = 0; a < kMaxRank; ++a) kt[a] = kt_next[a];
   }
 
   cp_async_wait<0>();

@@ -13,12 +13,27 @@ constexpr int dkdv_chunk() {
   return kD == 128 ? 32 : 64;
 }
 
-template <class T, int kD, int kBlockM>
+// Shared memory a block of the current device may opt into (0 if the query fails).
+inline int max_smem_per_block() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
+          cudaSuccess)
+    return 0;
+  return bytes;
+}
+
+template <class T, int kD, int kBlockM, int kStages>
 std::string run_dq(const Problem& p, const T* q, const T* k, const T* v, const T* dout,
                    const float* lse, const float* delta, T* dq, cudaStream_t stream) {
   using Tr = Traits<T, kD, kBlockM / 16>;
-  auto kernel = dq_kernel<Tr, kBlockM, kKvTokens>;
-  const int smem = (int)sizeof(DqSmem<Tr, kBlockM, kKvTokens>);
+  using Smem = DqSmem<Tr, kBlockM, kKvTokens, kStages>;
+  if constexpr (kStages == 2) {
+    if ((int)sizeof(Smem) > max_smem_per_block())
+      return run_dq<T, kD, kBlockM, 1>(p, q, k, v, dout, lse, delta, dq, stream);
+  }
+  auto kernel = dq_kernel<Tr, kBlockM, kKvTokens, kStages>;
+  const int smem = (int)sizeof(Smem);
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dq)", err);
@@ -68,8 +83,8 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
 
   const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
   if (q_tokens <= 64)
-    return run_dq<T, kD, 64>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), stream);
-  return run_dq<T, kD, 128>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), stream);
+    return run_dq<T, kD, 64, 2>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), stream);
+  return run_dq<T, kD, 128, 2>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), stream);
 }
 
 #define GNA_SM80_BACKWARD(T, D)                                                             \
