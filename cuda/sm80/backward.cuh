@@ -195,18 +195,23 @@ __global__ void __launch_bounds__(Tr::kThreads)
              [&](int r) { return sm.qrows[r].tok; });
 }
 
+// dK/dV: the Q/dO chunk, row table, lse and delta of step `it` in buffer it % 2; the other
+// buffer loads the next step while this one is computed (lse and delta by cp.async, so that
+// building a row table never waits on global memory).
 template <class Tr, int kBlockN, int kChunk>
 struct DkdvSmem {
   using T = typename Tr::T;
   alignas(128) T k[kBlockN * Tr::kD];
   alignas(128) T v[kBlockN * Tr::kD];
-  alignas(128) T q[kChunk * Tr::kD];
-  alignas(128) T dout[kChunk * Tr::kD];
+  alignas(128) T q[2][kChunk * Tr::kD];
+  alignas(128) T dout[2][kChunk * Tr::kD];
   KRow krows[kBlockN];
-  QRow qrows[kChunk];
+  QRow qrows[2][kChunk];
+  float qlse[2][kChunk];    // natural-log lse of the chunk's rows (+inf on padding rows)
+  float qdelta[2][kChunk];  // delta of the chunk's rows (0 on padding rows)
+  int full[2];              // the step's Q tile needs no element mask
   Group group;      // the CTA's geometry, kept here rather than in registers (see the kernel)
   FullTiles fulls;  // the Q tiles that see this KV tile in full
-  bool full;        // the current Q tile needs no element mask (thread 0 sets it per step)
 };
 
 template <class Tr, int kBlockN, int kChunk>
@@ -251,10 +256,6 @@ __global__ void __launch_bounds__(Tr::kThreads)
   using SCt = typename Tr::template SmemT<kChunk>;
   Tensor sK = make_tensor(make_smem_ptr(sm.k), SKV{});
   Tensor sV = make_tensor(make_smem_ptr(sm.v), SKV{});
-  Tensor sQ = make_tensor(make_smem_ptr(sm.q), SC{});
-  Tensor sQt = make_tensor(make_smem_ptr(sm.q), SCt{});
-  Tensor sdO = make_tensor(make_smem_ptr(sm.dout), SC{});
-  Tensor sdOt = make_tensor(make_smem_ptr(sm.dout), SCt{});
 
   const TileBox box = TileBox::seeing(G, p, kt);
   const int n_chunks = (Group::qprod(p) + kChunk - 1) / kChunk;
@@ -278,31 +279,48 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
   const int steps = group_heads * box.total * n_chunks;
   BoxStep st = BoxStep::first(box, hkv * group_heads);
-  for (int step = 0; step < steps; ++step, st = st.next(box, n_chunks)) {
-    const int chunk = st.chunk;
-    const int h = st.head;
-    const int* qt = st.qt;
-    const int64_t q_off = (b * n_q_tok * p.heads + h) * kD;
-    const float* lb = lse + b * n_q_tok * p.heads + h;
-    const float* db = delta + b * n_q_tok * p.heads + h;
-
-    __syncthreads();  // the previous chunk's Q, dO and qrows are no longer read
-    const bool full_tile = sm.fulls.contains(qt);
+  // Stages step j (`sj`) into buffer j % 2: its row table, lse and delta, Q and dO rows, as
+  // one cp.async group.
+  auto stage = [&](int j, BoxStep const& sj) {
+    const int sb = j & 1;
+    const int64_t stats = b * n_q_tok * p.heads + sj.head;
+    const bool full_tile = sm.fulls.contains(sj.qt);
     for (int r = tid; r < kChunk; r += kThreads) {
-      QRow row = G.q_row(p, qt, chunk * kChunk + r, /*window=*/!full_tile);
-      row.lse2 = row.tok >= 0 ? lb[(int64_t)row.tok * p.heads] * kLog2e : INFINITY;
-      row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
-      sm.qrows[r] = row;
+      const QRow row = G.q_row(p, sj.qt, sj.chunk * kChunk + r, /*window=*/!full_tile);
+      sm.qrows[sb][r] = row;
+      if (row.tok >= 0) {
+        const int64_t at = stats + (int64_t)row.tok * p.heads;
+        SM80_CP_ASYNC_CACHEALWAYS<float>::copy(lse[at], sm.qlse[sb][r]);
+        SM80_CP_ASYNC_CACHEALWAYS<float>::copy(delta[at], sm.qdelta[sb][r]);
+      } else {
+        sm.qlse[sb][r] = INFINITY;  // P = 0 on padding rows
+        sm.qdelta[sb][r] = 0.f;
+      }
     }
-    if (tid == 0) sm.full = full_tile;
-    auto q_tok = [&](int r) { return G.q_token(p, qt, chunk * kChunk + r, ii); };
-    load_rows<kChunk, kD, kThreads>(sm.q, SC{}, q + q_off, q_stride, q_tok, tid);
-    load_rows<kChunk, kD, kThreads>(sm.dout, SC{}, dout + q_off, q_stride, q_tok, tid);
+    if (tid == 0) sm.full[sb] = full_tile;
+    const int64_t q_off = (b * n_q_tok * p.heads + sj.head) * kD;
+    auto q_tok = [&](int r) { return G.q_token(p, sj.qt, sj.chunk * kChunk + r, ii); };
+    load_rows<kChunk, kD, kThreads>(sm.q[sb], SC{}, q + q_off, q_stride, q_tok, tid);
+    load_rows<kChunk, kD, kThreads>(sm.dout[sb], SC{}, dout + q_off, q_stride, q_tok, tid);
     cp_async_commit();
+  };
+  if (steps > 0) stage(0, st);
+  for (int step = 0; step < steps; ++step) {
+    const BoxStep st_next = st.next(box, n_chunks);
+    // Step `step` has landed (with K and V at step 0; the only group in flight), and every
+    // thread is done with step-1, whose buffer step+1 fills while this step computes.
     cp_async_wait<0>();
     __syncthreads();
-
-    const bool full = sm.full;
+    if (step + 1 < steps) stage(step + 1, st_next);
+    const int sb = step & 1;
+    const bool full = sm.full[sb] != 0;
+    const QRow* qrows = sm.qrows[sb];
+    const float* qlse = sm.qlse[sb];
+    const float* qdelta = sm.qdelta[sb];
+    Tensor sQ = make_tensor(make_smem_ptr(sm.q[sb]), SC{});
+    Tensor sQt = make_tensor(make_smem_ptr(sm.q[sb]), SCt{});
+    Tensor sdO = make_tensor(make_smem_ptr(sm.dout[sb]), SC{});
+    Tensor sdOt = make_tensor(make_smem_ptr(sm.dout[sb]), SCt{});
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kChunk>>{});
     clear(acc_s);
     gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sK, sQ, tid);
@@ -312,9 +330,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
       const KRow kr = sm.krows[get<0>(cSrc(mi, 0))];
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(rs); ++ni) {
-        const QRow& qr = sm.qrows[get<1>(cSrc(mi, ni))];
-        float pr = fast_exp2(rs(mi, ni) * scale2 - qr.lse2);
-        if (!full && !visible(qr, kr)) pr = 0.f;
+        const int col = get<1>(cSrc(mi, ni));
+        float pr = fast_exp2(rs(mi, ni) * scale2 - qlse[col] * kLog2e);
+        if (!full && !visible(qrows[col], kr)) pr = 0.f;
         rs(mi, ni) = pr;
       }
     }
@@ -329,12 +347,13 @@ __global__ void __launch_bounds__(Tr::kThreads)
     for (int mi = 0; mi < size<0>(rs); ++mi) {
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(rs); ++ni) {
-        const float dl = sm.qrows[get<1>(cSrc(mi, ni))].delta;
+        const float dl = qdelta[get<1>(cSrc(mi, ni))];
         rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - dl);
       }
     }
     Tensor rdS = to_operand_a<T>(acc_dp);
     gemm_rs<typename Tr::LdsmT>(mma, acc_dk, rdS, sQt, tid);
+    st = st_next;
   }
 
   cp_async_wait<0>();  // a KV tile no query sees still waits for its loads, then writes 0
