@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     dq_kernel(const Problem p, const typename Tr::T* __restrict__ q,
               const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
               const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
-              const float* __restrict__ delta, typename Tr::T* __restrict__ dq) {
+              const float* __restrict__ delta, typename Tr::T* __restrict__ dq, int parts) {
   using T = typename Tr::T;
   constexpr int kD = Tr::kD;
   constexpr int kThreads = Tr::kThreads;
@@ -89,9 +89,12 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const int h = blockIdx.y;
   const int64_t b = blockIdx.z;
 
+  // `parts` CTAs share a Q tile, each taking kBlockM of its rows (dQ rows are independent):
+  // how 128-token Q tiles run where a 128-row CTA's shared memory does not fit (sm_86/89).
   Group G;
   int qt[kMaxRank];
-  if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
+  if (!G.init(p, blockIdx.x / parts, /*kv_side=*/false, qt)) return;
+  const int rb = (blockIdx.x % parts) * kBlockM;  // the CTA's first row of the Q tile
   const int hkv = h / (int)(p.heads / p.kv_heads);
   const int64_t n_q_tok = q_tokens_of(p);
   const int64_t n_kv_tok = kv_tokens_of(p);
@@ -112,13 +115,13 @@ __global__ void __launch_bounds__(Tr::kThreads)
   if (tid == 0) sm.fulls = FullTiles::of(G, p, qt, kBlockN);  // read after the loop's barrier
 
   for (int r = tid; r < kBlockM; r += kThreads) {
-    QRow row = G.q_row(p, qt, r);
+    QRow row = G.q_row(p, qt, rb + r);
     row.lse2 = row.tok >= 0 ? lb[(int64_t)row.tok * p.heads] * kLog2e : INFINITY;
     row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
     sm.qrows[r] = row;
   }
   int ii[kMaxRank];
-  auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
+  auto q_tok = [&](int r) { return G.q_token(p, qt, rb + r, ii); };
   load_rows<kBlockM, kD, kThreads>(sm.q, SQ{}, q + q_off, q_stride, q_tok, tid);
   load_rows<kBlockM, kD, kThreads>(sm.dout, SQ{}, dout + q_off, q_stride, q_tok, tid);
   cp_async_commit();

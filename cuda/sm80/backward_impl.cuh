@@ -1,6 +1,8 @@
 // Host-side launch of the backward kernels (delta, dK/dV, dQ) for one (dtype, head dim).
 #pragma once
 
+#include <cstdlib>
+
 #include "backward.cuh"
 #include "launch.cuh"
 
@@ -14,32 +16,45 @@ constexpr int dkdv_chunk() {
 }
 
 // Shared memory a block of the current device may opt into (0 if the query fails).
+// JAX_GNA_SM80_SMEM_LIMIT (bytes) lowers it, so that the paths of cards with less (sm_86/89:
+// 99 KB) can be tested on larger ones.
 inline int max_smem_per_block() {
   int dev = 0, bytes = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
           cudaSuccess)
     return 0;
+  if (const char* cap = std::getenv("JAX_GNA_SM80_SMEM_LIMIT")) {
+    const int limit = std::atoi(cap);
+    if (limit > 0 && limit < bytes) bytes = limit;
+  }
   return bytes;
 }
 
+// dQ with CTAs of kBlockM rows, `parts` of them per Q tile; kStages K/V buffers.
 template <class T, int kD, int kBlockM, int kStages>
 std::string run_dq(const Problem& p, const T* q, const T* k, const T* v, const T* dout,
-                   const float* lse, const float* delta, T* dq, cudaStream_t stream) {
+                   const float* lse, const float* delta, T* dq, int parts,
+                   cudaStream_t stream) {
   using Tr = Traits<T, kD, kBlockM / 16>;
   using Smem = DqSmem<Tr, kBlockM, kKvTokens, kStages>;
+  const int smem_max = max_smem_per_block();
   if constexpr (kStages == 2) {
-    if ((int)sizeof(Smem) > max_smem_per_block())
-      return run_dq<T, kD, kBlockM, 1>(p, q, k, v, dout, lse, delta, dq, stream);
+    if ((int)sizeof(Smem) > smem_max)
+      return run_dq<T, kD, kBlockM, 1>(p, q, k, v, dout, lse, delta, dq, parts, stream);
+  }
+  if constexpr (kBlockM == 128) {
+    if ((int)sizeof(Smem) > smem_max)  // two 64-row CTAs per Q tile
+      return run_dq<T, kD, 64, kStages>(p, q, k, v, dout, lse, delta, dq, 2 * parts, stream);
   }
   auto kernel = dq_kernel<Tr, kBlockM, kKvTokens, kStages>;
   const int smem = (int)sizeof(Smem);
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dq)", err);
-  const dim3 grid((unsigned)grid_tiles(p, p.q_tile, /*kv_side=*/false), (unsigned)p.heads,
-                  (unsigned)p.batch);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta, dq);
+  const dim3 grid((unsigned)(grid_tiles(p, p.q_tile, /*kv_side=*/false) * parts),
+                  (unsigned)p.heads, (unsigned)p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta, dq, parts);
   return cuda_error("dq kernel launch", cudaGetLastError());
 }
 
@@ -83,8 +98,8 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
 
   const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
   if (q_tokens <= 64)
-    return run_dq<T, kD, 64, 2>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), stream);
-  return run_dq<T, kD, 128, 2>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), stream);
+    return run_dq<T, kD, 64, 2>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), 1, stream);
+  return run_dq<T, kD, 128, 2>(p, q, k, v, dout, lse, delta, static_cast<T*>(dq_), 1, stream);
 }
 
 #define GNA_SM80_BACKWARD(T, D)                                                             \
