@@ -1,8 +1,6 @@
 // Host-side launch of the backward kernels (delta, dK/dV, dQ) for one (dtype, head dim).
 #pragma once
 
-#include <cstdlib>
-
 #include "backward.cuh"
 #include "launch.cuh"
 
@@ -13,22 +11,6 @@ namespace sm80 {
 template <int kD>
 constexpr int dkdv_chunk() {
   return kD == 128 ? 32 : 64;
-}
-
-// Shared memory a block of the current device may opt into (0 if the query fails).
-// JAX_GNA_SM80_SMEM_LIMIT (bytes) lowers it, so that the paths of cards with less (sm_86/89:
-// 99 KB) can be tested on larger ones.
-inline int max_smem_per_block() {
-  int dev = 0, bytes = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
-          cudaSuccess)
-    return 0;
-  if (const char* cap = std::getenv("JAX_GNA_SM80_SMEM_LIMIT")) {
-    const int limit = std::atoi(cap);
-    if (limit > 0 && limit < bytes) bytes = limit;
-  }
-  return bytes;
 }
 
 // dQ with CTAs of kBlockM rows, `parts` of them per Q tile; kStages K/V buffers.

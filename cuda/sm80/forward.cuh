@@ -1,8 +1,8 @@
-// sm80 GNA forward: one CTA per (Q tile of one dilation group, head, batch). It walks the box
-// of KV tiles that the geometry says the Q tile sees; full tiles run without mask code,
-// partial tiles mask element-wise. Online softmax in fp32 (exp2), P stays in registers as the
-// A operand of the PV GEMM. K of the next tile streams in (cp.async) during the PV GEMM, V of
-// the current tile during the QK^T GEMM.
+// sm80 GNA forward: one CTA per (Q tile of one dilation group, head, batch), or `parts` CTAs
+// that split its rows. It walks the box of KV tiles that the geometry says the Q tile sees;
+// full tiles run without mask code, partial tiles mask element-wise. Online softmax in fp32
+// (exp2), P stays in registers as the A operand of the PV GEMM. K and V are double-buffered:
+// the next tile streams in (cp.async) during the whole of this tile's GEMMs and softmax.
 #pragma once
 
 #include "common.cuh"
@@ -20,13 +20,13 @@ template <class Tr, int kBlockM, int kBlockN>
 struct FwdSmem {
   using T = typename Tr::T;
   alignas(128) T q[kBlockM * Tr::kD];
-  alignas(128) T k[kBlockN * Tr::kD];
-  alignas(128) T v[kBlockN * Tr::kD];
+  alignas(128) T k[2][kBlockN * Tr::kD];  // tile it in buffer it % 2
+  alignas(128) T v[2][kBlockN * Tr::kD];
   QRow qrows[kBlockM];
-  // Double-buffered: rows of tile it+1 are built while tile it is in use, so that the K and V
-  // gathers read each row's token instead of recomputing it (integer divisions) per chunk.
-  KRow krows[2][kBlockN];
-  bool full[2];     // tile needs no element mask (computed once, by thread 0, with its rows)
+  // Rows of tile it in slot it % 3: the gathers read each row's token there (no integer
+  // divisions per chunk), the mask its group indices. Slot it+2 is built during tile it.
+  KRow krows[3][kBlockN];
+  bool full[3];     // tile needs no element mask (computed once, by thread 0, with its rows)
   FullTiles fulls;  // KV tiles this Q tile sees in full (thread 0's)
 };
 
@@ -34,7 +34,7 @@ template <class Tr, int kBlockM, int kBlockN>
 __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
-               typename Tr::T* __restrict__ out, float* __restrict__ lse) {
+               typename Tr::T* __restrict__ out, float* __restrict__ lse, int parts) {
   using T = typename Tr::T;
   constexpr int kD = Tr::kD;
   constexpr int kThreads = Tr::kThreads;
@@ -45,9 +45,12 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   const int h = blockIdx.y;
   const int64_t b = blockIdx.z;
 
+  // `parts` CTAs share a Q tile, each taking kBlockM of its rows (and walking the whole box):
+  // how 128-token Q tiles run where a 128-row CTA's shared memory does not fit (sm_86/89).
   Group G;
   int qt[kMaxRank];
-  if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
+  if (!G.init(p, blockIdx.x / parts, /*kv_side=*/false, qt)) return;
+  const int rb = (blockIdx.x % parts) * kBlockM;  // the CTA's first row of the Q tile
   const int hkv = h / (int)(p.heads / p.kv_heads);
   const int64_t n_q_tok = q_tokens_of(p);
   const int64_t n_kv_tok = kv_tokens_of(p);
@@ -61,19 +64,18 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   using SKV = typename Tr::template Smem<kBlockN>;
   using SKVt = typename Tr::template SmemT<kBlockN>;
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), SQ{});
-  Tensor sK = make_tensor(make_smem_ptr(sm.k), SKV{});
-  Tensor sVt = make_tensor(make_smem_ptr(sm.v), SKVt{});
+  auto sK = [&](int buf) { return make_tensor(make_smem_ptr(sm.k[buf]), SKV{}); };
+  auto sVt = [&](int buf) { return make_tensor(make_smem_ptr(sm.v[buf]), SKVt{}); };
 
   // KV box seen by this Q tile, per axis.
   const TileBox box = TileBox::seen_by(G, p, qt);
   if (tid == 0) sm.fulls = FullTiles::of(G, p, qt, kBlockN);
 
-  for (int r = tid; r < kBlockM; r += kThreads) sm.qrows[r] = G.q_row(p, qt, r);
+  for (int r = tid; r < kBlockM; r += kThreads) sm.qrows[r] = G.q_row(p, qt, rb + r);
   int ii[kMaxRank];
   load_rows<kBlockM, kD, kThreads>(sm.q, SQ{}, qb, q_stride,
-                                   [&](int r) { return G.q_token(p, qt, r, ii); },
+                                   [&](int r) { return G.q_token(p, qt, rb + r, ii); },
                                    tid);
-  cp_async_commit();
 
   int walk[kMaxRank];  // the tile of the next fill_krows (called for j = 0, 1, ... in turn)
   box.at(0, walk);
@@ -81,20 +83,23 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     int kj[kMaxRank];
     for (int a = 0; a < kMaxRank; ++a) kj[a] = walk[a];
     box.next(walk);
-    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j & 1][r] = G.k_row(p, kj, r);
-    if (tid == 0) sm.full[j & 1] = sm.fulls.contains(kj);
+    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j % 3][r] = G.k_row(p, kj, r);
+    if (tid == 0) sm.full[j % 3] = sm.fulls.contains(kj);
   };
-  auto stage_k = [&](int j) {
-    const KRow* kr = sm.krows[j & 1];
-    load_rows<kBlockN, kD, kThreads>(sm.k, SKV{}, kb, kv_stride,
-                                     [&](int r) { return kr[r].tok; }, tid);
-    cp_async_commit();
+  // K and V of tile j into buffer j % 2 (its rows are visible: built before a barrier).
+  auto stage = [&](int j) {
+    const KRow* kr = sm.krows[j % 3];
+    auto tok = [&](int r) { return kr[r].tok; };
+    load_rows<kBlockN, kD, kThreads>(sm.k[j & 1], SKV{}, kb, kv_stride, tok, tid);
+    load_rows<kBlockN, kD, kThreads>(sm.v[j & 1], SKV{}, vb, kv_stride, tok, tid);
   };
   if (box.total > 0) {
     fill_krows(0);
+    if (box.total > 1) fill_krows(1);
     __syncthreads();
-    stage_k(0);
+    stage(0);
   }
+  cp_async_commit();  // Q and tile 0
 
   typename Tr::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -114,28 +119,24 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   const float scale2 = p.scale * kLog2e;
 
   for (int it = 0; it < box.total; ++it) {
+    // Tile it has landed and rows(it+1) are visible; every warp is done with tile it-1, so
+    // its buffer takes tile it+1, and its row slot (it+2) % 3 the rows of tile it+2.
     cp_async_wait<0>();
     __syncthreads();
-    const bool full = sm.full[it & 1];
-    const KRow* krows = sm.krows[it & 1];
-    load_rows<kBlockN, kD, kThreads>(sm.v, SKV{}, vb, kv_stride,
-                                     [&](int r) { return krows[r].tok; }, tid);
+    if (it + 1 < box.total) stage(it + 1);
     cp_async_commit();
-    // Buffer (it+1)&1 was last read in iteration it-1, before its second barrier.
-    if (it + 1 < box.total) fill_krows(it + 1);
+    if (it + 2 < box.total) fill_krows(it + 2);
+    const bool full = sm.full[it % 3];
+    const KRow* krows = sm.krows[it % 3];
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK, tid);
+    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK(it & 1), tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     online_softmax</*kFoldScale=*/false>(rs, ro, cSrc, row_max, row_sum, full, sm.qrows, krows,
                                          scale2);
     Tensor rP = to_operand_a<T>(acc_s);
-
-    cp_async_wait<0>();
-    __syncthreads();
-    if (it + 1 < box.total) stage_k(it + 1);
-    gemm_rs<typename Tr::LdsmT>(mma, acc_o, rP, sVt, tid);
+    gemm_rs<typename Tr::LdsmT>(mma, acc_o, rP, sVt(it & 1), tid);
   }
 
   // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.

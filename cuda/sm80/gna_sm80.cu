@@ -2,6 +2,7 @@
 // compiled kernels cover, dtype/head-dim dispatch, and the backward's workspace.
 #include <cutlass/numeric_types.h>
 
+#include <cstdlib>
 #include <sstream>
 
 #include "../gna_kernels.h"
@@ -23,6 +24,19 @@ int64_t grid_tiles(const Problem& p, const int64_t* tile, bool kv_side) {
 std::string cuda_error(const char* what, cudaError_t err) {
   if (err == cudaSuccess) return {};
   return std::string(what) + " failed: " + cudaGetErrorString(err);
+}
+
+int max_smem_per_block() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
+          cudaSuccess)
+    return 0;
+  if (const char* cap = std::getenv("JAX_GNA_SM80_SMEM_LIMIT")) {
+    const int limit = std::atoi(cap);
+    if (limit > 0 && limit < bytes) bytes = limit;
+  }
+  return bytes;
 }
 
 // Workspace: the float32 delta = rowsum(dO · O), [batch, Q tokens, heads].

@@ -21,6 +21,11 @@ int64_t grid_tiles(const Problem& p, const int64_t* tile, bool kv_side);
 
 std::string cuda_error(const char* what, cudaError_t err);
 
+// Shared memory a block of the current device may opt into (0 if the query fails).
+// JAX_GNA_SM80_SMEM_LIMIT (bytes) lowers it, so that the paths of cards with less (sm_86/89:
+// 99 KB) can be tested on larger ones.
+int max_smem_per_block();
+
 template <class T, int kD>
 std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,
                            void* out, float* lse, cudaStream_t stream);
