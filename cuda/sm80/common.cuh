@@ -172,8 +172,8 @@ __device__ __forceinline__ int64_t kv_tokens_of(Problem const& p) {
 }
 
 // Query side of a tile row: its token (-1 for padding) and its window [start, end) per axis
-// in K/V-frame group indices. Padding rows get an unbounded window (they are never written
-// back).
+// in K/V-frame group indices, cut at the end of the K/V frame. Padding rows see the whole
+// frame (they are never written back).
 struct QRow {
   int start[kMaxRank];
   int end[kMaxRank];
@@ -196,23 +196,124 @@ __device__ __forceinline__ bool visible(QRow const& q, KRow const& k) {
   return ok;
 }
 
-// Calls fn(mi, ni, visible) for each (row, column) element of the thread's part of a score
-// tile (`cSrc` maps them to tile rows, Q side, and columns, K/V side). A column's KRow is the
-// same for all of the thread's rows, so each row's QRow and each column's KRow are loaded
-// once (columns outside, rows inside).
-template <int kRows, int kCols, class CS, class Fn>
-__device__ __forceinline__ void for_each_visibility(CS const& cSrc, const QRow* qrows,
-                                                    const KRow* krows, Fn&& fn) {
-  QRow qr[kRows];
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) qr[mi] = qrows[get<0>(cSrc(mi, 0))];
-  CUTE_UNROLL
-  for (int ni = 0; ni < kCols; ++ni) {
-    const KRow kr = krows[get<1>(cSrc(0, ni))];
+// The element masks of a score tile. A mask calls fn(mi, ni, visible) for each (row, column)
+// element of the thread's part of the tile (`cSrc` maps them to tile rows, Q side, and
+// columns, K/V side); the softmax and the dQ kernels take either kind.
+
+// By row tables: each row's QRow and each column's KRow (a column's KRow is the same for all
+// of the thread's rows, so each is loaded once: columns outside, rows inside).
+struct RowsMask {
+  const QRow* qrows;
+  const KRow* krows;
+
+  template <int kRows, int kCols, class CS, class Fn>
+  __device__ __forceinline__ void for_each(CS const& cSrc, Fn&& fn) const {
+    QRow qr[kRows];
     CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) fn(mi, ni, visible(qr[mi], kr));
+    for (int mi = 0; mi < kRows; ++mi) qr[mi] = qrows[get<0>(cSrc(mi, 0))];
+    CUTE_UNROLL
+    for (int ni = 0; ni < kCols; ++ni) {
+      const KRow kr = krows[get<1>(cSrc(0, ni))];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) fn(mi, ni, visible(qr[mi], kr));
+    }
   }
+};
+
+// x << n with PTX's semantics: n >= 64 gives 0 (C++ leaves it undefined).
+__device__ __forceinline__ uint64_t shl64(uint64_t x, int n) {
+  uint64_t r;
+  asm("shl.b64 %0, %1, %2;" : "=l"(r) : "l"(x), "r"(n));
+  return r;
 }
+
+// Which rows of a KV tile of at most 64 rows one query row sees, as a 64-bit word (bit r: tile
+// row r). Rows run through the tile's box with the last axis fastest, so the rows whose
+// coordinate along axis a lies in a range are one run of bits repeated once per period of
+// that axis (its extent times the rows of one step along it): a word is the AND over the axes
+// of a shifted run times a constant of spaced ones. It equals visible() for every row of the
+// tile: QRow::end stops at the K/V frame (rows past it are padding), rows outside the global
+// axis lie outside every window, and rows past the tile's product get no bit.
+struct TileBits {
+  uint64_t rep[kMaxRank];  // Σ_k 2^(k · period): one 1 per period of the axis
+  int ext[kMaxRank];       // the tile's extent per axis
+  int unit[kMaxRank];      // rows per step along the axis (product of the later extents)
+
+  static __device__ __forceinline__ TileBits of(Problem const& p) {
+    TileBits b;
+    int rows = 1;
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      b.ext[a] = (int)p.kv_tile[a];
+      b.unit[a] = rows;
+      rows *= b.ext[a];
+    }
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int period = b.ext[a] * b.unit[a];
+      b.rep[a] = 0;
+      for (int k = 0; k < rows; k += period) b.rep[a] |= 1ull << k;
+    }
+    return b;
+  }
+
+  // The rows of the tile whose first row has group indices `origin` that `q` sees.
+  __device__ __forceinline__ uint64_t word(QRow const& q, const int* origin) const {
+    uint64_t w = ~0ull;
+    CUTE_UNROLL
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int lo = min(max(q.start[a] - origin[a], 0), ext[a]) * unit[a];
+      const int hi = min(max(q.end[a] - origin[a], 0), ext[a]) * unit[a];
+      w &= (shl64(~0ull, lo) & ~shl64(~0ull, hi)) * rep[a];
+    }
+    return w;
+  }
+};
+
+// Tile origin that no window reaches: TileBits::word gives 0 (a tile slot past the box).
+constexpr int kNoTile = 1 << 30;
+
+// By words: kTiles KV tiles of 64 columns each, tile t's first row at group indices
+// origins[t] (kNoTile: no tile). The four threads of a quad hold the same rows, so each builds
+// one (row, tile) word and the quad shares them by shuffles; a thread then tests one bit per
+// element. This relies on the accumulator layouts of mma.sync and wgmma: a thread's columns
+// are its first column c0 (< 8) plus offsets d that put column c0 + d in tile d / 64.
+template <int kTiles>
+struct BitsMask {
+  const QRow* qrows;
+  const int (*origins)[4];
+  const TileBits* bits;
+
+  template <int kRows, int kCols, class CS, class Fn>
+  __device__ __forceinline__ void for_each(CS const& cSrc, Fn&& fn) const {
+    constexpr int kWords = kRows * kTiles;
+    static_assert(kWords <= 4, "one word per quad lane");
+    const int c0 = get<1>(cSrc(0, 0));
+    const int lane = threadIdx.x % 32;
+    const int mine = lane % 4 % kWords;
+    int row = get<0>(cSrc(0, 0));
+    CUTE_UNROLL
+    for (int mi = 1; mi < kRows; ++mi)
+      if (mine / kTiles == mi) row = get<0>(cSrc(mi, 0));
+    const uint64_t word = bits->word(qrows[row], origins[mine % kTiles]);
+    const uint32_t lo = (uint32_t)word, hi = (uint32_t)(word >> 32);
+    // Each word as two 32-bit halves shifted right by c0: bit d of the pair is column c0 + d.
+    // (With 64-bit words in the element tests ptxas serialised the dQ kernel's wgmmas, C7515.)
+    uint32_t w[kRows][kTiles][2];
+    CUTE_UNROLL
+    for (int i = 0; i < kWords; ++i) {
+      const int src = (lane & ~3) | i;
+      const uint32_t l = __shfl_sync(0xffffffffu, lo, src), h = __shfl_sync(0xffffffffu, hi, src);
+      w[i / kTiles][i % kTiles][0] = __funnelshift_r(l, h, c0);
+      w[i / kTiles][i % kTiles][1] = h >> c0;
+    }
+    CUTE_UNROLL
+    for (int ni = 0; ni < kCols; ++ni) {
+      const int d = get<1>(cSrc(0, ni)) - c0;  // a compile-time offset
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi)
+        fn(mi, ni, (w[mi][d / 64][d % 64 / 32] >> (d % 32) & 1) != 0);
+    }
+  }
+};
 
 // One dilation group of the problem, as a CTA sees it. Tiles are boxes of frame-local group
 // indices: Q-side rows live in the Q buffer (global group index = local + qoff), K/V-side
@@ -382,8 +483,8 @@ struct Group {
   }
 
   // Row `r` of Q tile `coord`. Without `window` (a Q tile that sees the KV tiles in question
-  // in full, so the mask is never evaluated) the window is left unbounded, which skips the
-  // window arithmetic (64-bit divisions).
+  // in full, so the mask is never evaluated) the window is the whole K/V frame, which skips
+  // the window arithmetic (64-bit divisions).
   __device__ __forceinline__ QRow q_row(Problem const& p, const int coord[kMaxRank], int r,
                                         bool window = true) const {
     int ii[kMaxRank];
@@ -395,10 +496,10 @@ struct Group {
         window_bounds(ii[a] + qoff[a], Lg[a], p.axes[a].kernel, p.axes[a].stride,
                       p.axes[a].causal, &s, &e);
         row.start[a] = (int)s - kvoff[a];
-        row.end[a] = (int)e - kvoff[a];
+        row.end[a] = min((int)e - kvoff[a], kvlen[a]);
       } else {
         row.start[a] = 0;
-        row.end[a] = INT_MAX;
+        row.end[a] = kvlen[a];
       }
     }
     row.lse2 = 0.f;
@@ -615,16 +716,16 @@ __device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* b
 // One online-softmax step of a forward over a tile of scores, for the rows this thread
 // holds. `rs` (scores) is a register tensor seen as (rows, cols), as rowcol() gives it for
 // mma.sync and the sm90 kernels' gmma_rowcol for wgmma; `cSrc` maps its elements to (row, col)
-// of the tile. Scores go to log2 units, are masked element-wise unless `full`, and become
-// exp2(score - running max); the running sums are updated and `corr` receives the factor by
-// which the output accumulator must be rescaled before this tile's P·V is added to it.
+// of the tile. Scores go to log2 units, are masked element-wise by `mask` (RowsMask or
+// BitsMask) unless `full`, and become exp2(score - running max); the running sums are updated
+// and `corr` receives the factor by which the output accumulator must be rescaled before this
+// tile's P·V is added to it.
 // kFoldScale: see below (on in the sm90a forwards, where it measured 1.02-1.03x; the sm80
 // forward measured 0.99x with it and keeps it off).
-template <bool kFoldScale, int kRows, class RS, class CS>
+template <bool kFoldScale, int kRows, class RS, class CS, class Mask>
 __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row_max)[kRows],
                                              float (&row_sum)[kRows], float (&corr)[kRows],
-                                             bool full, const QRow* qrows, const KRow* krows,
-                                             float scale2) {
+                                             bool full, Mask const& mask, float scale2) {
   // With kFoldScale, scores go to log2 units as late as possible: a positive scale keeps
   // their order, so the row max is taken on the raw scores and scaled once, and the exp2's
   // argument is one FFMA per score (`post`). Otherwise every score is multiplied first.
@@ -636,9 +737,8 @@ __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row
   }
   // Masked scores to -inf.
   if (!full) {
-    for_each_visibility<kRows, decltype(size<1>(rs))::value>(
-        cSrc, qrows, krows,
-        [&](int mi, int ni, bool vis) { rs(mi, ni) = vis ? rs(mi, ni) : -INFINITY; });
+    mask.template for_each<kRows, decltype(size<1>(rs))::value>(
+        cSrc, [&](int mi, int ni, bool vis) { rs(mi, ni) = vis ? rs(mi, ni) : -INFINITY; });
   }
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
@@ -671,13 +771,12 @@ __device__ __forceinline__ void rescale_rows(RO& ro, const float (&corr)[kRows])
 }
 
 // softmax_step with the output accumulator `ro` rescaled at once.
-template <bool kFoldScale, int kRows, class RS, class RO, class CS>
+template <bool kFoldScale, int kRows, class RS, class RO, class CS, class Mask>
 __device__ __forceinline__ void online_softmax(RS& rs, RO& ro, CS const& cSrc,
                                                float (&row_max)[kRows], float (&row_sum)[kRows],
-                                               bool full, const QRow* qrows, const KRow* krows,
-                                               float scale2) {
+                                               bool full, Mask const& mask, float scale2) {
   float corr[kRows];
-  softmax_step<kFoldScale>(rs, cSrc, row_max, row_sum, corr, full, qrows, krows, scale2);
+  softmax_step<kFoldScale>(rs, cSrc, row_max, row_sum, corr, full, mask, scale2);
   rescale_rows(ro, corr);
 }
 

@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     clear(acc_s);
     gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK(it & 1), tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-    online_softmax</*kFoldScale=*/false>(rs, ro, cSrc, row_max, row_sum, full, sm.qrows, krows,
-                                         scale2);
+    online_softmax</*kFoldScale=*/false>(rs, ro, cSrc, row_max, row_sum, full,
+                                         RowsMask{sm.qrows, krows}, scale2);
     Tensor rP = to_operand_a<T>(acc_s);
     gemm_rs<typename Tr::LdsmT>(mma, acc_o, rP, sVt(it & 1), tid);
   }

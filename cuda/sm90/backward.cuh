@@ -375,10 +375,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
 
 // The dQ kernels' P = exp2(S·scale2 − lse2) on the thread's part of S (rows: Q rows, whose
 // lse2 the thread holds; columns: KV rows), 0 where the mask hides the key unless `full`.
-template <int kRows, class RS, class CS>
+template <int kRows, class RS, class CS, class Mask>
 __device__ __forceinline__ void dq_probs(RS& rs, CS const& cSrc, const float (&lse2_of)[kRows],
-                                         float scale2, bool full, const QRow* qrows,
-                                         const KRow* krows) {
+                                         float scale2, bool full, Mask const& mask) {
   if (full) {
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
@@ -387,8 +386,8 @@ __device__ __forceinline__ void dq_probs(RS& rs, CS const& cSrc, const float (&l
         rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
     }
   } else {
-    sm80::for_each_visibility<kRows, decltype(size<1>(rs))::value>(
-        cSrc, qrows, krows, [&](int mi, int ni, bool vis) {
+    mask.template for_each<kRows, decltype(size<1>(rs))::value>(
+        cSrc, [&](int mi, int ni, bool vis) {
           const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
           rs(mi, ni) = vis ? pr : 0.f;
         });
@@ -535,7 +534,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
 
     warpgroup_wait<1>();  // S
     warpgroup_fence_operand(acc_s);
-    dq_probs(rs, cSrc, lse2_of, scale2, full, sm.mrows, krows);
+    dq_probs(rs, cSrc, lse2_of, scale2, full, sm80::RowsMask{sm.mrows, krows});
     warpgroup_wait<0>();  // dP
     warpgroup_fence_operand(acc_dp);
     dq_grad_scores(rdp, rs, delta_of);

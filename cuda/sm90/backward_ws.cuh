@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     warpgroup_wait<1>();  // dQ(it-1) and S(it)
     warpgroup_fence_operand(acc_s);
     if (it > 0) ring.release_k(it - 1);  // K(it-1) and its rows
-    dq_probs(rs, cSrc, lse2_of, scale2, ring.is_full(it), sm.qrows, ring.rows(it));
+    dq_probs(rs, cSrc, lse2_of, scale2, ring.is_full(it), ring.mask(it, sm.qrows));
     warpgroup_wait<0>();  // dP(it)
     warpgroup_fence_operand(acc_dp);
     ring.release_v(it);

@@ -207,8 +207,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_o);
 
-    sm80::online_softmax</*kFoldScale=*/true>(rs, ro, cSrc, row_max, row_sum, full, sm.qrows,
-                                              krows, scale2);
+    sm80::online_softmax</*kFoldScale=*/true>(rs, ro, cSrc, row_max, row_sum, full,
+                                              sm80::RowsMask{sm.qrows, krows}, scale2);
 
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));

@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     warpgroup_fence_operand(acc_s);
     ring.release_k(it);  // S(it) has retired; the ring keeps the step's rows for the mask
     sm80::softmax_step</*kFoldScale=*/true>(rs, cSrc, row_max, row_sum, corr, ring.is_full(it),
-                                            sm.qrows, ring.rows(it), scale2);
+                                            ring.mask(it, sm.qrows), scale2);
   };
   // O = O · corr + P(it)·V(it), issued without waiting.
   auto accumulate = [&](int it) {

@@ -37,8 +37,10 @@ struct KvRing {
 
   alignas(1024) T k[kStages][kRows * kD];
   alignas(1024) T v[kStages][kRows * kD];
-  KRow krows[kRowSlots][kRows];  // tokens and mask coordinates
+  KRow krows[kRowSlots][kRows];  // tokens of the gathered tiles
+  alignas(16) int origins[kRowSlots][kPerStep][4];  // first row's group indices, or kNoTile
   int full[kRowSlots];           // the step needs no element mask
+  sm80::TileBits tile_bits;      // the mask words' constants of the problem's KV tile
   uint64_t k_full[kStages], v_full[kStages];    // producer → consumers
   uint64_t k_empty[kStages], v_empty[kStages];  // consumers → producer
 
@@ -78,8 +80,11 @@ struct KvRing {
     __syncwarp();
     if (threadIdx.x % 32 == 0) Barrier::arrive(&v_empty[it % kStages]);
   }
-  __device__ __forceinline__ const KRow* rows(int it) const { return krows[it % kRowSlots]; }
   __device__ __forceinline__ bool is_full(int it) const { return full[it % kRowSlots] != 0; }
+  // The element mask of step `it` for Q rows `qrows` (read only where the step is not full).
+  __device__ __forceinline__ sm80::BitsMask<kPerStep> mask(int it, const QRow* qrows) const {
+    return {qrows, origins[it % kRowSlots], &tile_bits};
+  }
 
   // ----------------------------------------------------------------------------- producer
   // Fills the ring for steps 0..steps-1 of the box (kPerStep tiles each) from the K and V
@@ -92,6 +97,8 @@ struct KvRing {
       prefetch_tma_descriptor(&maps.k);
       prefetch_tma_descriptor(&maps.v);
     }
+    // Read by the consumers once step 0's K has landed.
+    if (tid == 0) tile_bits = sm80::TileBits::of(p);
     // The producer's own bookkeeping is on the critical path of every step (the consumers
     // wait for K while it runs): the tiles of the box are walked, not decoded (TileBox::at
     // divides), every producer thread keeps the step's tiles and TMA bits in registers, and
@@ -128,9 +135,20 @@ struct KvRing {
         if (maps.on && in_box && G.tile_inside(p, plan_kt[t], /*kv_side=*/true))
           plan_tma |= 1 << t;
       }
-      if (tid == 127) full[j % kRowSlots] = all_full;
-      // A mask-free step loaded by TMA alone never reads its rows.
-      if (all_full && plan_tma == (1 << kPerStep) - 1) return;
+      if (tid == 127) {
+        full[j % kRowSlots] = all_full;
+        // Only masked steps read their origins.
+        CUTE_UNROLL
+        for (int t = 0; t < kPerStep; ++t) {
+          if (all_full) break;
+          const bool in_box = j * kPerStep + t < box.total;
+          for (int a = 0; a < kMaxRank; ++a)
+            origins[j % kRowSlots][t][a] =
+                in_box ? plan_kt[t][a] * (int)p.kv_tile[a] : sm80::kNoTile;
+        }
+      }
+      // Only gathers read the rows (the masks come from the origins).
+      if (plan_tma == (1 << kPerStep) - 1) return;
       KRow* step_rows = krows[j % kRowSlots];
       for (int r = tid; r < kRows; r += 128) {
         const int t = r / kTileRows;
@@ -140,7 +158,7 @@ struct KvRing {
           for (int a = 0; a < kMaxRank; ++a)
             if (u == t) kt[a] = plan_kt[u][a];
         step_rows[r] = G.k_row(p, kt, r % kTileRows);
-        // A tile past the end of the box (the walk wrapped to the first) is masked out.
+        // A tile past the end of the box (the walk wrapped to the first) loads zeros.
         if (j * kPerStep + t >= box.total) step_rows[r].tok = -1;
       }
     };
