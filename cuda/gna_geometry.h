@@ -42,26 +42,45 @@ GNA_HD Axis unframed_axis(int64_t length, int64_t kernel, int64_t stride, int64_
   return Axis{length, kernel, stride, dilation, causal, 0, length, 0, length};
 }
 
-GNA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-GNA_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-GNA_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+// The arithmetic below is written once for an integer type I: int64_t on the host, int in
+// the kernels, whose every axis, tile and group index fits 32 bits (a 64-bit division costs
+// the kernels' geometry several times a 32-bit one, at the start of every CTA).
+// The type of the other arguments follows the one deduced from the first (or from the
+// result pointers): mixed int/int64_t calls convert instead of failing to deduce.
+template <class I>
+struct NoDeduceT {
+  using type = I;
+};
+template <class I>
+using NoDeduce = typename NoDeduceT<I>::type;
+
+template <class I>
+GNA_HD I ceil_div(I a, NoDeduce<I> b) { return (a + b - 1) / b; }
+template <class I>
+GNA_HD I min_of(I a, I b) { return a < b ? a : b; }
+template <class I>
+GNA_HD I max_of(I a, I b) { return a > b ? a : b; }
+GNA_HD int64_t min64(int64_t a, int64_t b) { return min_of(a, b); }
+GNA_HD int64_t max64(int64_t a, int64_t b) { return max_of(a, b); }
 
 // Tokens in dilation group `g` of an axis.
-GNA_HD int64_t group_length(int64_t length, int64_t dilation, int64_t g) {
+template <class I>
+GNA_HD I group_length(I length, NoDeduce<I> dilation, NoDeduce<I> g) {
   return (length - g + dilation - 1) / dilation;
 }
 
 // Window [start, end) in group indices of the query at group index `ii` (see DESIGN.md §2).
-GNA_HD void window_bounds(int64_t ii, int64_t group_len, int64_t kernel, int64_t stride,
-                          bool causal, int64_t* start, int64_t* end) {
-  const int64_t base = (ii / stride) * stride;
+template <class I>
+GNA_HD void window_bounds(NoDeduce<I> ii, NoDeduce<I> group_len, NoDeduce<I> kernel,
+                          NoDeduce<I> stride, bool causal, I* start, I* end) {
+  const I base = (ii / stride) * stride;
   if (causal) {
-    const int64_t lead = min64(base + stride - 1, group_len - 1);
-    *start = max64(lead - kernel + 1, 0);
+    const I lead = min_of<I>(base + stride - 1, group_len - 1);
+    *start = max_of<I>(lead - kernel + 1, 0);
     *end = ii + 1;
   } else {
-    const int64_t lead = min64(base + stride / 2, group_len - 1);
-    *start = max64(0, min64(lead - kernel / 2, group_len - kernel));
+    const I lead = min_of<I>(base + stride / 2, group_len - 1);
+    *start = max_of<I>(0, min_of<I>(lead - kernel / 2, group_len - kernel));
     *end = *start + kernel;
   }
 }
@@ -80,34 +99,34 @@ GNA_HD bool in_window(int64_t ii, int64_t jj, int64_t group_len, int64_t kernel,
 // into KV tiles of `kv_tile`. Offsets are in group units (token offset / dilation); kv_offset
 // may be negative. A valid frame (frame_error) keeps every window of every Q-frame query
 // inside the KV frame. Unframed: q_offset = kv_offset = 0, q_len = kv_len = length.
-struct AxisTiling {
-  int64_t length;
-  int64_t kernel;
-  int64_t stride;
+template <class I>
+struct AxisTilingT {
+  I length;
+  I kernel;
+  I stride;
   bool causal;
-  int64_t q_tile;
-  int64_t kv_tile;
-  int64_t q_offset;
-  int64_t q_len;
-  int64_t kv_offset;
-  int64_t kv_len;
+  I q_tile;
+  I kv_tile;
+  I q_offset;
+  I q_len;
+  I kv_offset;
+  I kv_len;
 
-  GNA_HD int64_t n_q() const { return ceil_div(q_len, q_tile); }
-  GNA_HD int64_t n_kv() const { return ceil_div(kv_len, kv_tile); }
+  GNA_HD I n_q() const { return ceil_div(q_len, q_tile); }
+  GNA_HD I n_kv() const { return ceil_div(kv_len, kv_tile); }
 
   // Global windows of the first and last valid query of Q tile `qt`.
-  GNA_HD void tile_windows(int64_t qt, int64_t* s0, int64_t* e0, int64_t* s1,
-                           int64_t* e1) const {
-    const int64_t first = qt * q_tile;
-    const int64_t last = min64(first + q_tile, q_len) - 1;
+  GNA_HD void tile_windows(I qt, I* s0, I* e0, I* s1, I* e1) const {
+    const I first = qt * q_tile;
+    const I last = min_of<I>(first + q_tile, q_len) - 1;
     window_bounds(first + q_offset, length, kernel, stride, causal, s0, e0);
     window_bounds(last + q_offset, length, kernel, stride, causal, s1, e1);
   }
 
   // KV tiles [lo, hi) seen by Q tile `qt`. Window bounds are non-decreasing in the query
   // index, so the first query's start and the last valid query's end bound the range.
-  GNA_HD void kv_range(int64_t qt, int64_t* lo, int64_t* hi) const {
-    int64_t s0, e0, s1, e1;
+  GNA_HD void kv_range(I qt, I* lo, I* hi) const {
+    I s0, e0, s1, e1;
     tile_windows(qt, &s0, &e0, &s1, &e1);
     *lo = (s0 - kv_offset) / kv_tile;
     *hi = ceil_div(e1 - kv_offset, kv_tile);
@@ -116,36 +135,36 @@ struct AxisTiling {
   // KV tiles [lo, hi) whose every key every valid query of Q tile `qt` sees, within the KV
   // frame (no padding): the keys [last query's start, first query's end) cut to whole tiles.
   // Kernels compute this once per Q tile, then test tiles with two comparisons.
-  GNA_HD void full_range(int64_t qt, int64_t* lo, int64_t* hi) const {
-    int64_t s0, e0, s1, e1;
+  GNA_HD void full_range(I qt, I* lo, I* hi) const {
+    I s0, e0, s1, e1;
     tile_windows(qt, &s0, &e0, &s1, &e1);
-    *lo = ceil_div(max64(s1 - kv_offset, 0), kv_tile);
-    *hi = max64(min64(e0 - kv_offset, kv_len), 0) / kv_tile;
+    *lo = ceil_div(max_of<I>(s1 - kv_offset, 0), kv_tile);
+    *hi = max_of<I>(min_of<I>(e0 - kv_offset, kv_len), 0) / kv_tile;
   }
 
   // True iff every valid query of Q tile `qt` sees every key of KV tile `kt` and the KV
   // tile holds no padding: such a pair runs without an element mask.
-  GNA_HD bool full(int64_t qt, int64_t kt) const {
-    int64_t lo, hi;
+  GNA_HD bool full(I qt, I kt) const {
+    I lo, hi;
     full_range(qt, &lo, &hi);
     return kt >= lo && kt < hi;
   }
 
   // Q tiles [lo, hi) that see KV tile `kt` (the backward's loop). kv_range's bounds are
   // non-decreasing in qt, so two binary searches find the ends.
-  GNA_HD void q_range(int64_t kt, int64_t* lo, int64_t* hi) const {
-    const int64_t n = n_q();
-    int64_t a = 0, b = n;  // first qt with kv_hi(qt) > kt
+  GNA_HD void q_range(I kt, I* lo, I* hi) const {
+    const I n = n_q();
+    I a = 0, b = n;  // first qt with kv_hi(qt) > kt
     while (a < b) {
-      const int64_t m = (a + b) / 2;
-      int64_t l, h;
+      const I m = (a + b) / 2;
+      I l, h;
       kv_range(m, &l, &h);
       if (h > kt) b = m; else a = m + 1;
     }
-    int64_t c = a, d = n;  // first qt with kv_lo(qt) > kt
+    I c = a, d = n;  // first qt with kv_lo(qt) > kt
     while (c < d) {
-      const int64_t m = (c + d) / 2;
-      int64_t l, h;
+      const I m = (c + d) / 2;
+      I l, h;
       kv_range(m, &l, &h);
       if (l > kt) d = m; else c = m + 1;
     }
@@ -155,19 +174,19 @@ struct AxisTiling {
 
   // Q tiles [lo, hi) that see KV tile `kt` in full (full(qt, kt) holds exactly there): the
   // bounds of full_range are non-decreasing in qt, so two binary searches find the ends.
-  GNA_HD void full_q_range(int64_t kt, int64_t* lo, int64_t* hi) const {
-    const int64_t n = n_q();
-    int64_t a = 0, b = n;  // first qt with full hi > kt
+  GNA_HD void full_q_range(I kt, I* lo, I* hi) const {
+    const I n = n_q();
+    I a = 0, b = n;  // first qt with full hi > kt
     while (a < b) {
-      const int64_t m = (a + b) / 2;
-      int64_t l, h;
+      const I m = (a + b) / 2;
+      I l, h;
       full_range(m, &l, &h);
       if (h > kt) b = m; else a = m + 1;
     }
-    int64_t c = a, d = n;  // first qt with full lo > kt
+    I c = a, d = n;  // first qt with full lo > kt
     while (c < d) {
-      const int64_t m = (c + d) / 2;
-      int64_t l, h;
+      const I m = (c + d) / 2;
+      I l, h;
       full_range(m, &l, &h);
       if (l > kt) d = m; else c = m + 1;
     }
@@ -175,6 +194,7 @@ struct AxisTiling {
     *hi = c;
   }
 };
+using AxisTiling = AxisTilingT<int64_t>;
 
 // The tiling of a group axis of `length` with no frame.
 GNA_HD AxisTiling unframed_tiling(int64_t length, int64_t kernel, int64_t stride, bool causal,

@@ -342,45 +342,48 @@ struct Group {
     return (int)(p.kv_tile[0] * p.kv_tile[1] * p.kv_tile[2]);
   }
 
-  __device__ __forceinline__ AxisTiling tiling(Problem const& p, int a) const {
-    return AxisTiling{Lg[a],    p.axes[a].kernel, p.axes[a].stride, p.axes[a].causal,
-                      p.q_tile[a], p.kv_tile[a],  qoff[a],          qlen[a],
-                      kvoff[a], kvlen[a]};
+  // In 32-bit arithmetic (gna_geometry.h).
+  __device__ __forceinline__ AxisTilingT<int> tiling(Problem const& p, int a) const {
+    const Axis& ax = p.axes[a];
+    return AxisTilingT<int>{Lg[a],   (int)ax.kernel, (int)ax.stride, ax.causal, qdim(p, a),
+                            kvdim(p, a), qoff[a],       qlen[a],         kvoff[a],  kvlen[a]};
   }
 
   // Splits a flat grid index into (dilation group, tile coordinate) for tiles of the Q frame
   // (or the K/V frame if `kv_side`); group 0 is the longest, so its tile count bounds every
   // group's. False if the tile lies past the end of this (shorter) group's frame.
-  __device__ __forceinline__ bool init(Problem const& p, int64_t flat, bool kv_side,
+  // `flat` is a grid index (below 2^31), so this runs in 32-bit arithmetic.
+  __device__ __forceinline__ bool init(Problem const& p, int flat, bool kv_side,
                                        int tile[kMaxRank]) {
     int n[kMaxRank];
-    int64_t n_tiles = 1;
+    int n_tiles = 1;
     for (int a = 0; a < kMaxRank; ++a) {
       const Axis& ax = p.axes[a];
       const int dim = kv_side ? kvdim(p, a) : qdim(p, a);
-      n[a] = (int)ceil_div(group_length(kv_side ? ax.kv_length : ax.q_length, ax.dilation, 0),
-                           dim);
+      n[a] = ceil_div(group_length<int>((int)(kv_side ? ax.kv_length : ax.q_length),
+                                        (int)ax.dilation, 0),
+                      dim);
       n_tiles *= n[a];
     }
-    int64_t t = flat % n_tiles;
-    int64_t grp = flat / n_tiles;
+    int t = flat % n_tiles;
+    int grp = flat / n_tiles;
     bool ok = true;
     kv_pad = false;
     for (int a = kMaxRank - 1; a >= 0; --a) {
       const Axis& ax = p.axes[a];
       const int d = (int)ax.dilation;
-      tile[a] = (int)(t % n[a]);
+      tile[a] = t % n[a];
       t /= n[a];
-      g[a] = (int)(grp % d);
+      g[a] = grp % d;
       grp /= d;
-      Lg[a] = (int)group_length(ax.length, d, g[a]);
-      qlen[a] = (int)group_length(ax.q_length, d, g[a]);
-      kvlen[a] = (int)group_length(ax.kv_length, d, g[a]);
-      qoff[a] = (int)(ax.q_offset / d);
-      kvoff[a] = (int)(ax.kv_offset / d);
+      Lg[a] = group_length<int>((int)ax.length, d, g[a]);
+      qlen[a] = group_length<int>((int)ax.q_length, d, g[a]);
+      kvlen[a] = group_length<int>((int)ax.kv_length, d, g[a]);
+      qoff[a] = (int)ax.q_offset / d;
+      kvoff[a] = (int)ax.kv_offset / d;
       kv_pad = kv_pad || kvoff[a] < 0 || kvoff[a] + kvlen[a] > Lg[a];
       const int dim = kv_side ? kvdim(p, a) : qdim(p, a);
-      ok = ok && (int64_t)tile[a] * dim < (kv_side ? kvlen[a] : qlen[a]);
+      ok = ok && tile[a] * dim < (kv_side ? kvlen[a] : qlen[a]);
     }
     return ok;
   }
@@ -484,7 +487,7 @@ struct Group {
 
   // Row `r` of Q tile `coord`. Without `window` (a Q tile that sees the KV tiles in question
   // in full, so the mask is never evaluated) the window is the whole K/V frame, which skips
-  // the window arithmetic (64-bit divisions).
+  // the window arithmetic (divisions).
   __device__ __forceinline__ QRow q_row(Problem const& p, const int coord[kMaxRank], int r,
                                         bool window = true) const {
     int ii[kMaxRank];
@@ -492,11 +495,11 @@ struct Group {
     row.tok = q_token(p, coord, r, ii);
     for (int a = 0; a < kMaxRank; ++a) {
       if (row.tok >= 0 && window) {
-        int64_t s, e;
-        window_bounds(ii[a] + qoff[a], Lg[a], p.axes[a].kernel, p.axes[a].stride,
-                      p.axes[a].causal, &s, &e);
-        row.start[a] = (int)s - kvoff[a];
-        row.end[a] = min((int)e - kvoff[a], kvlen[a]);
+        int s, e;
+        window_bounds<int>(ii[a] + qoff[a], Lg[a], (int)p.axes[a].kernel,
+                           (int)p.axes[a].stride, p.axes[a].causal, &s, &e);
+        row.start[a] = s - kvoff[a];
+        row.end[a] = min(e - kvoff[a], kvlen[a]);
       } else {
         row.start[a] = 0;
         row.end[a] = kvlen[a];
@@ -554,10 +557,10 @@ struct TileBox {
     TileBox box;
     box.total = 1;
     for (int a = 0; a < kMaxRank; ++a) {
-      int64_t lo, hi;
+      int lo, hi;
       G.tiling(p, a).kv_range(qt[a], &lo, &hi);
-      box.lo[a] = (int)lo;
-      box.cnt[a] = (int)(hi - lo);
+      box.lo[a] = lo;
+      box.cnt[a] = hi - lo;
       box.total *= box.cnt[a];
     }
     return box;
@@ -569,10 +572,10 @@ struct TileBox {
     TileBox box;
     box.total = 1;
     for (int a = 0; a < kMaxRank; ++a) {
-      int64_t lo, hi;
+      int lo, hi;
       G.tiling(p, a).q_range(kt[a], &lo, &hi);
-      box.lo[a] = (int)lo;
-      box.cnt[a] = (int)(hi - lo);
+      box.lo[a] = lo;
+      box.cnt[a] = hi - lo;
       box.total *= box.cnt[a];
     }
     return box;
@@ -638,10 +641,10 @@ struct FullTiles {
     FullTiles f;
     f.dense = Group::kvprod(p) == kv_rows;
     for (int a = 0; a < kMaxRank; ++a) {
-      int64_t lo, hi;
+      int lo, hi;
       G.tiling(p, a).full_range(qt[a], &lo, &hi);
-      f.lo[a] = (int)lo;
-      f.hi[a] = (int)hi;
+      f.lo[a] = lo;
+      f.hi[a] = hi;
     }
     return f;
   }
@@ -653,10 +656,10 @@ struct FullTiles {
     FullTiles f;
     f.dense = Group::kvprod(p) == kv_rows;
     for (int a = 0; a < kMaxRank; ++a) {
-      int64_t lo, hi;
+      int lo, hi;
       G.tiling(p, a).full_q_range(kt[a], &lo, &hi);
-      f.lo[a] = (int)lo;
-      f.hi[a] = (int)hi;
+      f.lo[a] = lo;
+      f.hi[a] = hi;
     }
     return f;
   }

@@ -54,6 +54,7 @@ struct WsFwdSmem {
   typename Tr::Ring ring;  // K, V and the rows of the steps
   QRow qrows[Tr::kBlockM];
   uint64_t q_full;
+  uint64_t rows_full;  // qrows written (after step 0's loads: see the producer)
 };
 
 template <class Tr>
@@ -86,6 +87,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   if (tid == 0) {
     Barrier::init(&sm.q_full, 2 * 128);
+    Barrier::init(&sm.rows_full, 128);
     sm.ring.init();
     cutlass::arch::fence_barrier_init();
   }
@@ -103,12 +105,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
     const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
     const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
-    for (int r = tid; r < kBlockM; r += 128) sm.qrows[r] = G.q_row(p, qt, r);
     int ii[kMaxRank];
     sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sQ(r, c); }, qb, q_stride,
                                         [&](int r) { return G.q_token(p, qt, r, ii); }, tid);
     producer_commit(&sm.q_full);
-    ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, steps);
+    // The Q rows' windows are read only by masked steps and the epilogue: built while step
+    // 0's K and V load, they stay off the path to the first GEMM (a CTA's start-up, before
+    // any GEMM, was ~20 % of the 1-D problems' forward in ncu).
+    ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, steps, [&] {
+      for (int r = tid; r < kBlockM; r += 128) sm.qrows[r] = G.q_row(p, qt, r);
+      Barrier::arrive(&sm.rows_full);
+    });
     sm80::cp_async_wait<0>();
     return;
   }
@@ -155,9 +162,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wgmma_issue(mma_s, tSrQ, thr_s.partition_fragment_B(ring.sK(it % kStages)), acc_s,
                 /*accumulate=*/false);
   };
+  bool rows_ready = false;
   auto softmax = [&](int it) {
     warpgroup_fence_operand(acc_s);
     ring.release_k(it);  // S(it) has retired; the ring keeps the step's rows for the mask
+    if (!rows_ready && !ring.is_full(it)) {
+      Barrier::wait(&sm.rows_full, 0);
+      rows_ready = true;
+    }
     sm80::softmax_step</*kFoldScale=*/true>(rs, cSrc, row_max, row_sum, corr, ring.is_full(it),
                                             ring.mask(it, sm.qrows), scale2);
   };
@@ -209,6 +221,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
 
   // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
+  Barrier::wait(&sm.rows_full, 0);
   Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
   Tensor cOrc = make_tensor(cO.data(), gmma_rowcol(cO.layout()));
   T* ob = out + (b * n_q_tok * p.heads + h) * kD;

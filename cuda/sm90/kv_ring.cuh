@@ -89,9 +89,14 @@ struct KvRing {
   // ----------------------------------------------------------------------------- producer
   // Fills the ring for steps 0..steps-1 of the box (kPerStep tiles each) from the K and V
   // rows of the CTA's batch and KV head (`kb`, `vb`); run by the 128 producer threads.
+  // `after_first` runs once step 0's loads are issued (or at once without steps): work the
+  // consumers do not need before their first step goes there, off its critical path.
+  template <class AfterFirst>
   __device__ __forceinline__ void produce(Problem const& p, Group const& G, TileBox const& box,
                           FullTiles const& fulls, KvTensorMaps const& maps, const T* kb,
-                          const T* vb, int hkv, int64_t b, int tid, int steps) {
+                          const T* vb, int hkv, int64_t b, int tid, int steps,
+                          AfterFirst&& after_first) {
+    if (steps == 0) after_first();
     const int64_t kv_stride = p.kv_heads * kD;
     if (tid == 0 && maps.on) {
       prefetch_tma_descriptor(&maps.k);
@@ -210,6 +215,7 @@ struct KvRing {
       if (j >= kStages) Barrier::wait(&v_empty[s], free_phase);
       Tensor vt_s = sVt(s);
       load(&maps.v, vb, &v_full[s], [&](int r, int c) { return &vt_s(c, r); });
+      if (j == 0) after_first();
     }
   }
 };
