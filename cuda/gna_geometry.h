@@ -210,6 +210,65 @@ GNA_HD AxisTiling group_tiling(const Axis& ax, int64_t g, int64_t q_tile, int64_
                     ax.kv_offset / d, group_length(ax.kv_length, d, g)};
 }
 
+// x << n for 0 <= n <= 64, where n = 64 gives 0 (C++ leaves that shift undefined; PTX's
+// shl.b64 clamps it).
+GNA_HD uint64_t shl64(uint64_t x, int n) {
+#if defined(__CUDA_ARCH__)
+  uint64_t r;
+  asm("shl.b64 %0, %1, %2;" : "=l"(r) : "l"(x), "r"(n));
+  return r;
+#else
+  return n >= 64 ? 0 : x << n;
+#endif
+}
+
+// Which rows of a KV tile of at most 64 rows one query row sees, as a 64-bit word (bit r:
+// tile row r), for the kernels' element masks. Rows run through the tile's box with the last
+// axis fastest, so the rows whose coordinate along axis a lies in a range are one run of bits
+// repeated once per period of that axis (its extent times the rows of one step along it): a
+// word is the AND over the axes of a shifted run times a constant of spaced ones.
+struct TileBits {
+  uint64_t rep[kMaxRank];  // Σ_k 2^(k · period): one 1 per period of the axis
+  int ext[kMaxRank];       // the tile's extent per axis
+  int unit[kMaxRank];      // rows per step along the axis (product of the later extents)
+
+  // For KV tiles of shape `kv_tile` (group indices per axis, product at most 64).
+  static GNA_HD TileBits of(const int64_t kv_tile[kMaxRank]) {
+    TileBits b;
+    int rows = 1;
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      b.ext[a] = (int)kv_tile[a];
+      b.unit[a] = rows;
+      rows *= b.ext[a];
+    }
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int period = b.ext[a] * b.unit[a];
+      b.rep[a] = 0;
+      for (int k = 0; k < rows; k += period) b.rep[a] |= uint64_t{1} << k;
+    }
+    return b;
+  }
+
+  // The rows of the tile whose first row has group indices `origin` with every index inside
+  // [start, end) per axis. With a query's window cut at the end of the K/V frame (the
+  // kernels' QRow), that is exactly the rows the query sees: rows past the frame are cut,
+  // rows outside the global axis lie outside every window, and rows past the tile's product
+  // get no bit.
+  GNA_HD uint64_t word(const int start[kMaxRank], const int end[kMaxRank],
+                       const int origin[kMaxRank]) const {
+    uint64_t w = ~uint64_t{0};
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int lo = min_of(max_of(start[a] - origin[a], 0), ext[a]) * unit[a];
+      const int hi = min_of(max_of(end[a] - origin[a], 0), ext[a]) * unit[a];
+      w &= (shl64(~uint64_t{0}, lo) & ~shl64(~uint64_t{0}, hi)) * rep[a];
+    }
+    return w;
+  }
+};
+
+// A tile origin that no window reaches: TileBits::word gives 0 (a tile slot past the box).
+constexpr int kNoTile = 1 << 30;
+
 // Checks the frame of an axis whose length, kernel, stride and dilation are already valid:
 // nullptr if it is valid, else the rule it breaks. Window bounds are monotone in the query,
 // so per dilation group the first and last Q-frame query bound every window.

@@ -143,6 +143,31 @@ nb::tuple windows(int64_t group_len, int64_t kernel, int64_t stride, bool causal
   return nb::make_tuple(start, end);
 }
 
+// gna_geometry.h's TileBits::word: the rows of a KV tile of shape `kv_tile` (product at most
+// 64; first row at group indices `origin`, kNoTile for none) with every index in
+// [start, end) per axis, as an integer whose bit r is tile row r. Arrays have one entry per
+// axis; the axes past them are unused, as in a Problem (extent 1, window [0, 1)).
+uint64_t tile_mask_word(const I64s& kv_tile, const I64s& start, const I64s& end,
+                        const I64s& origin) {
+  const size_t rank = kv_tile.size();
+  if (rank < 1 || rank > gna::kMaxRank || start.size() != rank || end.size() != rank ||
+      origin.size() != rank)
+    throw nb::value_error("kv_tile, start, end and origin need one entry per axis (1 to 3)");
+  int64_t tile[gna::kMaxRank] = {1, 1, 1};
+  int s[gna::kMaxRank] = {0, 0, 0}, e[gna::kMaxRank] = {1, 1, 1}, o[gna::kMaxRank] = {0, 0, 0};
+  int64_t rows = 1;
+  for (size_t a = 0; a < rank; ++a) {
+    if (kv_tile[a] < 1) throw nb::value_error("kv_tile entries must be positive");
+    rows *= kv_tile[a];
+    tile[a] = kv_tile[a];
+    s[a] = static_cast<int>(start[a]);
+    e[a] = static_cast<int>(end[a]);
+    o[a] = static_cast<int>(origin[a]);
+  }
+  if (rows > 64) throw nb::value_error("a KV tile of a mask word has at most 64 rows");
+  return gna::TileBits::of(tile).word(s, e, o);
+}
+
 }  // namespace
 
 NB_MODULE(_jax_gna_native, m) {
@@ -190,6 +215,9 @@ NB_MODULE(_jax_gna_native, m) {
         nb::arg("causal"), nb::arg("q_offset") = 0, nb::arg("q_len") = nb::none(),
         nb::arg("kv_offset") = 0, nb::arg("kv_len") = nb::none(),
         "gna_geometry.h's window_bounds of every Q-frame query, in K/V-frame indices.");
+  m.def("tile_mask_word", &tile_mask_word, nb::arg("kv_tile"), nb::arg("start"),
+        nb::arg("end"), nb::arg("origin"),
+        "gna_geometry.h's TileBits::word (the kernels' element-mask words) as an int.");
   m.def("f16_roundtrip", [](float x) { return gna::cpu::f16_to_float(gna::cpu::float_to_f16(x)); },
         nb::arg("x"), "float -> float16 -> float with the CPU handler's conversion.");
   m.def("bf16_roundtrip",

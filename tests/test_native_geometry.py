@@ -1,7 +1,8 @@
 """cuda/gna_geometry.h (the native port) agrees with jax_gna.geometry tile for tile.
 
-The C++ side is reached through the extension's `axis_tiling` and `windows` functions,
-which call gna::AxisTiling and gna::window_bounds exactly as the handlers and kernels do.
+The C++ side is reached through the extension's `axis_tiling`, `windows` and
+`tile_mask_word` functions, which call gna::AxisTiling, gna::window_bounds and
+gna::TileBits exactly as the handlers and kernels do.
 """
 
 from __future__ import annotations
@@ -166,3 +167,66 @@ def test_bad_arguments_raise():
 def test_bad_frames_raise(frame, rule):
     with pytest.raises(ValueError, match=rule):
         native._ext.axis_tiling(10, 3, 1, False, 4, 4, **frame)
+
+
+_NO_TILE = 1 << 30  # gna_geometry.h's kNoTile
+
+
+def _tile_shape(rank: int, rng) -> tuple[int, ...]:
+    """A random KV tile shape of `rank` axes with at most 64 rows."""
+    while True:
+        shape = tuple(int(rng.choice([1, 2, 3, 4, 5, 8, 16, 32, 64])) for _ in range(rank))
+        if np.prod(shape) <= 64:
+            return shape
+
+
+def test_tile_mask_words_are_the_visible_keys():
+    """TileBits::word (the sm90a kernels' element masks) against the semantics, row by row.
+
+    A query's window is cut at the end of the K/V frame, as the kernels' QRow holds it; the
+    word must then hold exactly the tile rows that are real keys (inside the global axis and
+    the K/V frame) inside the window on every axis, and no bit past the tile's rows.
+    """
+    rng = np.random.default_rng(5)
+    kinds = {"empty": 0, "full": 0, "partial": 0}
+    for trial in range(3000):
+        rank = int(rng.integers(1, 4))
+        axes = [_FRAMED[int(rng.integers(len(_FRAMED)))] for _ in range(rank)]
+        ext = _tile_shape(rank, rng)
+        start, end, origin, real = [], [], [], []
+        for (length, kernel, stride, causal, _, _), frame in axes:
+            ext_a = ext[len(start)]
+            q = frame["q_offset"] + int(rng.integers(frame["q_len"]))
+            s, e = geometry.window_bounds(q, length, kernel, stride, causal)
+            kv_off, kv_len = frame["kv_offset"], frame["kv_len"]
+            start.append(int(s) - kv_off)
+            end.append(min(int(e) - kv_off, kv_len))
+            # A tile near the window, so that words are often partial.
+            lo = max(int(s) - kv_off - ext_a, 0) // ext_a
+            hi = (min(int(e) - kv_off + ext_a, kv_len) - 1) // ext_a + 1
+            origin.append(int(rng.integers(lo, hi)) * ext_a)
+            jj = origin[-1] + np.arange(ext_a)
+            real.append((jj < kv_len) & (jj + kv_off >= 0) & (jj + kv_off < length)
+                        & (jj + kv_off >= s) & (jj + kv_off < e))
+        rows = int(np.prod(ext))
+        expected = np.ones(ext, dtype=bool)
+        for a in range(rank):  # the outer product of the per-axis keys, last axis fastest
+            expected &= real[a].reshape([-1 if b == a else 1 for b in range(rank)])
+        word = native._ext.tile_mask_word(list(ext), start, end, origin)
+        bits = np.array([(word >> r) & 1 for r in range(rows)], dtype=bool)
+        where = f"trial {trial}: tile {ext}, window {start}-{end}, origin {origin}"
+        np.testing.assert_array_equal(bits, expected.reshape(-1), err_msg=where)
+        assert word >> rows == 0, where
+        kinds["empty" if not bits.any() else "full" if bits.all() else "partial"] += 1
+        # A tile slot past the box (kNoTile on any axis) is never seen.
+        gone = list(origin)
+        gone[int(rng.integers(rank))] = _NO_TILE
+        assert native._ext.tile_mask_word(list(ext), start, end, gone) == 0, where
+    assert min(kinds.values()) > 200, kinds  # every kind of word is exercised
+
+
+def test_tile_mask_word_bad_arguments_raise():
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        native._ext.tile_mask_word([8, 16], [0, 0], [8, 16], [0, 0])
+    with pytest.raises(ValueError, match="one entry per axis"):
+        native._ext.tile_mask_word([8, 8], [0], [8, 8], [0, 0])

@@ -220,57 +220,6 @@ struct RowsMask {
   }
 };
 
-// x << n with PTX's semantics: n >= 64 gives 0 (C++ leaves it undefined).
-__device__ __forceinline__ uint64_t shl64(uint64_t x, int n) {
-  uint64_t r;
-  asm("shl.b64 %0, %1, %2;" : "=l"(r) : "l"(x), "r"(n));
-  return r;
-}
-
-// Which rows of a KV tile of at most 64 rows one query row sees, as a 64-bit word (bit r: tile
-// row r). Rows run through the tile's box with the last axis fastest, so the rows whose
-// coordinate along axis a lies in a range are one run of bits repeated once per period of
-// that axis (its extent times the rows of one step along it): a word is the AND over the axes
-// of a shifted run times a constant of spaced ones. It equals visible() for every row of the
-// tile: QRow::end stops at the K/V frame (rows past it are padding), rows outside the global
-// axis lie outside every window, and rows past the tile's product get no bit.
-struct TileBits {
-  uint64_t rep[kMaxRank];  // Σ_k 2^(k · period): one 1 per period of the axis
-  int ext[kMaxRank];       // the tile's extent per axis
-  int unit[kMaxRank];      // rows per step along the axis (product of the later extents)
-
-  static __device__ __forceinline__ TileBits of(Problem const& p) {
-    TileBits b;
-    int rows = 1;
-    for (int a = kMaxRank - 1; a >= 0; --a) {
-      b.ext[a] = (int)p.kv_tile[a];
-      b.unit[a] = rows;
-      rows *= b.ext[a];
-    }
-    for (int a = 0; a < kMaxRank; ++a) {
-      const int period = b.ext[a] * b.unit[a];
-      b.rep[a] = 0;
-      for (int k = 0; k < rows; k += period) b.rep[a] |= 1ull << k;
-    }
-    return b;
-  }
-
-  // The rows of the tile whose first row has group indices `origin` that `q` sees.
-  __device__ __forceinline__ uint64_t word(QRow const& q, const int* origin) const {
-    uint64_t w = ~0ull;
-    CUTE_UNROLL
-    for (int a = 0; a < kMaxRank; ++a) {
-      const int lo = min(max(q.start[a] - origin[a], 0), ext[a]) * unit[a];
-      const int hi = min(max(q.end[a] - origin[a], 0), ext[a]) * unit[a];
-      w &= (shl64(~0ull, lo) & ~shl64(~0ull, hi)) * rep[a];
-    }
-    return w;
-  }
-};
-
-// Tile origin that no window reaches: TileBits::word gives 0 (a tile slot past the box).
-constexpr int kNoTile = 1 << 30;
-
 // By words: kTiles KV tiles of 64 columns each, tile t's first row at group indices
 // origins[t] (kNoTile: no tile). The four threads of a quad hold the same rows, so each builds
 // one (row, tile) word and the quad shares them by shuffles; a thread then tests one bit per
@@ -293,7 +242,7 @@ struct BitsMask {
     CUTE_UNROLL
     for (int mi = 1; mi < kRows; ++mi)
       if (mine / kTiles == mi) row = get<0>(cSrc(mi, 0));
-    const uint64_t word = bits->word(qrows[row], origins[mine % kTiles]);
+    const uint64_t word = bits->word(qrows[row].start, qrows[row].end, origins[mine % kTiles]);
     const uint32_t lo = (uint32_t)word, hi = (uint32_t)(word >> 32);
     // Each word as two 32-bit halves shifted right by c0: bit d of the pair is column c0 + d.
     // (With 64-bit words in the element tests ptxas serialised the dQ kernel's wgmmas, C7515.)
@@ -630,7 +579,7 @@ struct BoxStep {
 
 // The KV tiles that Q tile `qt` sees in full (AxisTiling::full_range per axis), or the Q
 // tiles that see KV tile `kt` in full: computed once per CTA so that the per-tile test is a
-// few integer comparisons instead of window arithmetic in 64-bit divisions.
+// few integer comparisons instead of window arithmetic in divisions.
 struct FullTiles {
   int lo[kMaxRank];
   int hi[kMaxRank];

@@ -40,7 +40,7 @@ struct KvRing {
   KRow krows[kRowSlots][kRows];  // tokens of the gathered tiles
   alignas(16) int origins[kRowSlots][kPerStep][4];  // first row's group indices, or kNoTile
   int full[kRowSlots];           // the step needs no element mask
-  sm80::TileBits tile_bits;      // the mask words' constants of the problem's KV tile
+  TileBits tile_bits;            // the mask words' constants of the problem's KV tile
   uint64_t k_full[kStages], v_full[kStages];    // producer → consumers
   uint64_t k_empty[kStages], v_empty[kStages];  // consumers → producer
 
@@ -103,7 +103,7 @@ struct KvRing {
       prefetch_tma_descriptor(&maps.v);
     }
     // Read by the consumers once step 0's K has landed.
-    if (tid == 0) tile_bits = sm80::TileBits::of(p);
+    if (tid == 0) tile_bits = TileBits::of(p.kv_tile);
     // The producer's own bookkeeping is on the critical path of every step (the consumers
     // wait for K while it runs): the tiles of the box are walked, not decoded (TileBox::at
     // divides), every producer thread keeps the step's tiles and TMA bits in registers, and
@@ -149,7 +149,7 @@ struct KvRing {
           const bool in_box = j * kPerStep + t < box.total;
           for (int a = 0; a < kMaxRank; ++a)
             origins[j % kRowSlots][t][a] =
-                in_box ? plan_kt[t][a] * (int)p.kv_tile[a] : sm80::kNoTile;
+                in_box ? plan_kt[t][a] * (int)p.kv_tile[a] : kNoTile;
         }
       }
       // Only gathers read the rows (the masks come from the origins).
