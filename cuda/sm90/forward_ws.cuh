@@ -110,8 +110,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                                         [&](int r) { return G.q_token(p, qt, r, ii); }, tid);
     producer_commit(&sm.q_full);
     // The Q rows' windows are read only by masked steps and the epilogue: built while step
-    // 0's K and V load, they stay off the path to the first GEMM (a CTA's start-up, before
-    // any GEMM, was ~20 % of the 1-D problems' forward in ncu).
+    // 0's K and V load, they stay off the path to the first GEMM.
     ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, steps, [&] {
       for (int r = tid; r < kBlockM; r += 128) sm.qrows[r] = G.q_row(p, qt, r);
       Barrier::arrive(&sm.rows_full);
