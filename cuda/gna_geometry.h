@@ -43,8 +43,10 @@ GNA_HD Axis unframed_axis(int64_t length, int64_t kernel, int64_t stride, int64_
 }
 
 // The arithmetic below is written once for an integer type I: int64_t on the host, int in
-// the kernels, whose every axis, tile and group index fits 32 bits (a 64-bit division costs
-// the kernels' geometry several times a 32-bit one, at the start of every CTA).
+// the kernels, whose every axis, tile and group index fits 32 bits (sm80_supports checks the
+// lengths; a 64-bit division costs the kernels' geometry several times a 32-bit one, at the
+// start of every CTA).
+//
 // The type of the other arguments follows the one deduced from the first (or from the
 // result pointers): mixed int/int64_t calls convert instead of failing to deduce.
 template <class I>
@@ -60,8 +62,6 @@ template <class I>
 GNA_HD I min_of(I a, I b) { return a < b ? a : b; }
 template <class I>
 GNA_HD I max_of(I a, I b) { return a > b ? a : b; }
-GNA_HD int64_t min64(int64_t a, int64_t b) { return min_of(a, b); }
-GNA_HD int64_t max64(int64_t a, int64_t b) { return max_of(a, b); }
 
 // Tokens in dilation group `g` of an axis.
 template <class I>
