@@ -294,8 +294,9 @@ struct Group {
   // In 32-bit arithmetic (gna_geometry.h).
   __device__ __forceinline__ AxisTilingT<int> tiling(Problem const& p, int a) const {
     const Axis& ax = p.axes[a];
-    return AxisTilingT<int>{Lg[a],   (int)ax.kernel, (int)ax.stride, ax.causal, qdim(p, a),
-                            kvdim(p, a), qoff[a],       qlen[a],         kvoff[a],  kvlen[a]};
+    return AxisTilingT<int>{Lg[a],       (int)ax.kernel, (int)ax.stride, ax.causal,
+                            qdim(p, a),  kvdim(p, a),    qoff[a],        qlen[a],
+                            kvoff[a],    kvlen[a]};
   }
 
   // Splits a flat grid index into (dilation group, tile coordinate) for tiles of the Q frame
