@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine: build, GPU tests, benchmarks, end-to-end stacks.
 # Usage (on the device, repo root):
-#   bash benchmarks/device_run.sh [build|native|test|cp-test|cp-bench|bench|bench-xla|profile|e2e]...
+#   bash benchmarks/device_run.sh [build|native|test|cp-test|cp-bench|bench|bench-xla|ab|ab-rev|profile|e2e]...
 # Needs the nvidia-cutlass wheel in .whl/ (the device has no network). Writes logs to $OUT.
 # Build outputs go to .device/ (git-ignored), so a later call on the still-warm machine
 # reuses them.
@@ -78,6 +78,37 @@ ab)
       bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1 || { tail -20 "$OUT/ab.log"; continue; }
     echo "--- $flags"
     GNA_TIME_ONLY="${AB_ONLY:-}" "$dir/sm80_check" time 2>&1 | sed -n '/^problem/,$p'
+  done
+  ;;
+ab-rev)
+  step ab-rev  # the working tree's kernels against a git revision's, in one call: prepare
+  # .ab_base/ with benchmarks/prepare_ab_base.sh REV and carry it. Both harnesses build in
+  # parallel; the new one is swept (300 random configs and their framed sub-problems) and
+  # sanitized for each of GNA_SWEEP_KERNELS (default "sm90 sm80"); then both are timed twice,
+  # alternating (GNA_TIME_KERNELS and AB_ONLY narrow the kernels and problems timed).
+  [[ -f .ab_base/REV ]] || { echo "no .ab_base/: run benchmarks/prepare_ab_base.sh REV"; exit 1; }
+  base_dir="$PWD/.device/ab_base"
+  export CUTLASS_INCLUDE="${CUTLASS_INCLUDE:-$PWD/.cutlass/include}"  # also for .ab_base's build
+  bash tests/native/run_sm80_check.sh none > "$OUT/ab_new_build.log" 2>&1 &
+  BUILD_DIR="$base_dir" bash .ab_base/tests/native/run_sm80_check.sh none \
+    > "$OUT/ab_base_build.log" 2>&1 &
+  wait
+  [[ -x "$BUILD_DIR/sm80_check" && -x "$base_dir/sm80_check" ]] ||
+    { grep -h error "$OUT"/ab_*_build.log | head -20; exit 1; }
+  for kernels in ${GNA_SWEEP_KERNELS:-sm90 sm80}; do
+    GNA_CHECK_KERNELS=$kernels timeout 200 "$BUILD_DIR/sm80_check" check 300 "${AB_SEED:-2026}" \
+      > "$OUT/ab_sweep_$kernels.log" 2>&1
+    echo "$kernels sweep rc=$?: $(grep -E "configs" "$OUT/ab_sweep_$kernels.log" | tr '\n' ' ')"
+    for tool in memcheck racecheck; do
+      GNA_CHECK_KERNELS=$kernels timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 \
+        "$BUILD_DIR/sm80_check" sanitize > "$OUT/ab_$tool.log" 2>&1
+      echo "$kernels $tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/ab_$tool.log")"
+    done
+  done
+  timed() { GNA_TIME_ONLY="${AB_ONLY:-}" timeout 120 "$1/sm80_check" time 2>&1 | sed -n '/^problem/,$p'; }
+  for round in 1 2; do
+    echo "--- base $(cat .ab_base/REV), round $round"; timed "$base_dir"
+    echo "--- working tree, round $round"; timed "$BUILD_DIR"
   done
   ;;
 profile)
