@@ -291,14 +291,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     for (int r = tid; r < kChunk; r += kThreads) {
       const QRow row = G.q_row(p, sj.qt, sj.chunk * kChunk + r, /*window=*/!full_tile);
       sm.qrows[sb][r] = row;
-      if (row.tok >= 0) {
-        const int64_t at = stats + (int64_t)row.tok * p.heads;
-        SM80_CP_ASYNC_CACHEALWAYS<float>::copy(lse[at], sm.qlse[sb][r]);
-        SM80_CP_ASYNC_CACHEALWAYS<float>::copy(delta[at], sm.qdelta[sb][r]);
-      } else {
-        sm.qlse[sb][r] = INFINITY;  // P = 0 on padding rows
-        sm.qdelta[sb][r] = 0.f;
-      }
+      stage_row_stats(row.tok, stats, p.heads, lse, delta, sm.qlse[sb][r], sm.qdelta[sb][r]);
     }
     if (tid == 0) sm.full[sb] = full_tile;
     const int64_t q_off = (b * n_q_tok * p.heads + sj.head) * kD;

@@ -664,6 +664,22 @@ __device__ __forceinline__ void load_rows(T* smem, SLayout const& sl, const T* b
                                    row_stride, tok_of, tid);
 }
 
+// A backward step's per-row statistics into shared memory: lse and delta of the Q row with
+// token `tok` (entries `at` of the CTA's batch and head, `heads` apart) by cp.async, or
+// lse = +inf (so that P = 0) and delta = 0 on padding rows.
+__device__ __forceinline__ void stage_row_stats(int tok, int64_t stats, int64_t heads,
+                                                const float* lse, const float* delta,
+                                                float& lse_dst, float& delta_dst) {
+  if (tok >= 0) {
+    const int64_t at = stats + (int64_t)tok * heads;
+    SM80_CP_ASYNC_CACHEALWAYS<float>::copy(lse[at], lse_dst);
+    SM80_CP_ASYNC_CACHEALWAYS<float>::copy(delta[at], delta_dst);
+  } else {
+    lse_dst = INFINITY;
+    delta_dst = 0.f;
+  }
+}
+
 // ---------------------------------------------------------------- forward softmax and output
 
 // One online-softmax step of a forward over a tile of scores, for the rows this thread

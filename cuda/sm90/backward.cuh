@@ -196,14 +196,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
           row = G.q_row(p, qt, chunk * kBlockN + r, /*window=*/!full);
           sm.nrows[slot][r] = row;
         }
-        if (row.tok >= 0) {
-          const int64_t at = stats + (int64_t)row.tok * p.heads;
-          SM80_CP_ASYNC_CACHEALWAYS<float>::copy(lse[at], sm.nlse[slot][r]);
-          SM80_CP_ASYNC_CACHEALWAYS<float>::copy(delta[at], sm.ndelta[slot][r]);
-        } else {
-          sm.nlse[slot][r] = INFINITY;  // P = 0 on padding rows
-          sm.ndelta[slot][r] = 0.f;
-        }
+        sm80::stage_row_stats(row.tok, stats, p.heads, lse, delta, sm.nlse[slot][r],
+                              sm.ndelta[slot][r]);
       }
       if (tid == 0) {
         sm.full[slot] = full;
