@@ -1,22 +1,19 @@
 // sm90a GNA backward: the sm80 backward's decomposition (delta pre-kernel, a dK/dV kernel per
 // KV tile, a dQ kernel per Q tile; no atomics, so bitwise deterministic) with Hopper
-// warpgroup MMAs. Both kernels have the same shape: a CTA owns M rows (64 per warpgroup)
-// whose gradient it accumulates in registers, and walks steps of N rows of the other side:
-//   dK/dV: M = the KV tile's rows, N = 64-row chunks of the Q tiles that see it (the
-//          geometry's q_range box, times the query heads of its GQA group);
-//          S^T = K·Q^T, dP^T = V·dO^T, P^T = exp2(S^T·c − lse), dS^T = P^T ∘ (dP^T − delta),
-//          dV += P^T·dO, dK += dS^T·Q.
-//   dQ:    M = the Q tile's rows, N = the KV tiles of its box;
-//          S = Q·K^T, dP = dO·V^T, dS = P ∘ (dP − delta), dQ += dS·K.
-// S and dP run with both operands in shared memory; the gradient GEMMs take P or dS from
-// registers (the S/dP accumulators converted in place) and the N-side tile seen MN-major.
+// warpgroup MMAs. This file holds the dK/dV kernel (the dQ kernel is backward_ws.cuh's). A
+// CTA owns M rows (64 per warpgroup: the KV tile's) whose gradients it accumulates in
+// registers, and walks steps of N = 64-row chunks of the Q tiles that see it (the geometry's
+// q_range box, times the query heads of its GQA group):
+//   S^T = K·Q^T, dP^T = V·dO^T, P^T = exp2(S^T·c − lse), dS^T = P^T ∘ (dP^T − delta),
+//   dV += P^T·dO, dK += dS^T·Q.
+// S^T and dP^T run with both operands in shared memory; the gradient GEMMs take P^T or dS^T
+// from registers (the accumulators converted in place) and the chunk seen MN-major.
 //
 // Per step `it`, after one CTA barrier: issue S(it) and dP(it); while they run, load the
-// N-side rows of step it+1 (two buffers; dK/dV: a Q/dO chunk inside the frame as TMA boxes,
-// else cp.async gathers); wait for S, compute P and issue the first gradient GEMM; wait for
-// dP (the GEMM just issued may still run), compute dS and issue the second; build the row
-// table of step it+2 while they run. They retire at the top of step it+1, before the
-// barrier that frees their buffers. (Q tiles of 128 tokens use backward_ws.cuh's dQ kernel.)
+// Q/dO chunk of step it+1 (two buffers; TMA boxes for a chunk inside the frame, else
+// cp.async gathers); wait for S, compute P and issue dV's GEMM; wait for dP (dV's GEMM may
+// still run), compute dS and issue dK's; build the row table of step it+2 while they run.
+// They retire at the top of step it+1, before the barrier that frees their buffers.
 #pragma once
 
 #include "../sm80/backward.cuh"  // store_rows
@@ -31,7 +28,7 @@ namespace sm90 {
 using namespace cute;
 
 template <class T_, int kD_, int kBlockM_, int kBlockN_>
-struct BwdTraits {
+struct DkdvTraits {
   using T = T_;
   static constexpr int kD = kD_;
   static constexpr int kBlockM = kBlockM_;  // rows whose gradient the CTA accumulates
@@ -50,27 +47,29 @@ struct BwdTraits {
       SmemN{}, make_layout(Shape<Int<kD>, Int<kBlockN>>{}, GenRowMajor{})));
 };
 
-// Shared memory of both kernels: the M side's two tiles (K and V, or Q and dO), loaded once;
-// the N side's two tiles per buffer (Q and dO, or K and V); the row tables.
-template <class Tr, class MRow, class NRow>
-struct BwdSmem {
+// Shared memory of the dK/dV kernel: the M side's two tiles (K and V), loaded once; the N
+// side's two tiles per buffer (Q and dO); the row tables.
+template <class Tr>
+struct DkdvSmem {
   using T = typename Tr::T;
   // 128-byte swizzle atoms repeat every 1024 bytes; descriptors assume that alignment.
   alignas(1024) T m0[Tr::kBlockM * Tr::kD];
   alignas(1024) T m1[Tr::kBlockM * Tr::kD];
   alignas(1024) T n0[Tr::kBuffers][Tr::kBlockN * Tr::kD];
   alignas(1024) T n1[Tr::kBuffers][Tr::kBlockN * Tr::kD];
-  MRow mrows[Tr::kBlockM];
-  NRow nrows[Tr::kRowSlots][Tr::kBlockN];
-  // dK/dV: lse (+inf on padding rows) and delta of the N-side rows, loaded with cp.async
-  // so that building a row table never waits on global memory.
+  KRow mrows[Tr::kBlockM];
+  QRow nrows[Tr::kRowSlots][Tr::kBlockN];
+  // lse (+inf on padding rows) and delta of the N-side rows, loaded with cp.async so that
+  // building a row table never waits on global memory.
   float nlse[Tr::kRowSlots][Tr::kBlockN];
   float ndelta[Tr::kRowSlots][Tr::kBlockN];
-  int full[Tr::kRowSlots];  // step needs no element mask (words: see FwdSmem::full)
-  int tma[Tr::kRowSlots];   // dK/dV: the step's Q/dO chunk is loaded as TMA boxes
-  sm80::BoxStep step[Tr::kRowSlots];  // dK/dV: step j's in slot j % kRowSlots
-  uint64_t n_bar[Tr::kBuffers];  // dK/dV: the TMA bytes of a buffer (one phase per step)
-  Group group;  // dK/dV: the CTA's geometry and box, kept out of registers (D = 128 spills)
+  // Whether the step needs no element mask: words, not bytes (with byte flags racecheck
+  // reported hazards between one slot's write and a neighbour's read).
+  int full[Tr::kRowSlots];
+  int tma[Tr::kRowSlots];   // the step's Q/dO chunk is loaded as TMA boxes
+  sm80::BoxStep step[Tr::kRowSlots];  // step j's in slot j % kRowSlots
+  uint64_t n_bar[Tr::kBuffers];  // the TMA bytes of a buffer (one phase per step)
+  Group group;  // the CTA's geometry and box, kept out of registers (D = 128 spills)
   TileBox box;
   FullTiles fulls;
   sm80::RowTable<sm80::kMaxQTokens> ntable;  // rows of an N-side tile
@@ -98,17 +97,6 @@ __device__ __forceinline__ void tma_load_q_chunk(QTensorMaps const& maps, uint64
   }
 }
 
-// QRow with the backward's per-row values: lse·log2(e) (+inf on padding rows, so that P = 0
-// there) and delta = rowsum(dO·O).
-__device__ __forceinline__ QRow q_row_with_stats(Group const& G, Problem const& p,
-                                                 const int qt[kMaxRank], int r, bool window,
-                                                 const float* lb, const float* db) {
-  QRow row = G.q_row(p, qt, r, window);
-  row.lse2 = row.tok >= 0 ? lb[(int64_t)row.tok * p.heads] * sm80::kLog2e : INFINITY;
-  row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
-  return row;
-}
-
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     dkdv_kernel(const Problem p, const typename Tr::T* __restrict__ q,
@@ -124,7 +112,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
   constexpr int kThreads = Tr::kThreads;
   constexpr int kSlots = Tr::kRowSlots;
   static_assert(kBlockM == sm80::kKvTokens, "one KV tile per CTA");
-  using Smem = BwdSmem<Tr, KRow, QRow>;
+  using Smem = DkdvSmem<Tr>;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -365,187 +353,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
                    kv_stride, p.scale, out_tok);
   sm80::store_rows(make_tensor(acc_dv.data(), gmma_rowcol(acc_dv.layout())), cOrc, dv + kv_off,
                    kv_stride, 1.f, out_tok);
-}
-
-// The dQ kernels' P = exp2(S·scale2 − lse2) on the thread's part of S (rows: Q rows, whose
-// lse2 the thread holds; columns: KV rows), 0 where the mask hides the key unless `full`.
-template <int kRows, class RS, class CS, class Mask>
-__device__ __forceinline__ void dq_probs(RS& rs, CS const& cSrc, const float (&lse2_of)[kRows],
-                                         float scale2, bool full, Mask const& mask) {
-  if (full) {
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rs); ++ni)
-        rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
-    }
-  } else {
-    mask.template for_each<kRows, decltype(size<1>(rs))::value>(
-        cSrc, [&](int mi, int ni, bool vis) {
-          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
-          rs(mi, ni) = vis ? pr : 0.f;
-        });
-  }
-}
-
-// dS = P ∘ (dP − delta), in place of dP, for the dQ kernels (delta per Q row).
-template <int kRows, class RD, class RS>
-__device__ __forceinline__ void dq_grad_scores(RD& rdp, RS const& rs,
-                                               const float (&delta_of)[kRows]) {
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(rdp); ++ni)
-      rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - delta_of[mi]);
-  }
-}
-
-template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
-    dq_kernel(const Problem p, const typename Tr::T* __restrict__ q,
-              const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
-              const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
-              const float* __restrict__ delta, typename Tr::T* __restrict__ dq) {
-  using T = typename Tr::T;
-  constexpr int kD = Tr::kD;
-  constexpr int kBlockM = Tr::kBlockM;
-  constexpr int kBlockN = Tr::kBlockN;
-  constexpr int kThreads = Tr::kThreads;
-  constexpr int kSlots = Tr::kRowSlots;
-  static_assert(kBlockN == sm80::kKvTokens, "one KV tile per step");
-  using Smem = BwdSmem<Tr, QRow, KRow>;
-  extern __shared__ __align__(1024) char smem_raw[];
-  auto& sm = *reinterpret_cast<Smem*>(smem_raw);
-  const int tid = threadIdx.x;
-  const int h = blockIdx.y;
-  const int64_t b = blockIdx.z;
-
-  Group G;
-  int qt[kMaxRank];
-  if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
-  const int hkv = h / (int)(p.heads / p.kv_heads);
-  const int64_t n_q_tok = sm80::q_tokens_of(p);
-  const int64_t n_kv_tok = sm80::kv_tokens_of(p);
-  const int64_t q_stride = p.heads * kD;
-  const int64_t kv_stride = p.kv_heads * kD;
-  const int64_t q_off = (b * n_q_tok * p.heads + h) * kD;
-  const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
-  const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
-  const TileBox box = TileBox::seen_by(G, p, qt);
-  const int steps = box.total;
-  if (tid == kThreads - 1) sm.fulls = FullTiles::of(G, p, qt, kBlockN);
-
-  Tensor sQ = make_tensor(make_smem_ptr(sm.m0), typename Tr::SmemM{});
-  Tensor sdO = make_tensor(make_smem_ptr(sm.m1), typename Tr::SmemM{});
-  auto sK = [&](int s) { return make_tensor(make_smem_ptr(sm.n0[s]), typename Tr::SmemN{}); };
-  auto sV = [&](int s) { return make_tensor(make_smem_ptr(sm.n1[s]), typename Tr::SmemN{}); };
-  auto sKt = [&](int s) { return make_tensor(make_smem_ptr(sm.n0[s]), typename Tr::SmemNt{}); };
-
-  {
-    const int64_t stats = b * n_q_tok * p.heads + h;
-    for (int r = tid; r < kBlockM; r += kThreads)
-      sm.mrows[r] = q_row_with_stats(G, p, qt, r, true, lse + stats, delta + stats);
-    int ii[kMaxRank];
-    auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
-    sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sQ(r, c); },
-                                             q + q_off, q_stride, q_tok, tid);
-    sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sdO(r, c); },
-                                             dout + q_off, q_stride, q_tok, tid);
-  }
-  int walk[kMaxRank];  // the tile of the next fill_krows (called for j = 0, 1, ... in turn)
-  box.at(0, walk);
-  auto fill_krows = [&](int j) {
-    int kt[kMaxRank];
-    for (int a = 0; a < kMaxRank; ++a) kt[a] = walk[a];
-    box.next(walk);
-    KRow* rows = sm.nrows[j % kSlots];
-    const bool inside = G.tile_inside(p, kt, /*kv_side=*/true);
-    const int base = G.tile_base(p, kt, true);
-    for (int r = tid; r < kBlockN; r += kThreads)
-      rows[r] = inside ? sm.ntable.k_row(p, kt, base, r) : G.k_row(p, kt, r);
-    if (tid == kThreads - 1) sm.full[j % kSlots] = sm.fulls.contains(kt);
-  };
-  // Gathers K/V of step j if it exists; always commits a group.
-  auto stage = [&](int j) {
-    if (j < steps) {
-      const KRow* rows = sm.nrows[j % kSlots];
-      auto tok = [&](int r) { return rows[r].tok; };
-      Tensor k_s = sK(j % Tr::kBuffers);
-      Tensor v_s = sV(j % Tr::kBuffers);
-      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &k_s(r, c); }, kb,
-                                               kv_stride, tok, tid);
-      sm80::gather_rows<kBlockN, kD, kThreads>([&](int r, int c) { return &v_s(r, c); }, vb,
-                                               kv_stride, tok, tid);
-    }
-    sm80::cp_async_commit();
-  };
-  // The last thread computes FullTiles (above) and the full flags after it.
-  sm.ntable.build(G, p, /*kv_side=*/true, tid, kThreads);
-  __syncthreads();
-  if (steps > 0) fill_krows(0);
-  __syncthreads();
-  stage(0);  // one group with Q and dO
-  if (steps > 1) fill_krows(1);
-
-  typename Tr::MmaS mma_s;
-  typename Tr::MmaG mma_g;
-  auto thr_s = mma_s.get_thread_slice(tid);
-  auto thr_g = mma_g.get_thread_slice(tid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
-  Tensor tSrdO = thr_s.partition_fragment_A(sdO);
-  Tensor acc_dq = partition_fragment_C(mma_g, Shape<Int<kBlockM>, Int<kD>>{});
-  clear(acc_dq);
-  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor rdS = make_tensor<T>(acc_dp.layout());
-  Tensor tOrdS = make_tensor(rdS.data(), gmma_acc_as_a(rdS.layout()));
-  Tensor rs = make_tensor(acc_s.data(), gmma_rowcol(acc_s.layout()));
-  Tensor rdp = make_tensor(acc_dp.data(), gmma_rowcol(acc_dp.layout()));
-  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  Tensor cSrc = make_tensor(cS.data(), gmma_rowcol(cS.layout()));
-  constexpr int kRowsPerThread = decltype(size<0>(rs))::value;
-  const float scale2 = p.scale * sm80::kLog2e;
-  float lse2_of[kRowsPerThread];  // this thread's rows never change
-  float delta_of[kRowsPerThread];
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRowsPerThread; ++mi) {
-    lse2_of[mi] = sm.mrows[get<0>(cSrc(mi, 0))].lse2;
-    delta_of[mi] = sm.mrows[get<0>(cSrc(mi, 0))].delta;
-  }
-
-  for (int it = 0; it < steps; ++it) {
-    // dQ(it-1) is retired (its K buffer and dS registers are free); K/V(it) have landed.
-    warpgroup_wait<0>();
-    sm80::cp_async_wait<0>();
-    cutlass::arch::fence_view_async_shared();
-    __syncthreads();
-    const int buf = it % Tr::kBuffers;
-    wgmma_issue(mma_s, tSrQ, thr_s.partition_fragment_B(sK(buf)), acc_s, false);
-    wgmma_issue(mma_s, tSrdO, thr_s.partition_fragment_B(sV(buf)), acc_dp, false);
-    stage(it + 1);
-    const bool full = sm.full[it % kSlots];
-    const KRow* krows = sm.nrows[it % kSlots];
-
-    warpgroup_wait<1>();  // S
-    warpgroup_fence_operand(acc_s);
-    dq_probs(rs, cSrc, lse2_of, scale2, full, sm80::RowsMask{sm.mrows, krows});
-    warpgroup_wait<0>();  // dP
-    warpgroup_fence_operand(acc_dp);
-    dq_grad_scores(rdp, rs, delta_of);
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
-    wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sKt(buf)), acc_dq, true);
-    if (it + 2 < steps) fill_krows(it + 2);
-  }
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc_dq);
-
-  sm80::cp_async_wait<0>();
-  __syncthreads();  // mrows are visible even if the box was empty
-  Tensor cO = thr_g.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
-  sm80::store_rows(make_tensor(acc_dq.data(), gmma_rowcol(acc_dq.layout())),
-                   make_tensor(cO.data(), gmma_rowcol(cO.layout())), dq + q_off, q_stride,
-                   p.scale, [&](int r) { return sm.mrows[r].tok; });
 }
 
 }  // namespace sm90

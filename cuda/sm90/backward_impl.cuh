@@ -19,21 +19,16 @@ std::string run_bwd_kernel(Kernel kernel, int smem, const char* what, dim3 grid,
   return sm80::cuda_error(what, cudaGetLastError());
 }
 
-// Whether the dQ kernel of 128-token Q tiles is the warp-specialised one (backward_ws.cuh);
-// 0 = backward.cuh's (builds for comparisons set it).
-#ifndef GNA_SM90_BWD_WS
-#define GNA_SM90_BWD_WS 1
-#endif
 // Whether backward.cuh's dK/dV kernel loads Q/dO chunks inside the frame as TMA boxes.
 #ifndef GNA_SM90_BWD_TMA
 #define GNA_SM90_BWD_TMA 1
 #endif
 
 // dK/dV: one warpgroup per 64-token KV tile, 64 query rows per step, Q/dO as TMA boxes where
-// they can be (96 KB of shared memory at D = 128, two CTAs per SM). dQ of a 128-token Q tile:
-// warp-specialised, two consumer warpgroups of 64 rows, one KV tile per step, K/V in a ring
-// of 4 steps at D = 128 (about 200 KB) or 6 at D = 64; a 64-token Q tile (or a comparison
-// build): backward.cuh's, one warpgroup per 64 rows (96 KB).
+// they can be (96 KB of shared memory at D = 128, two CTAs per SM). dQ (backward_ws.cuh): a
+// 128-token Q tile with two consumer warpgroups and K/V in a ring of 4 steps at D = 128
+// (about 200 KB) or 6 at D = 64; smaller Q tiles with one consumer and a ring of 2 steps at
+// D = 128 (96 KB, two CTAs per SM) or 4 at D = 64.
 template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q_, const void* k_, const void* v_,
                             const void* out, const void* dout_, const float* lse, void* dq,
@@ -50,11 +45,11 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
                                         ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   {
-    using Tr = BwdTraits<T, kD, kKvTokens, 64>;
+    using Tr = DkdvTraits<T, kD, kKvTokens, 64>;
     QTensorMaps maps;
     encode_q_maps(p, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps);
     if (!GNA_SM90_BWD_TMA) maps.on = 0;
-    e = run_bwd_kernel<Tr>(dkdv_kernel<Tr>, (int)sizeof(BwdSmem<Tr, KRow, QRow>),
+    e = run_bwd_kernel<Tr>(dkdv_kernel<Tr>, (int)sizeof(DkdvSmem<Tr>),
                            "sm90 dkdv kernel", kv_grid, stream, p, q, k, v, dout, lse,
                            (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv), maps);
   }
@@ -63,24 +58,18 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
                   (unsigned)p.heads, (unsigned)p.batch);
   auto run_dq = [&](auto traits) {
     using Tr = decltype(traits);
-    return run_bwd_kernel<Tr>(dq_kernel<Tr>, (int)sizeof(BwdSmem<Tr, QRow, KRow>),
-                              "sm90 dq kernel", grid, stream, p, q, k, v, dout, lse,
-                              (const float*)delta, static_cast<T*>(dq));
-  };
-  if (p.q_tile[0] * p.q_tile[1] * p.q_tile[2] <= 64)
-    return run_dq(BwdTraits<T, kD, 64, kKvTokens>{});
-  if constexpr (GNA_SM90_BWD_WS != 0) {
-    using Tr = WsDqTraits<T, kD, kD == 128 ? 4 : 6>;
-    static_assert(Tr::kBlockM == kMaxQTokens && Tr::Ring::kTileRows == kKvTokens, "tiles");
-    static_assert(sizeof(WsDqSmem<Tr>) <= 227 * 1024, "shared memory per block");
+    static_assert(Tr::kBlockM <= kMaxQTokens && Tr::Ring::kTileRows == kKvTokens, "tiles");
+    // 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
+    static_assert(Tr::kCtasPerSm * (sizeof(WsDqSmem<Tr>) + 1024) <= 228 * 1024, "shared memory");
     KvTensorMaps maps;
     encode_kv_maps(p, k, v, dtype, (int)sizeof(T), Tr::Ring::kTileRows, &maps);
-    return run_bwd_kernel<Tr>(ws_dq_kernel<Tr>, (int)sizeof(WsDqSmem<Tr>), "sm90 ws dq kernel",
+    return run_bwd_kernel<Tr>(ws_dq_kernel<Tr>, (int)sizeof(WsDqSmem<Tr>), "sm90 dq kernel",
                               grid, stream, p, q, k, v, dout, lse, (const float*)delta,
                               static_cast<T*>(dq), maps);
-  } else {
-    return run_dq(BwdTraits<T, kD, 128, kKvTokens>{});
-  }
+  };
+  if (p.q_tile[0] * p.q_tile[1] * p.q_tile[2] <= 64)
+    return run_dq(WsDqTraits<T, kD, 1, kD == 128 ? 2 : 4>{});
+  return run_dq(WsDqTraits<T, kD, 2, kD == 128 ? 4 : 6>{});
 }
 
 #define GNA_SM90_BACKWARD(T, D)                                                             \

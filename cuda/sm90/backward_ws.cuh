@@ -1,8 +1,9 @@
-// sm90a GNA dQ kernel, warp-specialised like forward_ws.cuh: one CTA per 128-token Q tile
-// (head, batch, dilation group), one KV tile of its box per step. A producer warpgroup loads
-// Q, dO and the Q rows (with lse and delta) once, then K, V and their rows through the ring
-// of kv_ring.cuh (TMA boxes for tiles inside the frame). Both consumer warpgroups (64 Q rows
-// each) take every step: S = Q·K^T, dP = dO·V^T, P = exp2(S·c − lse), dS = P ∘ (dP − delta),
+// sm90a GNA dQ kernel, warp-specialised like forward_ws.cuh: one CTA per Q tile (head,
+// batch, dilation group), one KV tile of its box per step. A producer warpgroup loads Q, dO
+// and the Q rows (with lse and delta) once, then K, V and their rows through the ring of
+// kv_ring.cuh (TMA boxes for tiles inside the frame). The consumer warpgroups (one per 64 Q
+// rows: two for 128-token tiles, one CTA per SM; one for smaller tiles, two CTAs per SM)
+// take every step: S = Q·K^T, dP = dO·V^T, P = exp2(S·c − lse), dS = P ∘ (dP − delta),
 // dQ += dS·K, with S and dP of step it issued while dQ of step it-1 still runs.
 //
 // (A warp-specialised dK/dV kernel built the same way, one CTA per KV tile with two
@@ -19,20 +20,67 @@ namespace sm90 {
 
 using namespace cute;
 
-template <class T_, int kD_, int kStages_>
+// QRow with the backward's per-row values: lse·log2(e) (+inf on padding rows, so that P = 0
+// there) and delta = rowsum(dO·O).
+__device__ __forceinline__ QRow q_row_with_stats(Group const& G, Problem const& p,
+                                                 const int qt[kMaxRank], int r, bool window,
+                                                 const float* lb, const float* db) {
+  QRow row = G.q_row(p, qt, r, window);
+  row.lse2 = row.tok >= 0 ? lb[(int64_t)row.tok * p.heads] * sm80::kLog2e : INFINITY;
+  row.delta = row.tok >= 0 ? db[(int64_t)row.tok * p.heads] : 0.f;
+  return row;
+}
+
+// The dQ kernel's P = exp2(S·scale2 − lse2) on the thread's part of S (rows: Q rows, whose
+// lse2 the thread holds; columns: KV rows), 0 where the mask hides the key unless `full`.
+template <int kRows, class RS, class CS, class Mask>
+__device__ __forceinline__ void dq_probs(RS& rs, CS const& cSrc, const float (&lse2_of)[kRows],
+                                         float scale2, bool full, Mask const& mask) {
+  if (full) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni)
+        rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
+    }
+  } else {
+    mask.template for_each<kRows, decltype(size<1>(rs))::value>(
+        cSrc, [&](int mi, int ni, bool vis) {
+          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2_of[mi]);
+          rs(mi, ni) = vis ? pr : 0.f;
+        });
+  }
+}
+
+// dS = P ∘ (dP − delta), in place of dP (delta per Q row).
+template <int kRows, class RD, class RS>
+__device__ __forceinline__ void dq_grad_scores(RD& rdp, RS const& rs,
+                                               const float (&delta_of)[kRows]) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(rdp); ++ni)
+      rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - delta_of[mi]);
+  }
+}
+
+template <class T_, int kD_, int kConsumers_, int kStages_>
 struct WsDqTraits {
   using T = T_;
   static constexpr int kD = kD_;
-  static constexpr int kConsumers = 2;
+  static constexpr int kConsumers = kConsumers_;
+  static_assert(kConsumers == 1 || kConsumers == 2, "one or two consumer warpgroups");
   static constexpr int kBlockM = 64 * kConsumers;  // the Q tile's rows
   static constexpr int kBlockN = 64;               // one KV tile per step
   static constexpr int kStages = kStages_;
   static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kCtasPerSm = 3 - kConsumers;
   // The consumers need more than the 168 of an even split (with 168, ptxas serialises the
   // wgmmas); with fewer than 72, the producer spills its row arithmetic (ptxas -v).
   static constexpr int kProducerRegs = 72;
-  static constexpr int kConsumerRegs = 216;
-  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "registers");
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 216 : 184;
+  static_assert(kCtasPerSm * 128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536,
+                "registers");
   using MmaS = MmaSS<T, kConsumers, kBlockN, kD>;  // S = Q·K^T, dP = dO·V^T
   using MmaG = MmaRS<T, kConsumers, kD, kBlockN>;  // dQ += dS·K
   using SmemQ = SmemKMajor<T, kBlockM, kD>;
@@ -50,7 +98,7 @@ struct WsDqSmem {
 };
 
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads, 1)
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     ws_dq_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                  const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                  const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,

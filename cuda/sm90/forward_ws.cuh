@@ -1,19 +1,20 @@
-// sm90a GNA forward, warp-specialised: the geometry of forward.cuh (one CTA per 128-token Q
-// tile of one dilation group, head and batch, walking the box of KV tiles the Q tile sees in
-// steps of two 64-token tiles; full steps skip the mask), with the work split by role.
+// sm90a GNA forward, warp-specialised: one CTA per Q tile of one dilation group, head and
+// batch, walking the box of KV tiles the Q tile sees in steps of one or two 64-token tiles
+// (full steps skip the mask), with the work split by role.
 //
 // - Warpgroup 0, the producer, keeps few registers (setmaxnreg.dec) and does all data
 //   movement: Q and its row table by cp.async, then K, V and the row tables of every step
 //   into the ring of kv_ring.cuh (TMA boxes for tiles inside the frame, row gathers for the
 //   others; one mbarrier per buffer announces them).
-// - Warpgroups 1.., the consumers, take the registers the producer gave up (setmaxnreg.inc)
-//   and only run GEMMs and the softmax on 64 Q rows each. Per step `it` a consumer issues
-//   S(it) = Q·K(it)^T and O += P(it-1)·V(it-1) back to back, then runs the softmax of S(it)
-//   while the tensor cores still compute P·V; it frees K(it) as soon as S(it) has retired
-//   (the ring keeps the step's rows for the mask; 1.00-1.08x) and V(it-1) once P·V has
-//   retired. With kPingPong, the consumers take turns to issue (named barriers), so that
-//   one's softmax runs under the other's GEMMs (measured no faster than letting them issue
-//   when ready, before and after the producer's bookkeeping was trimmed: off by default).
+// - Warpgroups 1.., the consumers (one per 64 Q rows of the tile), take the registers the
+//   producer gave up (setmaxnreg.inc) and only run GEMMs and the softmax. Per step `it` a
+//   consumer issues S(it) = Q·K(it)^T and O += P(it-1)·V(it-1) back to back, then runs the
+//   softmax of S(it) while the tensor cores still compute P·V; it frees K(it) as soon as
+//   S(it) has retired (the ring keeps the step's rows for the mask; 1.00-1.08x) and V(it-1)
+//   once P·V has retired. With kPingPong, two consumers take turns to issue (named
+//   barriers), so that one's softmax runs under the other's GEMMs (measured no faster than
+//   letting them issue when ready, before and after the producer's bookkeeping was trimmed:
+//   off by default).
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -25,22 +26,29 @@ namespace sm90 {
 
 using namespace cute;
 
-template <class T_, int kD_, int kStages_, bool kPingPong_>
+// kConsumers warpgroups of 64 Q rows. Two (Q tiles of 128 tokens) take the registers of one
+// CTA per SM and walk N = 128 KV rows per step; one (Q tiles of up to 64 tokens) runs two
+// CTAs per SM, 64 KV rows per step.
+template <class T_, int kD_, int kConsumers_, int kStages_, bool kPingPong_>
 struct WsFwdTraits {
   using T = T_;
   static constexpr int kD = kD_;
-  static constexpr int kConsumers = 2;  // warpgroups of 64 Q rows
+  static constexpr int kConsumers = kConsumers_;
+  static_assert(kConsumers == 1 || kConsumers == 2, "one or two consumer warpgroups");
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kTileRows = 64;  // K/V rows of one KV tile of the box
-  static constexpr int kTilesPerStep = 2;
+  static constexpr int kTilesPerStep = kConsumers;
   static constexpr int kBlockN = kTileRows * kTilesPerStep;
   static constexpr int kStages = kStages_;  // K/V buffers in the ring
-  static constexpr bool kPingPong = kPingPong_;
+  static constexpr bool kPingPong = kPingPong_ && kConsumers == 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
-  // 65536 registers per SM: 128 · kProducerRegs + 128 · kConsumers · kConsumerRegs fits.
+  static constexpr int kCtasPerSm = 3 - kConsumers;
+  // 65536 registers per SM: kCtasPerSm · 128 · (kProducerRegs + kConsumers · kConsumerRegs)
+  // fits, and the kernel launches with their average.
   static constexpr int kProducerRegs = 72;  // fewer spill the gathers (ptxas -v)
-  static constexpr int kConsumerRegs = 216;
-  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "registers");
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 216 : 184;
+  static_assert(kCtasPerSm * 128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536,
+                "registers");
   using MmaS = MmaSS<T, kConsumers, kBlockN, kD>;  // S = Q·K^T
   using MmaO = MmaRS<T, kConsumers, kD, kBlockN>;  // O += P·V
   using SmemQ = SmemKMajor<T, kBlockM, kD>;
@@ -58,7 +66,7 @@ struct WsFwdSmem {
 };
 
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads, 1)
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     ws_fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                   const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                   typename Tr::T* __restrict__ out, float* __restrict__ lse,

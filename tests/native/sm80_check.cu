@@ -686,6 +686,13 @@ static int timing() {
       {"1-D 32k GNA s256", make_problem(1, {{32768, 2048, 256, 1, false}}, 1, 1, 1, 128)},
       {"1-D 32k NA", make_problem(1, {{32768, 2048, 1, 1, false}}, 1, 1, 1, 128)},
   };
+  // The FLUX-4K problems with 64-token Q tiles (8x8), for the kernels of small Q tiles.
+  for (int i : {0, 2}) {
+    Case c = cases[i];
+    c.name = i == 0 ? "FLUX-4K GNA q64" : "FLUX-4K NA q64";
+    c.p.q_tile[1] = 8;
+    cases.push_back(c);
+  }
   std::mt19937 g(3);
   const DType t = DType::kBFloat16;
   std::printf("%-18s %-26s %9s %9s %9s %9s %9s %9s %9s %9s\n", "problem", "tiles q/kv",
