@@ -116,7 +116,7 @@ profile)
   # adds options (e.g. "--section SourceCounters --print-details all")
   bash tests/native/run_sm80_check.sh none > /dev/null 2>&1  # builds the harness only
   GNA_TIME_ONLY="${NCU_PROBLEM:-FLUX-4K GNA}" timeout 400 ncu --clock-control none --kernel-name-base demangled \
-    -k "regex:${NCU_KERNELS:-sm90::(dkdv|dq)_kernel}" -c "${NCU_COUNT:-2}" --section SpeedOfLight \
+    -k "regex:${NCU_KERNELS:-sm90::(dkdv|ws_dq)_kernel}" -c "${NCU_COUNT:-2}" --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section SchedulerStats \
     --section WarpStateStats --section MemoryWorkloadAnalysis ${NCU_EXTRA:-} \
     "$BUILD_DIR/sm80_check" time > "$OUT/ncu.log" 2>&1
