@@ -75,7 +75,7 @@ struct WsDqTraits {
   static constexpr int kStages = kStages_;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kCtasPerSm = 3 - kConsumers;
-  // The consumers need more than the 168 of an even split (with 168, ptxas serialises the
+  // Two consumers need more than the 168 of an even split (with 168, ptxas serialises the
   // wgmmas); with fewer than 72, the producer spills its row arithmetic (ptxas -v).
   static constexpr int kProducerRegs = 72;
   static constexpr int kConsumerRegs = kConsumers == 2 ? 216 : 184;
