@@ -59,8 +59,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   auto run_dq = [&](auto traits) {
     using Tr = decltype(traits);
     static_assert(Tr::kBlockM <= kMaxQTokens && Tr::Ring::kTileRows == kKvTokens, "tiles");
-    // 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
-    static_assert(Tr::kCtasPerSm * (sizeof(WsDqSmem<Tr>) + 1024) <= 228 * 1024, "shared memory");
+    static_assert(fits_smem_per_sm(sizeof(WsDqSmem<Tr>), Tr::kCtasPerSm), "shared memory");
     KvTensorMaps maps;
     encode_kv_maps(p, k, v, dtype, (int)sizeof(T), Tr::Ring::kTileRows, &maps);
     return run_bwd_kernel<Tr>(ws_dq_kernel<Tr>, (int)sizeof(WsDqSmem<Tr>), "sm90 dq kernel",

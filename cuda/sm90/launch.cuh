@@ -17,6 +17,12 @@ namespace sm90 {
 constexpr int kKvTokens = sm80::kKvTokens;      // same tile limits as the sm80 kernels,
 constexpr int kMaxQTokens = sm80::kMaxQTokens;  // so both run every tile-menu entry
 
+// Whether `ctas` CTAs of `bytes` dynamic shared memory each fit on one SM (228 KB per SM on
+// Hopper, 1 KB of it reserved per CTA; one CTA may take at most 227 KB).
+constexpr bool fits_smem_per_sm(size_t bytes, int ctas) {
+  return ctas * (bytes + 1024) <= 228 * 1024;
+}
+
 // Whether the warp-specialised forward loads whole KV tiles as TMA boxes (tensor_maps.h);
 // 0 gathers every tile's rows (builds for comparisons set it).
 #ifndef GNA_SM90_FWD_TMA
@@ -29,8 +35,7 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
                            void* out, float* lse, cudaStream_t stream) {
   using Tr = WsFwdTraits<T, kD, kConsumers, kStages, kPingPong>;
   static_assert(Tr::kTileRows == kKvTokens && Tr::kBlockM <= kMaxQTokens, "tile limits");
-  // 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
-  static_assert(Tr::kCtasPerSm * (sizeof(WsFwdSmem<Tr>) + 1024) <= 228 * 1024, "shared memory");
+  static_assert(fits_smem_per_sm(sizeof(WsFwdSmem<Tr>), Tr::kCtasPerSm), "shared memory");
   auto kernel = ws_fwd_kernel<Tr>;
   const int smem = (int)sizeof(WsFwdSmem<Tr>);
   cudaError_t err =
