@@ -3,6 +3,7 @@
 // Plain C++ (no device code): the kernels live in cuda/sm80/*.cu and cuda/sm90/*.cu.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -33,9 +34,6 @@ bool cuda_sm90_enabled(int cc) {
   return false;
 #endif
 }
-
-// Both kernel families need the same workspace (the rowwise dO·O).
-size_t cuda_backward_workspace(const Problem& p) { return sm80_backward_workspace(p); }
 
 namespace {
 
@@ -155,7 +153,9 @@ ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
     return ffi::Error::InvalidArgument(
         "implementation='cuda': backward workspace has " +
         std::to_string(workspace->size_bytes()) + " bytes, needs " + std::to_string(bytes));
-  auto backward = use_sm90(cc, p, dtype) ? sm90_backward : sm80_backward;
+  const bool sm90 = use_sm90(cc, p, dtype);
+  if (sm90 && workspace->size_bytes() < sm90_backward_workspace(p)) p.deterministic = true;
+  auto backward = sm90 ? sm90_backward : sm80_backward;
   std::string err = backward(p, dtype, q.untyped_data(), k.untyped_data(), v.untyped_data(),
                              out.untyped_data(), dout.untyped_data(), lse.typed_data(),
                              dq->untyped_data(), dk->untyped_data(), dv->untyped_data(),
@@ -165,6 +165,19 @@ ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
 }
 
 }  // namespace
+
+// Sized for the current device's kernels (the sm90a backward's dq accumulator). A call that
+// runs with a smaller workspace than its kernels want (traced for another card) still runs:
+// the handler then takes the deterministic path, which needs only the sm80 size.
+size_t cuda_backward_workspace(const Problem& p) {
+  int device = 0;
+  std::string err;
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cuda_sm90_enabled(compute_capability(device, &err)))
+    return std::max(sm80_backward_workspace(p), sm90_backward_workspace(p));
+  return sm80_backward_workspace(p);
+}
+
 }  // namespace gna
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -37,7 +37,11 @@ std::string sm90_supports(const Problem& p, DType dtype);
 std::string sm90_forward(const Problem& p, DType dtype, const void* q, const void* k,
                          const void* v, void* out, float* lse, cudaStream_t stream);
 
-// Same workspace as sm80_backward (sm80_backward_workspace).
+// Scratch bytes of sm90_backward: the rowwise dO·O, and unless `p.deterministic` a float32
+// dq accumulator (the dK/dV kernel adds each step's dQ into it: not bitwise reproducible).
+size_t sm90_backward_workspace(const Problem& p);
+
+// `workspace` holds sm90_backward_workspace(p) bytes.
 std::string sm90_backward(const Problem& p, DType dtype, const void* q, const void* k,
                           const void* v, const void* out, const void* dout, const float* lse,
                           void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream);

@@ -52,7 +52,7 @@ size_t backward_workspace_bytes(const std::string& platform, const I64s& q_shape
                                 const I64s& dilation, const I64s& causal, const I64s& q_tile,
                                 const I64s& kv_tile, const std::optional<I64s>& length,
                                 const std::optional<I64s>& q_offset,
-                                const std::optional<I64s>& kv_offset) {
+                                const std::optional<I64s>& kv_offset, bool deterministic) {
   if (platform == "cpu") return 0;
   if (platform != "cuda") throw nb::value_error("platform must be 'cpu' or 'cuda'");
 #ifdef JAX_GNA_HAS_CUDA
@@ -66,7 +66,7 @@ size_t backward_workspace_bytes(const std::string& platform, const I64s& q_shape
                             span(q_offset ? *q_offset : zeros),
                             span(kv_offset ? *kv_offset : zeros),
                             span(kernel), span(stride), span(dilation), span(causal),
-                            span(q_tile), span(kv_tile), 1.0f, false};
+                            span(q_tile), span(kv_tile), 1.0f, deterministic};
   gna::Problem p;
   const std::string err = gna::MakeProblem(attrs, span(q_shape), span(k_shape), &p);
   if (!err.empty()) throw nb::value_error(err.c_str());
@@ -74,6 +74,7 @@ size_t backward_workspace_bytes(const std::string& platform, const I64s& q_shape
 #else
   (void)q_shape, (void)k_shape, (void)kernel, (void)stride, (void)dilation, (void)causal;
   (void)q_tile, (void)kv_tile, (void)length, (void)q_offset, (void)kv_offset;
+  (void)deterministic;
   throw nb::value_error("this build has no CUDA handlers");
 #endif
 }
@@ -202,9 +203,11 @@ NB_MODULE(_jax_gna_native, m) {
         nb::arg("q_shape"), nb::arg("k_shape"), nb::arg("kernel"), nb::arg("stride"),
         nb::arg("dilation"), nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"),
         nb::arg("length") = nb::none(), nb::arg("q_offset") = nb::none(),
-        nb::arg("kv_offset") = nb::none(),
+        nb::arg("kv_offset") = nb::none(), nb::arg("deterministic") = false,
         "Bytes of the backward custom call's workspace result (frame: global `length`, "
-        "`q_offset`, `kv_offset` per spatial axis; default unframed).");
+        "`q_offset`, `kv_offset` per spatial axis; default unframed). Without "
+        "`deterministic`, on a device that runs the sm90a kernels, it includes a float32 dq "
+        "accumulator.");
   m.def("axis_tiling", &axis_tiling, nb::arg("length"), nb::arg("kernel"), nb::arg("stride"),
         nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("q_offset") = 0,
         nb::arg("q_len") = nb::none(), nb::arg("kv_offset") = 0,

@@ -177,13 +177,15 @@ def _call_backward(c: _Call, q, k, v, out, lse, dout, *dlse):
     """``(dq, dk, dv)`` from the backward target; `dlse` is an optional trailing operand.
 
     The target's fourth result is the kernels' scratch space, sized here from the (local)
-    shapes and dropped.
+    shapes (and, on Hopper without ``deterministic``, holding a float32 dq accumulator) and
+    dropped.
     """
     attrs = c.attributes()
     workspace = _ext.backward_workspace_bytes(
         c.platform, q.shape, k.shape,
         *(attrs[n].tolist() for n in ("kernel", "stride", "dilation", "causal", "q_tile",
-                                      "kv_tile", "length", "q_offset", "kv_offset")))
+                                      "kv_tile", "length", "q_offset", "kv_offset")),
+        deterministic=c.deterministic)
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),

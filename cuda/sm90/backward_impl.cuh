@@ -2,6 +2,9 @@
 // for one (dtype, head dim), instantiated in the backward_*.cu files.
 #pragma once
 
+#include <algorithm>
+#include <type_traits>
+
 #include "backward.cuh"
 #include "backward_ws.cuh"
 #include "launch.cuh"
@@ -24,34 +27,101 @@ std::string run_bwd_kernel(Kernel kernel, int smem, const char* what, dim3 grid,
 #define GNA_SM90_BWD_TMA 1
 #endif
 
-// dK/dV: one warpgroup per 64-token KV tile, 64 query rows per step, Q/dO as TMA boxes where
-// they can be (96 KB of shared memory at D = 128, two CTAs per SM). dQ (backward_ws.cuh): a
-// 128-token Q tile with two consumer warpgroups and K/V in a ring of 4 steps at D = 128
-// (about 200 KB) or 6 at D = 64; smaller Q tiles with one consumer and a ring of 2 steps at
-// D = 128 (96 KB, two CTAs per SM) or 4 at D = 64.
+// dq = T(acc · scale), 8 elements per thread and iteration (n is a multiple of 8: D is).
+template <class T>
+__global__ void dq_from_acc_kernel(const float4* __restrict__ acc, uint4* __restrict__ dq,
+                                   int64_t n8, float scale) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float4 a = acc[2 * i], c = acc[2 * i + 1];
+    const float x[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+    T y[8];
+    CUTE_UNROLL
+    for (int j = 0; j < 8; ++j) y[j] = static_cast<T>(x[j] * scale);
+    dq[i] = *reinterpret_cast<const uint4*>(y);
+  }
+}
+
+// The problem the fused-dQ dK/dV kernel walks: `p` with its KV tile doubled along one axis,
+// so that a CTA's 128 KV rows share each Q/dO chunk and each dQ reduction. The axis is the
+// fastest one along which the KV tile is at most half the Q tile (the default menus' tiles
+// then become the Q tile's shape, e.g. 8x8 -> 8x16), else the one with the most KV tiles.
+inline Problem with_doubled_kv_tile(const Problem& p) {
+  Problem d = p;
+  int axis = -1;
+  for (int a = p.rank - 1; a >= 0 && axis < 0; --a)
+    if (2 * p.kv_tile[a] <= p.q_tile[a]) axis = a;
+  int64_t most = 0;
+  for (int a = p.rank - 1; a >= 0 && axis < 0; --a) {
+    const int64_t tiles = ceil_div(ceil_div(p.axes[a].kv_length, p.axes[a].dilation),
+                                   p.kv_tile[a]);
+    if (tiles > most) most = tiles, axis = a;
+  }
+  d.kv_tile[axis < 0 ? 0 : axis] *= 2;
+  return d;
+}
+
+// dK/dV (one CTA per KV tile, 64 query rows per step, Q/dO as TMA boxes where they can be):
+// - deterministic: one warpgroup per 64-token KV tile (96 KB of shared memory at D = 128,
+//   two CTAs per SM), then the dQ kernel (backward_ws.cuh): a 128-token Q tile with two
+//   consumer warpgroups and K/V in a ring of 4 steps at D = 128 (about 200 KB) or 6 at
+//   D = 64; smaller Q tiles with one consumer and a ring of 2 steps at D = 128 (96 KB, two
+//   CTAs per SM) or 4 at D = 64;
+// - else (`dq_acc`, float32 scratch of dq's size): two warpgroups per doubled KV tile
+//   (with_doubled_kv_tile) that also add each step's dQ into dq_acc by TMA reductions,
+//   then a conversion to dq's type: five GEMMs per (Q row, key) instead of seven.
 template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q_, const void* k_, const void* v_,
                             const void* out, const void* dout_, const float* lse, void* dq,
-                            void* dk, void* dv, float* delta, cudaStream_t stream) {
+                            void* dk, void* dv, float* delta, float* dq_acc,
+                            cudaStream_t stream) {
   const T* q = static_cast<const T*>(q_);
   const T* k = static_cast<const T*>(k_);
   const T* v = static_cast<const T*>(v_);
   const T* dout = static_cast<const T*>(dout_);
   std::string e = sm80::launch_delta<T, kD>(p, out, dout_, delta, stream);
   if (!e.empty()) return e;
-  const dim3 kv_grid((unsigned)sm80::grid_tiles(p, p.kv_tile, /*kv_side=*/true),
-                     (unsigned)p.kv_heads, (unsigned)p.batch);
   const CUtensorMapDataType dtype = std::is_same_v<T, cutlass::bfloat16_t>
                                         ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  if (dq_acc != nullptr) {
+    using Tr = DkdvTraits<T, kD, 2 * kKvTokens, 64>;
+    static_assert(sizeof(DkdvSmem<Tr, true>) <= 227 * 1024, "shared memory per block");
+    const Problem pd = with_doubled_kv_tile(p);
+    QTensorMaps maps;
+    encode_q_maps(pd, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps, dq_acc);
+    if (!GNA_SM90_BWD_TMA) maps.on = 0;
+    const int64_t n = p.batch * p.q_tokens() * p.heads * kD;
+    cudaError_t err = cudaMemsetAsync(dq_acc, 0, n * sizeof(float), stream);
+    if (err != cudaSuccess) return sm80::cuda_error("cudaMemsetAsync(dq accumulator)", err);
+    const dim3 grid((unsigned)sm80::grid_tiles(pd, pd.kv_tile, /*kv_side=*/true),
+                    (unsigned)p.kv_heads, (unsigned)p.batch);
+    e = run_bwd_kernel<Tr>(dkdv_kernel<Tr, true>, (int)sizeof(DkdvSmem<Tr, true>),
+                           "sm90 fused dkdv kernel", grid, stream, pd, q, k, v, dout, lse,
+                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv),
+                           dq_acc, maps);
+    if (!e.empty()) return e;
+    int sms = 132;
+    int dev = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess)
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    const int64_t n8 = n / 8;
+    const int blocks = (int)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sms);
+    dq_from_acc_kernel<T><<<blocks, 256, 0, stream>>>(
+        reinterpret_cast<const float4*>(dq_acc), static_cast<uint4*>(dq), n8, p.scale);
+    return sm80::cuda_error("dq conversion kernel", cudaGetLastError());
+  }
   {
     using Tr = DkdvTraits<T, kD, kKvTokens, 64>;
     QTensorMaps maps;
     encode_q_maps(p, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps);
     if (!GNA_SM90_BWD_TMA) maps.on = 0;
-    e = run_bwd_kernel<Tr>(dkdv_kernel<Tr>, (int)sizeof(DkdvSmem<Tr>),
+    const dim3 kv_grid((unsigned)sm80::grid_tiles(p, p.kv_tile, /*kv_side=*/true),
+                       (unsigned)p.kv_heads, (unsigned)p.batch);
+    e = run_bwd_kernel<Tr>(dkdv_kernel<Tr, false>, (int)sizeof(DkdvSmem<Tr, false>),
                            "sm90 dkdv kernel", kv_grid, stream, p, q, k, v, dout, lse,
-                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv), maps);
+                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv),
+                           nullptr, maps);
   }
   if (!e.empty()) return e;
   const dim3 grid((unsigned)sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false),
@@ -75,7 +145,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   template std::string launch_backward<T, D>(const Problem&, const void*, const void*,    \
                                              const void*, const void*, const void*,       \
                                              const float*, void*, void*, void*, float*,   \
-                                             cudaStream_t);
+                                             float*, cudaStream_t);
 
 }  // namespace sm90
 }  // namespace gna

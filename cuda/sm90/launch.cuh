@@ -80,7 +80,8 @@ std::string launch_forward(const Problem& p, const void* q, const void* k, const
 template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q, const void* k, const void* v,
                             const void* out, const void* dout, const float* lse, void* dq,
-                            void* dk, void* dv, float* delta, cudaStream_t stream);
+                            void* dk, void* dv, float* delta, float* dq_acc,
+                            cudaStream_t stream);
 
 #define GNA_SM90_FORWARD(T, D)                                                             \
   template std::string launch_forward<T, D>(const Problem&, const void*, const void*,    \

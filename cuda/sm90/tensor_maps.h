@@ -4,8 +4,8 @@
 //
 // A buffer [B, L0, L1, L2, H_kv, D] is described as the 5-D tensor (innermost first)
 // [D, H_kv, L2, L1, B·L0]: the batch folds into the outermost axis (its stride is L0 times
-// that axis's), which keeps every rank within TMA's five dimensions. A box is 64 columns of
-// one head and the tile's extent per axis, with the dilation as element stride, so it holds
+// that axis's), which keeps every rank within TMA's five dimensions. A box is 128 bytes of
+// columns (64 of a 16-bit type, 32 floats) of one head and the tile's extent per axis, with the dilation as element stride, so it holds
 // exactly the tile's tokens in row order (last axis fastest), 128-byte swizzled as the GMMA
 // K-major layout expects. Kernels use it only for tiles that lie inside the frame and the
 // global axis (Group::tile_inside); the others keep their row gathers.
@@ -52,8 +52,8 @@ inline EncodeTiled encode_tiled() {
 }  // namespace detail
 
 // Encodes `map` over a [B, L0, L1, L2, H, D] buffer of `p` (the Q side: q_length and heads;
-// the K/V side: kv_length and kv_heads) as [D, H, L2, L1, B·L0], with boxes of 64 columns
-// times box[a] tokens per axis a (the dilation as element stride). False where TMA cannot.
+// the K/V side: kv_length and kv_heads) as [D, H, L2, L1, B·L0], with boxes of 128 bytes of
+// columns times box[a] tokens per axis a (the dilation as element stride). False where TMA cannot.
 inline bool encode_token_map(CUtensorMap* map, const void* ptr, const Problem& p, bool kv_side,
                              const int64_t box[kMaxRank], CUtensorMapDataType dtype,
                              int elem_bytes) {
@@ -74,7 +74,7 @@ inline bool encode_token_map(CUtensorMap* map, const void* ptr, const Problem& p
   const cuuint64_t strides[4] = {dims[0] * e, dims[1] * dims[0] * e,
                                  dims[2] * dims[1] * dims[0] * e,
                                  dims[3] * dims[2] * dims[1] * dims[0] * e};
-  cuuint32_t box_dims[5] = {64, 1, 1, 1, 1};
+  cuuint32_t box_dims[5] = {(cuuint32_t)(128 / elem_bytes), 1, 1, 1, 1};
   cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
   for (int a = 0; a < kMaxRank; ++a) {
     box_dims[4 - a] = (cuuint32_t)(box[a] * p.axes[a].dilation);
@@ -99,10 +99,12 @@ inline void encode_kv_maps(const Problem& p, const void* k, const void* v,
 // TMA descriptors of the Q and dO buffers for the dK/dV kernel, which reads a Q tile in
 // chunks of `chunk_rows` rows: chunk c is the box of the tile's extent on every axis but
 // `axis`, where it spans `step` tokens from c · step (row order is last axis fastest, so a
-// run of whole rows of the faster axes is a box).
+// run of whole rows of the faster axes is a box). With the fused dQ, also of its float32
+// accumulator (Q's layout), into which a chunk's rows are added as boxes of 32 columns.
 struct QTensorMaps {
   CUtensorMap q;
   CUtensorMap dout;
+  CUtensorMap dq;
   int on;  // 0: chunks are not boxes (or encoding failed); gather every chunk
   int axis;
   int step;
@@ -110,7 +112,7 @@ struct QTensorMaps {
 
 inline void encode_q_maps(const Problem& p, const void* q, const void* dout,
                           CUtensorMapDataType dtype, int elem_bytes, int chunk_rows,
-                          QTensorMaps* maps) {
+                          QTensorMaps* maps, const float* dq_acc = nullptr) {
   maps->on = 0;
   maps->axis = 0;
   maps->step = 0;
@@ -129,7 +131,9 @@ inline void encode_q_maps(const Problem& p, const void* q, const void* dout,
     maps->step = (int)box[a];
   }
   maps->on = encode_token_map(&maps->q, q, p, /*kv_side=*/false, box, dtype, elem_bytes) &&
-             encode_token_map(&maps->dout, dout, p, /*kv_side=*/false, box, dtype, elem_bytes);
+             encode_token_map(&maps->dout, dout, p, /*kv_side=*/false, box, dtype, elem_bytes) &&
+             (dq_acc == nullptr || encode_token_map(&maps->dq, dq_acc, p, /*kv_side=*/false, box,
+                                                    CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4));
 }
 
 }  // namespace sm90
