@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "backward.cuh"
+#include "backward_fused_ws.cuh"
 #include "backward_ws.cuh"
 #include "launch.cuh"
 
@@ -22,6 +23,12 @@ std::string run_bwd_kernel(Kernel kernel, int smem, const char* what, dim3 grid,
   return sm80::cuda_error(what, cudaGetLastError());
 }
 
+// Whether the non-deterministic backward runs the warp-specialised fused kernel
+// (backward_fused_ws.cuh; not yet run on a GPU) or backward.cuh's dK/dV kernel with the
+// fused dQ (0).
+#ifndef GNA_SM90_FUSED_WS
+#define GNA_SM90_FUSED_WS 1
+#endif
 // Whether backward.cuh's dK/dV kernel loads Q/dO chunks inside the frame as TMA boxes.
 #ifndef GNA_SM90_BWD_TMA
 #define GNA_SM90_BWD_TMA 1
@@ -96,10 +103,19 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
     if (err != cudaSuccess) return sm80::cuda_error("cudaMemsetAsync(dq accumulator)", err);
     const dim3 grid((unsigned)sm80::grid_tiles(pd, pd.kv_tile, /*kv_side=*/true),
                     (unsigned)p.kv_heads, (unsigned)p.batch);
-    e = run_bwd_kernel<Tr>(dkdv_kernel<Tr, true>, (int)sizeof(DkdvSmem<Tr, true>),
-                           "sm90 fused dkdv kernel", grid, stream, pd, q, k, v, dout, lse,
-                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv),
-                           dq_acc, maps);
+    if constexpr (GNA_SM90_FUSED_WS != 0) {
+      using Fr = FusedBwdTraits<T, kD, 2>;
+      static_assert(sizeof(FusedBwdSmem<Fr>) <= 227 * 1024, "shared memory per block");
+      e = run_bwd_kernel<Fr>(fused_bwd_kernel<Fr>, (int)sizeof(FusedBwdSmem<Fr>),
+                             "sm90 fused backward kernel", grid, stream, pd, q, k, v, dout,
+                             lse, (const float*)delta, static_cast<T*>(dk),
+                             static_cast<T*>(dv), dq_acc, maps);
+    } else {
+      e = run_bwd_kernel<Tr>(dkdv_kernel<Tr, true>, (int)sizeof(DkdvSmem<Tr, true>),
+                             "sm90 fused dkdv kernel", grid, stream, pd, q, k, v, dout, lse,
+                             (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv),
+                             dq_acc, maps);
+    }
     if (!e.empty()) return e;
     int sms = 132;
     int dev = 0;

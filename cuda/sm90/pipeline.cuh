@@ -13,10 +13,10 @@ namespace sm90 {
 // warpgroup (the forward's ping-pong turns).
 constexpr int kProducerBarrier = 1;
 constexpr int kTurnBarrier = 2;
-// The dK/dV kernel with the fused dQ (backward.cuh, not warp-specialised): every warpgroup's
-// dS is stored, then one per warpgroup (its dQ rows are staged).
-constexpr int kDsBarrier = 1;
-constexpr int kDqBarrier = 2;
+// The kernels with the fused dQ (backward.cuh, backward_fused_ws.cuh): every consumer
+// warpgroup's dS is stored, then one per warpgroup (its dQ rows are staged).
+constexpr int kDsBarrier = 4;
+constexpr int kDqBarrier = 5;
 
 // L2 cache policy of the TMA loads (the "evict normal" createpolicy value).
 constexpr uint64_t kEvictNormal = 0x1000000000000000ull;

@@ -1,0 +1,394 @@
+// sm90a GNA backward without determinism, warp-specialised (FlashAttention-3's shape): one
+// CTA per doubled KV tile (128 KV rows, the host's with_doubled_kv_tile) computes dK and dV
+// and adds every step's dQ into a float32 accumulator with TMA reductions, so that each
+// (key, query) pair costs five GEMMs instead of the deterministic path's seven.
+//
+// - Warpgroup 0, the producer, loads K and V once, then per step (a 64-row chunk of a Q
+//   tile that sees the KV tile, for one query head of the GQA group) builds the chunk's
+//   rows (tokens, windows, lse, delta) and loads its Q and dO into a ring of kStages
+//   buffers (TMA boxes inside the frame, else row gathers; one mbarrier per buffer).
+// - Warpgroups 1 and 2, the consumers, own 64 KV rows each. Per step: S^T = K·Q^T and
+//   dP^T = V·dO^T; P^T and dV += P^T·dO; dS^T and dK += dS^T·Q; dS^T to shared memory; after
+//   a barrier over both consumers, dQ's columns wg·D/2.. = dS·K over all 128 KV rows; then
+//   the consumer stages them and one of its threads issues the TMA reductions.
+//
+// NOT YET RUN ON A GPU (written 2026-11-27, evening, after the non-warp-specialised version
+// on this branch measured at parity; see cuda/sm90/NOTES.md). Validate with the native
+// sweep (half its configs take this path) and the sanitizers before timing it.
+#pragma once
+
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "backward.cuh"
+#include "backward_ws.cuh"  // q_row_with_stats
+
+namespace gna {
+namespace sm90 {
+
+using namespace cute;
+
+template <class T_, int kD_, int kStages_>
+struct FusedBwdTraits {
+  using T = T_;
+  static constexpr int kD = kD_;
+  static constexpr int kConsumers = 2;
+  static constexpr int kBlockM = 64 * kConsumers;  // KV rows of the CTA
+  static constexpr int kBlockN = 64;               // Q rows per step
+  static constexpr int kStages = kStages_;         // Q/dO buffers in the ring
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  // A consumer holds dK and dV (128 registers), S^T and dP^T (64), P^T and dS^T (32) and dQ
+  // (32): at 216 ptxas serialised the wgmmas (C7512) and spilled. The producer's row
+  // arithmetic spills at 24 instead, off the consumers' path (a step is five GEMMs long).
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "registers");
+  // The consumers' GEMMs are those of the dK/dV kernel (DkdvTraits<..., 128, 64>) and its
+  // fused dQ.
+  using Dkdv = DkdvTraits<T, kD, kBlockM, kBlockN>;
+  static constexpr int kDqCols = Dkdv::kDqCols;
+};
+
+template <class Tr>
+struct FusedBwdSmem {
+  using T = typename Tr::T;
+  using Dkdv = typename Tr::Dkdv;
+  alignas(1024) T k[Tr::kBlockM * Tr::kD];
+  alignas(1024) T v[Tr::kBlockM * Tr::kD];
+  alignas(1024) T q[Tr::kStages][Tr::kBlockN * Tr::kD];
+  alignas(1024) T dout[Tr::kStages][Tr::kBlockN * Tr::kD];
+  // dS^T of steps it (even / odd): a consumer may store step it+1's while the other still
+  // reads step it's in its dQ GEMM.
+  alignas(1024) T ds[2][Tr::kBlockM * Tr::kBlockN];
+  alignas(1024) float dq[Tr::kConsumers][Tr::kBlockN * Tr::kDqCols];  // staged, swizzled
+  KRow krows[Tr::kBlockM];
+  // The rows of the step in buffer s (written by the producer before it announces the
+  // buffer, read by the consumers until they release it).
+  QRow qrows[Tr::kStages][Tr::kBlockN];
+  float qlse[Tr::kStages][Tr::kBlockN];
+  float qdelta[Tr::kStages][Tr::kBlockN];
+  int full[Tr::kStages];
+  int tma[Tr::kStages];
+  int dq_at[Tr::kStages][4];  // TMA coordinates of the chunk (head first), see q_chunk_at
+  Group group;
+  TileBox box;
+  sm80::RowTable<sm80::kMaxQTokens> ntable;
+  uint64_t kv_full;
+  uint64_t q_full[Tr::kStages];   // producer → consumers
+  uint64_t q_empty[Tr::kStages];  // consumers → producer (one arrival per consumer warp)
+};
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    fused_bwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
+                     const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
+                     const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
+                     const float* __restrict__ delta, typename Tr::T* __restrict__ dk,
+                     typename Tr::T* __restrict__ dv, float* __restrict__ dq_acc,
+                     const __grid_constant__ QTensorMaps maps) {
+  using T = typename Tr::T;
+  using Dkdv = typename Tr::Dkdv;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  constexpr int kD = Tr::kD;
+  constexpr int kBlockM = Tr::kBlockM;
+  constexpr int kBlockN = Tr::kBlockN;
+  constexpr int kStages = Tr::kStages;
+  constexpr int kDqCols = Tr::kDqCols;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& sm = *reinterpret_cast<FusedBwdSmem<Tr>*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  const int64_t b = blockIdx.z;
+
+  int kt[kMaxRank];
+  {
+    Group g0;
+    if (!g0.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
+    if (tid == 0) {
+      sm.group = g0;
+      sm.box = TileBox::seeing(g0, p, kt);
+      Barrier::init(&sm.kv_full, 2 * 128);
+      for (int s = 0; s < kStages; ++s) {
+        Barrier::init(&sm.q_full[s], 2 * 128);
+        Barrier::init(&sm.q_empty[s], 4 * Tr::kConsumers);
+      }
+      cutlass::arch::fence_barrier_init();
+    }
+    __syncthreads();  // the last CTA-wide barrier: the roles never meet again
+  }
+  const Group& G = sm.group;
+  const TileBox& box = sm.box;
+  const int group_heads = (int)(p.heads / p.kv_heads);
+  const int64_t n_q_tok = sm80::q_tokens_of(p);
+  const int64_t n_kv_tok = sm80::kv_tokens_of(p);
+  const int64_t q_stride = p.heads * kD;
+  const int64_t kv_stride = p.kv_heads * kD;
+  const int64_t kv_off = (b * n_kv_tok * p.kv_heads + hkv) * kD;
+  const int n_chunks = (Group::qprod(p) + kBlockN - 1) / kBlockN;
+  const int steps = group_heads * box.total * n_chunks;
+
+  Tensor sK = make_tensor(make_smem_ptr(sm.k), typename Dkdv::SmemM{});
+  Tensor sV = make_tensor(make_smem_ptr(sm.v), typename Dkdv::SmemM{});
+  auto sQ = [&](int s) { return make_tensor(make_smem_ptr(sm.q[s]), typename Dkdv::SmemN{}); };
+  auto sdO = [&](int s) {
+    return make_tensor(make_smem_ptr(sm.dout[s]), typename Dkdv::SmemN{});
+  };
+
+  if (tid < 128) {
+    // ------------------------------------------------------------------------- producer
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (tid == 0 && maps.on) {
+      prefetch_tma_descriptor(&maps.q);
+      prefetch_tma_descriptor(&maps.dout);
+      prefetch_tma_descriptor(&maps.dq);
+    }
+    {
+      int jj[kMaxRank];
+      for (int r = tid; r < kBlockM; r += 128) sm.krows[r] = G.k_row(p, kt, r);
+      auto k_tok = [&](int r) { return G.kv_token(p, kt, r, jj); };
+      sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sK(r, c); }, k + kv_off,
+                                          kv_stride, k_tok, tid);
+      sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sV(r, c); }, v + kv_off,
+                                          kv_stride, k_tok, tid);
+      producer_commit(&sm.kv_full);
+    }
+    sm.ntable.build(G, p, /*kv_side=*/false, tid, 128);
+    const FullTiles fulls = FullTiles::seeing(G, p, kt, kBlockM);
+    named_sync(kProducerBarrier, 128);  // the row table's offsets
+    sm80::BoxStep st = sm80::BoxStep::first(box, hkv * group_heads);
+    for (int j = 0; j < steps; ++j) {
+      const int s = j % kStages;
+      if (j >= kStages) Barrier::wait(&sm.q_empty[s], ((j / kStages) + 1) & 1);
+      const int chunk = st.chunk;
+      const bool full = fulls.contains(st.qt);
+      const bool inside = G.tile_inside(p, st.qt, /*kv_side=*/false);
+      const bool by_tma = maps.on && inside;
+      // A full tile inside the frame needs only its tokens (the mask is never evaluated).
+      const bool fast = full && inside;
+      const int base = G.tile_base(p, st.qt, false);
+      const int64_t stats = b * n_q_tok * p.heads + st.head;
+      for (int r = tid; r < kBlockN; r += 128) {
+        QRow row;
+        if (fast) {
+          const int off = sm.ntable.offset[chunk * kBlockN + r];
+          row.tok = off < 0 ? -1 : base + off;
+          sm.qrows[s][r].tok = row.tok;
+        } else {
+          row = G.q_row(p, st.qt, chunk * kBlockN + r, /*window=*/!full);
+          sm.qrows[s][r] = row;
+        }
+        sm80::stage_row_stats(row.tok, stats, p.heads, lse, delta, sm.qlse[s][r],
+                              sm.qdelta[s][r]);
+      }
+      Tensor q_s = sQ(s);
+      Tensor do_s = sdO(s);
+      if (tid == 0) {
+        sm.full[s] = full;
+        sm.tma[s] = by_tma;
+        int(&at)[4] = *reinterpret_cast<int(*)[4]>(sm.dq_at[s]);
+        q_chunk_at(maps, G, p, st.qt, chunk, st.head, b, at);
+        if (by_tma) {
+          cutlass::arch::ClusterTransactionBarrier::expect_transaction(
+              &sm.q_full[s], 2 * kBlockN * kD * (int)sizeof(T));
+          tma_load_q_chunk<kD>(
+              maps, &sm.q_full[s], at, [&](int c) { return &q_s(0, c); },
+              [&](int c) { return &do_s(0, c); });
+        }
+      }
+      if (!by_tma) {
+        named_sync(kProducerBarrier, 128);  // gathers read tokens other threads wrote
+        const QRow* rows = sm.qrows[s];
+        auto tok = [&](int r) { return rows[r].tok; };
+        const int64_t q_off = (b * n_q_tok * p.heads + st.head) * kD;
+        sm80::gather_rows<kBlockN, kD, 128>([&](int r, int c) { return &q_s(r, c); },
+                                            q + q_off, q_stride, tok, tid);
+        sm80::gather_rows<kBlockN, kD, 128>([&](int r, int c) { return &do_s(r, c); },
+                                            dout + q_off, q_stride, tok, tid);
+      }
+      producer_commit(&sm.q_full[s]);
+      st = st.next(box, n_chunks);
+    }
+    sm80::cp_async_wait<0>();
+    return;
+  }
+
+  // --------------------------------------------------------------------------- consumers
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int ctid = tid - 128;
+  const int wg = ctid / 128;
+  const bool dq_issuer = ctid % 128 == 0;  // issues its warpgroup's TMA reductions
+  typename Dkdv::MmaS mma_s;
+  typename Dkdv::MmaG mma_g;
+  typename Dkdv::MmaDq mma_dq;
+  auto thr_s = mma_s.get_thread_slice(ctid);
+  auto thr_g = mma_g.get_thread_slice(ctid);
+  auto thr_dq = mma_dq.get_thread_slice(ctid % 128);
+  Tensor tSrK = thr_s.partition_fragment_A(sK);
+  Tensor tSrV = thr_s.partition_fragment_A(sV);
+  Tensor acc_dk = partition_fragment_C(mma_g, Shape<Int<kBlockM>, Int<kD>>{});
+  Tensor acc_dv = partition_fragment_C(mma_g, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor rP = make_tensor<T>(acc_s.layout());
+  Tensor rdS = make_tensor<T>(acc_dp.layout());
+  Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a(rP.layout()));
+  Tensor tOrdS = make_tensor(rdS.data(), gmma_acc_as_a(rdS.layout()));
+  Tensor rs = make_tensor(acc_s.data(), gmma_rowcol(acc_s.layout()));
+  Tensor rdp = make_tensor(acc_dp.data(), gmma_rowcol(acc_dp.layout()));
+  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cSrc = make_tensor(cS.data(), gmma_rowcol(cS.layout()));
+  const float scale2 = p.scale * sm80::kLog2e;
+  Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockN>, Int<kDqCols>>{});
+  Tensor cDQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kDqCols>>{}));
+  Tensor cDQrc = make_tensor(cDQ.data(), gmma_rowcol(cDQ.layout()));
+  Tensor tDQrB = thr_dq.partition_fragment_B(
+      local_tile(make_tensor(make_smem_ptr(sm.k), typename Dkdv::SmemMt{}),
+                 Shape<Int<kDqCols>, Int<kBlockM>>{}, make_coord(wg, 0)));
+  float* dq_stage = sm.dq[wg];
+
+  Barrier::wait(&sm.kv_full, 0);
+  cutlass::arch::fence_view_async_shared();  // K and V were gathered (generic proxy)
+  for (int it = 0; it < steps; ++it) {
+    const int s = it % kStages;
+    Barrier::wait(&sm.q_full[s], (it / kStages) & 1);
+    cutlass::arch::fence_view_async_shared();  // gathered chunks
+    wgmma_issue(mma_s, tSrK, thr_s.partition_fragment_B(sQ(s)), acc_s, false);
+    wgmma_issue(mma_s, tSrV, thr_s.partition_fragment_B(sdO(s)), acc_dp, false);
+    const bool full = sm.full[s];
+    const QRow* qrows = sm.qrows[s];
+    const float* qlse = sm.qlse[s];
+    const float* qdelta = sm.qdelta[s];
+
+    warpgroup_wait<1>();  // S^T
+    warpgroup_fence_operand(acc_s);
+    if (full) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < size<0>(rs); ++mi) {
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          const float lse2 = qlse[get<1>(cSrc(mi, ni))] * sm80::kLog2e;
+          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
+        }
+      }
+    } else {
+      // Rows are KV rows here: the thread's KRows are loaded once, each column's QRow once.
+      constexpr int kRows = decltype(size<0>(rs))::value;
+      KRow kr[kRows];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) kr[mi] = sm.krows[get<0>(cSrc(mi, 0))];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni) {
+        const int col = get<1>(cSrc(0, ni));
+        const QRow qr = qrows[col];
+        const float lse2 = qlse[col] * sm80::kLog2e;
+        CUTE_UNROLL
+        for (int mi = 0; mi < kRows; ++mi) {
+          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
+          rs(mi, ni) = sm80::visible(qr, kr[mi]) ? pr : 0.f;
+        }
+      }
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
+    Tensor sdOt = make_tensor(make_smem_ptr(sm.dout[s]), typename Dkdv::SmemNt{});
+    wgmma_issue(mma_g, tOrP, thr_g.partition_fragment_B(sdOt), acc_dv, true);
+
+    warpgroup_wait<1>();  // dP^T (dV may still run)
+    warpgroup_fence_operand(acc_dp);
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(rdp); ++mi) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rdp); ++ni) {
+        const float dl = qdelta[get<1>(cSrc(mi, ni))];
+        rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - dl);
+      }
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
+    Tensor sQt = make_tensor(make_smem_ptr(sm.q[s]), typename Dkdv::SmemNt{});
+    wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sQt), acc_dk, true);
+
+    // dS^T to shared memory (one 32-bit store per pair of neighbouring columns), then dQ.
+    Tensor sdsT = make_tensor(make_smem_ptr(sm.ds[it & 1]), typename Dkdv::SmemDs{});
+    CUTE_UNROLL
+    for (int i = 0; i < size(rdS); i += 2) {
+      const int r = get<0>(cS(i)), c = get<1>(cS(i));
+      T pair[2] = {rdS(i), rdS(i + 1)};
+      *reinterpret_cast<uint32_t*>(&sdsT(r, c)) = *reinterpret_cast<uint32_t*>(pair);
+    }
+    cutlass::arch::fence_view_async_shared();
+    // The previous step's reductions have read the staged dQ, which is rewritten below.
+    if (dq_issuer) bulk_wait_all</*kRead=*/true>();
+    named_sync(kDsBarrier, 128 * Tr::kConsumers);  // both halves of dS^T are in place
+    Tensor tDQrA = thr_dq.partition_fragment_A(
+        make_tensor(make_smem_ptr(sm.ds[it & 1]), typename Dkdv::SmemDsT{}));
+    wgmma_issue(mma_dq, tDQrA, tDQrB, acc_dq, false);
+    warpgroup_wait<0>();  // dV, dK and dQ
+    warpgroup_fence_operand(acc_dq);
+
+    // dQ into dq_acc: a chunk loaded by TMA goes back the same way (staged, one TMA
+    // reduction per 32 columns); the rows of a gathered chunk are added from registers.
+    Tensor rdq = make_tensor(acc_dq.data(), gmma_rowcol(acc_dq.layout()));
+    if (sm.tma[s]) {
+      const int r0 = get<0>(cDQrc(0, 0)), c0 = get<1>(cDQrc(0, 0));
+      const int sw = r0 % 8;
+      CUTE_UNROLL
+      for (int mi = 0; mi < size<0>(rdq); ++mi) {
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rdq); ni += 2) {
+          const int dr = get<0>(cDQrc(mi, ni)) - r0, dc = get<1>(cDQrc(mi, ni)) - c0;
+          const int at = (dc / 32) * kBlockN * 32 + (r0 + dr) * 32 +
+                         (((dc % 32) / 4 + c0 / 4) ^ sw) * 4 + c0 % 4;
+          *reinterpret_cast<float2*>(&dq_stage[at]) = make_float2(rdq(mi, ni), rdq(mi, ni + 1));
+        }
+      }
+      cutlass::arch::fence_view_async_shared();  // generic writes before the TMA reads
+      named_sync(kDqBarrier + wg, 128);
+      if (dq_issuer) {
+        const int(&at)[4] = *reinterpret_cast<const int(*)[4]>(sm.dq_at[s]);
+        CUTE_UNROLL
+        for (int c = 0; c < kDqCols; c += 32)
+          tma_reduce_add(&maps.dq, &dq_stage[c * kBlockN], wg * kDqCols + c, at);
+        bulk_commit();
+      }
+    } else {
+      const int64_t head_off = (b * n_q_tok * p.heads + sm.dq_at[s][0]) * kD + wg * kDqCols;
+      CUTE_UNROLL
+      for (int mi = 0; mi < size<0>(rdq); ++mi) {
+        const int tok = qrows[get<0>(cDQrc(mi, 0))].tok;
+        if (tok < 0) continue;
+        float* row = dq_acc + head_off + (int64_t)tok * q_stride;
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rdq); ni += 2)
+          red_add_v2(row + get<1>(cDQrc(mi, ni)), rdq(mi, ni), rdq(mi, ni + 1));
+      }
+    }
+    // Buffer s, its rows and its coordinates go back to the producer.
+    __syncwarp();
+    if (ctid % 32 == 0) Barrier::arrive(&sm.q_empty[s]);
+  }
+  if (dq_issuer) bulk_wait_all</*kRead=*/false>();
+  warpgroup_fence_operand(acc_dk);
+  warpgroup_fence_operand(acc_dv);
+
+  if (G.kv_pad) {
+    // Rows outside the global axis were read as -1 (zero-filled, never seen, so their
+    // accumulators are exactly 0); they are still part of dK/dV and are written as 0.
+    named_sync(kDsBarrier, 128 * Tr::kConsumers);  // every consumer is done with krows
+    int jj[kMaxRank];
+    for (int r = ctid; r < kBlockM; r += 128 * Tr::kConsumers)
+      sm.krows[r].tok = G.kv_store_token(p, kt, r, jj);
+    named_sync(kDsBarrier, 128 * Tr::kConsumers);
+  }
+  Tensor cO = thr_g.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cOrc = make_tensor(cO.data(), gmma_rowcol(cO.layout()));
+  auto out_tok = [&](int r) { return sm.krows[r].tok; };
+  sm80::store_rows(make_tensor(acc_dk.data(), gmma_rowcol(acc_dk.layout())), cOrc, dk + kv_off,
+                   kv_stride, p.scale, out_tok);
+  sm80::store_rows(make_tensor(acc_dv.data(), gmma_rowcol(acc_dv.layout())), cOrc, dv + kv_off,
+                   kv_stride, 1.f, out_tok);
+}
+
+}  // namespace sm90
+}  // namespace gna
