@@ -74,8 +74,31 @@ struct FusedBwdSmem {
   sm80::RowTable<sm80::kMaxQTokens> ntable;
   uint64_t kv_full;
   uint64_t q_full[Tr::kStages];   // producer → consumers
-  uint64_t q_empty[Tr::kStages];  // consumers → producer (one arrival per consumer warp)
+  uint64_t q_empty[Tr::kStages];  // consumers → producer (one arrival per consumer thread)
 };
+
+// Stores the thread's part of dS^T (`rdS`, the S^T accumulator's layout; `cS` its
+// coordinates) into `tile`, K-major [rows][kCols] with the 128-byte swizzle (Dkdv::SmemDs),
+// one 32-bit shared store per pair of neighbouring columns.
+//
+// Written out rather than through a CuTe tensor of the swizzled layout: that one swizzles the
+// full address, so ptxas kept 16 generic 64-bit addresses per thread across the loop
+// (spilled, and stored with ST.E). Here the rows are r0 + 8·k, so the swizzle (row % 8 XOR
+// the 16-byte chunk) is one per-thread constant; the column pairs sit at c0 + 8·k (c0 < 8).
+template <class T, int kCols, class Frag, class Coords>
+__device__ __forceinline__ void store_ds_t(T* tile, const Frag& rdS, const Coords& cS) {
+  static_assert(kCols * sizeof(T) == 128, "one swizzle atom per row");
+  const int r0 = get<0>(cS(0)), c0 = get<1>(cS(0));
+  const int sw = (r0 % 8) * 16;
+  char* base = reinterpret_cast<char*>(tile) + r0 * 128 + c0 * (int)sizeof(T);
+  CUTE_UNROLL
+  for (int i = 0; i < size(rdS); i += 2) {
+    const int dr = get<0>(cS(i)) - r0, dc = get<1>(cS(i)) - c0;
+    T pair[2] = {rdS(i), rdS(i + 1)};
+    *reinterpret_cast<uint32_t*>(base + dr * 128 + ((dc * (int)sizeof(T)) ^ sw)) =
+        *reinterpret_cast<uint32_t*>(pair);
+  }
+}
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
@@ -109,7 +132,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       Barrier::init(&sm.kv_full, 2 * 128);
       for (int s = 0; s < kStages; ++s) {
         Barrier::init(&sm.q_full[s], 2 * 128);
-        Barrier::init(&sm.q_empty[s], 4 * Tr::kConsumers);
+        Barrier::init(&sm.q_empty[s], 128 * Tr::kConsumers);
       }
       cutlass::arch::fence_barrier_init();
     }
@@ -309,14 +332,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     Tensor sQt = make_tensor(make_smem_ptr(sm.q[s]), typename Dkdv::SmemNt{});
     wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sQt), acc_dk, true);
 
-    // dS^T to shared memory (one 32-bit store per pair of neighbouring columns), then dQ.
-    Tensor sdsT = make_tensor(make_smem_ptr(sm.ds[it & 1]), typename Dkdv::SmemDs{});
-    CUTE_UNROLL
-    for (int i = 0; i < size(rdS); i += 2) {
-      const int r = get<0>(cS(i)), c = get<1>(cS(i));
-      T pair[2] = {rdS(i), rdS(i + 1)};
-      *reinterpret_cast<uint32_t*>(&sdsT(r, c)) = *reinterpret_cast<uint32_t*>(pair);
-    }
+    // dS^T to shared memory, then dQ.
+    store_ds_t<T, kBlockN>(sm.ds[it & 1], rdS, cS);
     cutlass::arch::fence_view_async_shared();
     // The previous step's reductions have read the staged dQ, which is rewritten below.
     if (dq_issuer) bulk_wait_all</*kRead=*/true>();
@@ -364,9 +381,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           red_add_v2(row + get<1>(cDQrc(mi, ni)), rdq(mi, ni), rdq(mi, ni + 1));
       }
     }
-    // Buffer s, its rows and its coordinates go back to the producer.
-    __syncwarp();
-    if (ctid % 32 == 0) Barrier::arrive(&sm.q_empty[s]);
+    // Buffer s, its rows and its coordinates go back to the producer. Every thread arrives:
+    // with one arrival per warp after __syncwarp, racecheck reports the producer's next
+    // writes of the rows as racing with the other lanes' reads.
+    Barrier::arrive(&sm.q_empty[s]);
   }
   if (dq_issuer) bulk_wait_all</*kRead=*/false>();
   warpgroup_fence_operand(acc_dk);
