@@ -9,10 +9,6 @@
 // S^T and dP^T run with both operands in shared memory; the gradient GEMMs take P^T or dS^T
 // from registers (the accumulators converted in place) and the chunk seen MN-major.
 //
-// Unless the problem asks for determinism, the kernel also computes each step's dQ
-// contribution (dQ += dS·K: a fifth GEMM instead of the dQ kernel's three) and adds it into
-// a float32 accumulator with TMA reductions (kFusedDq).
-//
 // Per step `it`, after one CTA barrier: issue S(it) and dP(it); while they run, load the
 // Q/dO chunk of step it+1 (two buffers; TMA boxes for a chunk inside the frame, else
 // cp.async gathers); wait for S, compute P and issue dV's GEMM; wait for dP (dV's GEMM may
@@ -49,29 +45,11 @@ struct DkdvTraits {
   using SmemN = SmemKMajor<T, kBlockN, kD>;
   using SmemNt = decltype(composition(
       SmemN{}, make_layout(Shape<Int<kD>, Int<kBlockN>>{}, GenRowMajor{})));
-  // The fused dQ of the dK/dV kernel (kFusedDq): per step dQ = dS·K, [N, D] = [N, M]·[M, D].
-  // dS^T is stored as a K-major [M, N] tile and read as [N, M] (MN-major A), K as [D, M]
-  // (MN-major B); warpgroup w computes dQ's columns w·kDqCols.. over all M rows, so that
-  // each holds a [64, kDqCols] accumulator next to its dK and dV.
-  static constexpr int kDqCols = kD / kWarpGroups;
-  using MmaDq = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockN>, Int<kDqCols>, Int<kBlockM>>,
-                           GMMA::Major::MN, GMMA::Major::MN>()));
-  using SmemDs = SmemKMajor<T, kBlockM, kBlockN>;
-  using SmemDsT = decltype(composition(
-      SmemDs{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
-  using SmemMt = decltype(composition(
-      SmemM{}, make_layout(Shape<Int<kD>, Int<kBlockM>>{}, GenRowMajor{})));
-  static_assert(kDqCols % 32 == 0, "dQ is reduced in boxes of 32 columns");
 };
 
 // Shared memory of the dK/dV kernel: the M side's two tiles (K and V), loaded once; the N
-// side's two tiles per buffer (Q and dO); the row tables. With the fused dQ also the step's
-// dS^T (written from the registers that computed it, read back as the MN-major A operand of
-// dQ = dS·K), each warpgroup's dQ columns on their way to the TMA reductions (boxes of 64
-// rows by 32 floats, 128-byte swizzled as the dq tensor map expects), and the TMA
-// coordinates of each row slot's chunk.
-template <class Tr, bool kFusedDq>
+// side's two tiles per buffer (Q and dO); the row tables.
+template <class Tr>
 struct DkdvSmem {
   using T = typename Tr::T;
   // 128-byte swizzle atoms repeat every 1024 bytes; descriptors assume that alignment.
@@ -95,45 +73,7 @@ struct DkdvSmem {
   TileBox box;
   FullTiles fulls;
   sm80::RowTable<sm80::kMaxQTokens> ntable;  // rows of an N-side tile
-  alignas(1024) T ds[kFusedDq ? Tr::kBlockM * Tr::kBlockN : 1];
-  alignas(1024) float dq[kFusedDq ? Tr::kWarpGroups * Tr::kBlockN * Tr::kDqCols : 1];
-  int dq_at[Tr::kRowSlots][4];
 };
-
-// Offset of element (r, c) in a warpgroup's staged dQ: boxes of 32 columns, each [rows, 32]
-// with its 16-byte chunks swizzled by r % 8 (which also spreads a warp's 8 rows over all
-// banks).
-__device__ __forceinline__ int dq_stage_offset(int r, int c, int rows) {
-  return (c / 32) * rows * 32 + r * 32 + ((((c % 32) / 4) ^ (r % 8)) * 4) + c % 4;
-}
-
-// Adds the [rows, 32] float box at `src` (shared memory) into the tensor of `map` at
-// coordinates (c, at...) with a TMA reduction, in the thread's current bulk group.
-__device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const float* src, int c,
-                                               const int (&at)[4]) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(src));
-  asm volatile(
-      "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group"
-      " [%0, {%2, %3, %4, %5, %6}], [%1];" ::"l"(map),
-      "r"(s), "r"(c), "r"(at[0]), "r"(at[1]), "r"(at[2]), "r"(at[3])
-      : "memory");
-}
-__device__ __forceinline__ void bulk_commit() {
-  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-}
-// The thread's bulk groups have read their shared-memory sources (kRead) or completed.
-template <bool kRead>
-__device__ __forceinline__ void bulk_wait_all() {
-  if constexpr (kRead)
-    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-  else
-    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-}
-
-// dst[0..1] += {x, y} in global memory (one vector reduction).
-__device__ __forceinline__ void red_add_v2(float* dst, float x, float y) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(x), "f"(y) : "memory");
-}
 
 // TMA coordinates of chunk `chunk` (rows chunk·N ..) of Q tile `qt` of query head `head`
 // in the Q-side tensor maps (QTensorMaps), after the column: {head, x2, x1, b·L0 + x0}.
@@ -165,21 +105,13 @@ __device__ __forceinline__ void tma_load_q_chunk(QTensorMaps const& maps, uint64
   }
 }
 
-// kFusedDq: also dQ·(1/scale) += dS·K per step into `dq_acc` (float32, Q's layout, zeroed
-// by the caller) by TMA reductions; two warpgroups (Tr::kBlockM = 128: the host doubles the
-// KV tile) so that each step's reductions serve 128 KV rows. Else `dq_acc` is unused and the
-// dQ kernel runs after this one.
-#ifndef GNA_X_DQ
-#define GNA_X_DQ 0
-#endif
-template <class Tr, bool kFusedDq>
+template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     dkdv_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                 const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                 const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
                 const float* __restrict__ delta, typename Tr::T* __restrict__ dk,
-                typename Tr::T* __restrict__ dv, float* __restrict__ dq_acc,
-                const __grid_constant__ QTensorMaps maps) {
+                typename Tr::T* __restrict__ dv, const __grid_constant__ QTensorMaps maps) {
   using T = typename Tr::T;
   using Barrier = cutlass::arch::ClusterBarrier;
   constexpr int kD = Tr::kD;
@@ -187,9 +119,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
   constexpr int kBlockN = Tr::kBlockN;
   constexpr int kThreads = Tr::kThreads;
   constexpr int kSlots = Tr::kRowSlots;
-  static_assert(kFusedDq ? Tr::kWarpGroups == 2 : kBlockM == sm80::kKvTokens,
-                "one KV tile per CTA; the fused dQ splits D over 2 warpgroups");
-  using Smem = DkdvSmem<Tr, kFusedDq>;
+  static_assert(kBlockM == sm80::kKvTokens, "one KV tile per CTA");
+  using Smem = DkdvSmem<Tr>;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -267,7 +198,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       if (tid == 0) {
         sm.full[slot] = full;
         sm.tma[slot] = maps.on && inside;
-        if (kFusedDq) sm.dq_at[slot][0] = st.head;  // the rest by stage() for TMA chunks
       }
     }
     sm80::cp_async_commit();
@@ -285,12 +215,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
         if (tid == 0) {
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
               &sm.n_bar[buf], 2 * kBlockN * kD * (int)sizeof(T));
-          int* at = sm.dq_at[j % kSlots];  // kept for the step's dQ reduction
-          q_chunk_at(maps, G, p, st.qt, st.chunk, st.head, b,
-                     *reinterpret_cast<int(*)[4]>(at));
+          int at[4];
+          q_chunk_at(maps, G, p, st.qt, st.chunk, st.head, b, at);
           tma_load_q_chunk<kD>(
-              maps, &sm.n_bar[buf], *reinterpret_cast<int(*)[4]>(at),
-              [&](int c) { return &q_s(0, c); }, [&](int c) { return &do_s(0, c); });
+              maps, &sm.n_bar[buf], at, [&](int c) { return &q_s(0, c); },
+              [&](int c) { return &do_s(0, c); });
         }
       } else {
         const QRow* rows = sm.nrows[j % kSlots];
@@ -345,76 +274,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
   Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor cSrc = make_tensor(cS.data(), gmma_rowcol(cS.layout()));
   const float scale2 = p.scale * sm80::kLog2e;
-  // The fused dQ: warpgroup `wg` computes dQ's columns wg·kDqCols.. of the step's rows;
-  // dQ = dS·K with A = dS [N, M] and B = K seen as [D, M] (both MN-major).
-  constexpr int kDqCols = Tr::kDqCols;
-  const int wg = tid / 128;
-  const int ctid = tid % 128;
-  const bool dq_issuer = kFusedDq && ctid == 0;  // issues the warpgroup's TMA reductions
-  typename Tr::MmaDq mma_dq;
-  auto thr_dq = mma_dq.get_thread_slice(ctid);
-  Tensor sdsT = make_tensor(make_smem_ptr(sm.ds), typename Tr::SmemDs{});
-  Tensor tDQrA = thr_dq.partition_fragment_A(
-      make_tensor(make_smem_ptr(sm.ds), typename Tr::SmemDsT{}));
-  Tensor tDQrB = thr_dq.partition_fragment_B(
-      local_tile(make_tensor(make_smem_ptr(sm.m0), typename Tr::SmemMt{}),
-                 Shape<Int<kDqCols>, Int<kBlockM>>{}, make_coord(wg, 0)));
-  Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockN>, Int<kDqCols>>{});
-  Tensor cDQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kDqCols>>{}));
-  Tensor cDQrc = make_tensor(cDQ.data(), gmma_rowcol(cDQ.layout()));
-  float* dq_stage = &sm.dq[wg * kBlockN * kDqCols];
-  // dQ(j) (acc_dq, retired) into dq_acc, this warpgroup's columns: a chunk loaded by TMA
-  // goes back the same way, staged here and sent by send_dq(j) after the next CTA barrier
-  // (one TMA reduction per 32 columns, issued while the GEMMs of step j+1 run); the rows of
-  // a gathered chunk (at the frame's edges) are added from registers here.
-  auto stage_dq = [&](int j) {
-    warpgroup_fence_operand(acc_dq);
-    Tensor rdq = make_tensor(acc_dq.data(), gmma_rowcol(acc_dq.layout()));
-    if (sm.tma[j % kSlots]) {
-      // The staged layout's swizzle is r % 8 on the thread's rows r0 + 8·mi, and its chunk
-      // index is (c % 32) / 4 on the columns c0 + 8·ni' (c0 < 8): per thread, four XORs.
-      const int r0 = get<0>(cDQrc(0, 0)), c0 = get<1>(cDQrc(0, 0));
-      const int sw = r0 % 8;
-      CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(rdq); ++mi) {
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rdq); ni += 2) {
-          const int dr = get<0>(cDQrc(mi, ni)) - r0, dc = get<1>(cDQrc(mi, ni)) - c0;
-          const int at = (dc / 32) * kBlockN * 32 + (r0 + dr) * 32 +
-                         (((dc % 32) / 4 + c0 / 4) ^ sw) * 4 + c0 % 4;
-          *reinterpret_cast<float2*>(&dq_stage[at]) = make_float2(rdq(mi, ni), rdq(mi, ni + 1));
-        }
-      }
-      cutlass::arch::fence_view_async_shared();  // generic writes before the TMA reads
-    } else {
-      const QRow* rows = sm.nrows[j % kSlots];
-      const int head = sm.dq_at[j % kSlots][0];
-      const int64_t head_off = (b * n_q_tok * p.heads + head) * kD + wg * kDqCols;
-      CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(rdq); ++mi) {
-        const int tok = rows[get<0>(cDQrc(mi, 0))].tok;
-        if (tok < 0) continue;
-        float* row = dq_acc + head_off + (int64_t)tok * q_stride;
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rdq); ni += 2)
-          red_add_v2(row + get<1>(cDQrc(mi, ni)), rdq(mi, ni), rdq(mi, ni + 1));
-      }
-    }
-  };
-  // By the issuer, after a CTA barrier that follows stage_dq(j); step j's row slot is intact
-  // until the next kDsBarrier (fill_qrows of step j+3 comes after it).
-  auto send_dq = [&](int j) {
-    if (!dq_issuer || !sm.tma[j % kSlots] || GNA_X_DQ != 0) return;
-    const int(&at)[4] = *reinterpret_cast<const int(*)[4]>(sm.dq_at[j % kSlots]);
-    CUTE_UNROLL
-    for (int c = 0; c < kDqCols; c += 32)
-      tma_reduce_add(&maps.dq, &dq_stage[c * kBlockN], wg * kDqCols + c, at);
-    bulk_commit();
-  };
 
   for (int it = 0; it < steps; ++it) {
-    // dV/dK(it-1) (and dQ(it-1)) are retired (their buffers are free); Q/dO(it) and the lse
-    // and delta of step it have landed (rows(it+1) may still load).
+    // dV/dK(it-1) are retired (their buffer and registers are free); Q/dO(it) and the lse and
+    // delta of step it have landed (rows(it+1) may still load).
     warpgroup_wait<0>();
     sm80::cp_async_wait<1>();
     cutlass::arch::fence_view_async_shared();
@@ -424,9 +287,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     wgmma_issue(mma_s, tSrK, thr_s.partition_fragment_B(sQ(buf)), acc_s, false);
     wgmma_issue(mma_s, tSrV, thr_s.partition_fragment_B(sdO(buf)), acc_dp, false);
     stage(it + 1);
-    if constexpr (kFusedDq && GNA_X_DQ < 2) {
-      if (it > 0) send_dq(it - 1);
-    }
     const bool full = sm.full[it % kSlots];
     const QRow* qrows = sm.nrows[it % kSlots];
     const float* qlse = sm.nlse[it % kSlots];
@@ -478,38 +338,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
     wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sQt(buf)), acc_dk, true);
-    if constexpr (kFusedDq && GNA_X_DQ < 2) {
-      // dS^T to shared memory (pairs of neighbouring columns: one 32-bit store each; the
-      // swizzle spreads a warp's 8 rows over distinct banks). The buffer is free: every
-      // warpgroup's dQ GEMM of the previous step retired before the CTA barrier at the top.
-      CUTE_UNROLL
-      for (int i = 0; i < size(rdS); i += 2) {
-        const int r = get<0>(cS(i)), c = get<1>(cS(i));
-        T pair[2] = {rdS(i), rdS(i + 1)};
-        *reinterpret_cast<uint32_t*>(&sdsT(r, c)) = *reinterpret_cast<uint32_t*>(pair);
-      }
-      cutlass::arch::fence_view_async_shared();
-      // dQ(it-1)'s reductions have read the staged dQ, which stage_dq(it) rewrites.
-      if (dq_issuer) bulk_wait_all</*kRead=*/true>();
-      named_sync(kDsBarrier, kThreads);  // every warpgroup's dS^T is in place
-      wgmma_issue(mma_dq, tDQrA, tDQrB, acc_dq, false);
-    }
     // Here rather than under S^T/dP^T: their accumulators would stay live next to the
     // window arithmetic and spill (D = 128).
     fill_qrows(it + 2);
-    if constexpr (kFusedDq && GNA_X_DQ < 2) {
-      warpgroup_wait<0>();
-      stage_dq(it);
-    }
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_dk);
   warpgroup_fence_operand(acc_dv);
-  if constexpr (kFusedDq && GNA_X_DQ < 2) {
-    __syncthreads();  // the last step's staged dQ
-    if (steps > 0) send_dq(steps - 1);
-    if (dq_issuer) bulk_wait_all</*kRead=*/false>();
-  }
 
   sm80::cp_async_wait<0>();  // a KV tile no query sees still waits for its loads
   __syncthreads();
