@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine: build, GPU tests, benchmarks, end-to-end stacks.
 # Usage (on the device, repo root):
-#   bash benchmarks/device_run.sh [build|native|test|cp-test|cp-bench|bench|bench-xla|ab|ab-rev|profile|e2e]...
+#   bash benchmarks/device_run.sh [build|native|native90|test|cp-test|cp-bench|bench|bench-xla|ab|ab-rev|profile|e2e]...
 # Needs the nvidia-cutlass wheel in .whl/ (the device has no network). Writes logs to $OUT.
 # Build outputs go to .device/ (git-ignored), so a later call on the still-warm machine
 # reuses them.
@@ -65,6 +65,29 @@ native)
   done
   sed -n '/^problem/,$p' "$OUT/native.log"
   ;;
+native90)
+  step native90  # the sm90a kernels alone: sweep (300 random configs and their framed
+  # sub-problems) and sanitizers, then the backward timed as users get it by default and
+  # with GNA_DETERMINISTIC=1, alternating, two rounds
+  bash tests/native/run_sm80_check.sh none > "$OUT/native90_build.log" 2>&1 ||
+    { tail -30 "$OUT/native90_build.log"; exit 1; }
+  GNA_CHECK_KERNELS=sm90 timeout 200 "$BUILD_DIR/sm80_check" check 300 "${SEED:-2026}" \
+    > "$OUT/native90_sweep.log" 2>&1
+  echo "sweep rc=$?: $(grep -E configs "$OUT/native90_sweep.log" | tr '\n' ' ')"
+  grep -iE "fail" "$OUT/native90_sweep.log" | head -8
+  for tool in memcheck racecheck; do
+    GNA_CHECK_KERNELS=sm90 timeout 150 compute-sanitizer --tool $tool --error-exitcode 3 \
+      "$BUILD_DIR/sm80_check" sanitize > "$OUT/native90_$tool.log" 2>&1
+    echo "$tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/native90_$tool.log")"
+  done
+  for round in 1 2; do
+    for det in 0 1; do
+      echo "--- sm90a backward, GNA_DETERMINISTIC=$det, round $round"
+      GNA_DETERMINISTIC=$det GNA_TIME_KERNELS=sm90bwd timeout 60 "$BUILD_DIR/sm80_check" time \
+        2>&1 | sed -n '/^problem/,$p' | awk '{print $1, $2, $3, $(NF-1), $NF}'
+    done
+  done
+  ;;
 ab)
   step ab  # harness timings of builds with other compile-time choices, e.g. AB="-DX=0 -DX=1"
   # (the sm80 objects and the sm90a backward's come from the default build). AB_ONLY and
@@ -113,14 +136,20 @@ ab-rev)
   ;;
 profile)
   step profile  # ncu of the kernels matching $NCU_KERNELS on one harness problem; NCU_EXTRA
-  # adds options (e.g. "--section SourceCounters --print-details all")
-  bash tests/native/run_sm80_check.sh none > /dev/null 2>&1  # builds the harness only
-  GNA_TIME_ONLY="${NCU_PROBLEM:-FLUX-4K GNA}" timeout 400 ncu --clock-control none --kernel-name-base demangled \
-    -k "regex:${NCU_KERNELS:-sm90::(dkdv|ws_dq)_kernel}" -c "${NCU_COUNT:-2}" --section SpeedOfLight \
-    --section Occupancy --section LaunchStats --section SchedulerStats \
-    --section WarpStateStats --section MemoryWorkloadAnalysis ${NCU_EXTRA:-} \
-    "$BUILD_DIR/sm80_check" time > "$OUT/ncu.log" 2>&1
+  # adds sections (e.g. "--section SourceCounters": then $OUT/ncu_sass.csv has the stalls per
+  # SASS instruction)
+  [[ -x "$BUILD_DIR/sm80_check" ]] || bash tests/native/run_sm80_check.sh none > /dev/null 2>&1
+  GNA_TIME_ONLY="${NCU_PROBLEM:-FLUX-4K GNA}" timeout 400 ncu --clock-control none \
+    --kernel-name-base demangled -k "regex:${NCU_KERNELS:-sm90::(dkdv|ws_dq|fused_bwd)_kernel}" \
+    -c "${NCU_COUNT:-2}" --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+    ${NCU_EXTRA:-} -o "$OUT/ncu" "$BUILD_DIR/sm80_check" time > "$OUT/ncu_run.log" 2>&1
   echo "ncu rc=$?"
+  ncu --import "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu.log" 2>&1
+  [[ "${NCU_EXTRA:-}" == *SourceCounters* ]] &&
+    ncu --import "$OUT/ncu.ncu-rep" --page source --csv --print-source sass \
+      > "$OUT/ncu_sass.csv" 2>/dev/null
+  rm -f "$OUT/ncu.ncu-rep"
   grep -E "^  [a-z_:]+.*\(|Duration|Throughput|Registers|Achieved Occupancy|Issued Warp|No Eligible|Eligible Warps|Stall|L2 Hit|Mem Busy|Max Bandwidth" "$OUT/ncu.log" | head -80
   ;;
 e2e)

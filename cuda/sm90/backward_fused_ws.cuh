@@ -11,10 +11,6 @@
 //   dP^T = V·dO^T; P^T and dV += P^T·dO; dS^T and dK += dS^T·Q; dS^T to shared memory; after
 //   a barrier over both consumers, dQ's columns wg·D/2.. = dS·K over all 128 KV rows; then
 //   the consumer stages them and one of its threads issues the TMA reductions.
-//
-// NOT YET RUN ON A GPU (written 2026-11-27, evening, after the non-warp-specialised version
-// on this branch measured at parity; see cuda/sm90/NOTES.md). Validate with the native
-// sweep (half its configs take this path) and the sanitizers before timing it.
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -27,6 +23,34 @@ namespace sm90 {
 
 using namespace cute;
 
+// Adds the [rows, 32] float box at `src` (shared memory) into the tensor of `map` at
+// coordinates (c, at...) with a TMA reduction, in the thread's current bulk group.
+__device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const float* src, int c,
+                                               const int (&at)[4]) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(src));
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4, %5, %6}], [%1];" ::"l"(map),
+      "r"(s), "r"(c), "r"(at[0]), "r"(at[1]), "r"(at[2]), "r"(at[3])
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+// The thread's bulk groups have read their shared-memory sources (kRead) or completed.
+template <bool kRead>
+__device__ __forceinline__ void bulk_wait_all() {
+  if constexpr (kRead)
+    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+  else
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+// dst[0..1] += {x, y} in global memory (one vector reduction).
+__device__ __forceinline__ void red_add_v2(float* dst, float x, float y) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(x), "f"(y) : "memory");
+}
+
 template <class T_, int kD_, int kStages_>
 struct FusedBwdTraits {
   using T = T_;
@@ -37,15 +61,26 @@ struct FusedBwdTraits {
   static constexpr int kStages = kStages_;         // Q/dO buffers in the ring
   static constexpr int kThreads = 128 * (1 + kConsumers);
   // A consumer holds dK and dV (128 registers), S^T and dP^T (64), P^T and dS^T (32) and dQ
-  // (32): at 216 ptxas serialised the wgmmas (C7512) and spilled. The producer's row
-  // arithmetic spills at 24 instead, off the consumers' path (a step is five GEMMs long).
+  // (32): at 232 ptxas serialises the wgmmas (C7512). The producer's row arithmetic spills
+  // at 24 instead, off the consumers' path (a step is five GEMMs long).
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "registers");
-  // The consumers' GEMMs are those of the dK/dV kernel (DkdvTraits<..., 128, 64>) and its
-  // fused dQ.
+  // S^T, dP^T and the dK/dV GEMMs are the deterministic dK/dV kernel's (for 128 rows).
   using Dkdv = DkdvTraits<T, kD, kBlockM, kBlockN>;
-  static constexpr int kDqCols = Dkdv::kDqCols;
+  // dQ = dS·K, [N, D] = [N, M]·[M, D]: dS^T is stored as a K-major [M, N] tile and read as
+  // [N, M] (MN-major A), K as [D, M] (MN-major B); consumer w computes dQ's columns
+  // w·kDqCols.. over all M rows, a [64, kDqCols] accumulator next to its dK and dV.
+  static constexpr int kDqCols = kD / kConsumers;
+  static_assert(kDqCols % 32 == 0, "dQ is reduced in boxes of 32 columns");
+  using MmaDq = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockN>, Int<kDqCols>, Int<kBlockM>>,
+                           GMMA::Major::MN, GMMA::Major::MN>()));
+  using SmemDs = SmemKMajor<T, kBlockM, kBlockN>;
+  using SmemDsT = decltype(composition(
+      SmemDs{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemKt = decltype(composition(
+      typename Dkdv::SmemM{}, make_layout(Shape<Int<kD>, Int<kBlockM>>{}, GenRowMajor{})));
 };
 
 template <class Tr>
@@ -78,7 +113,7 @@ struct FusedBwdSmem {
 };
 
 // Stores the thread's part of dS^T (`rdS`, the S^T accumulator's layout; `cS` its
-// coordinates) into `tile`, K-major [rows][kCols] with the 128-byte swizzle (Dkdv::SmemDs),
+// coordinates) into `tile`, K-major [rows][kCols], 128-byte swizzled (FusedBwdTraits::SmemDs),
 // one 32-bit shared store per pair of neighbouring columns.
 //
 // Written out rather than through a CuTe tensor of the swizzled layout: that one swizzles the
@@ -241,7 +276,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const bool dq_issuer = ctid % 128 == 0;  // issues its warpgroup's TMA reductions
   typename Dkdv::MmaS mma_s;
   typename Dkdv::MmaG mma_g;
-  typename Dkdv::MmaDq mma_dq;
+  typename Tr::MmaDq mma_dq;
   auto thr_s = mma_s.get_thread_slice(ctid);
   auto thr_g = mma_g.get_thread_slice(ctid);
   auto thr_dq = mma_dq.get_thread_slice(ctid % 128);
@@ -266,7 +301,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor cDQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kDqCols>>{}));
   Tensor cDQrc = make_tensor(cDQ.data(), gmma_rowcol(cDQ.layout()));
   Tensor tDQrB = thr_dq.partition_fragment_B(
-      local_tile(make_tensor(make_smem_ptr(sm.k), typename Dkdv::SmemMt{}),
+      local_tile(make_tensor(make_smem_ptr(sm.k), typename Tr::SmemKt{}),
                  Shape<Int<kDqCols>, Int<kBlockM>>{}, make_coord(wg, 0)));
   float* dq_stage = sm.dq[wg];
 
@@ -339,7 +374,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (dq_issuer) bulk_wait_all</*kRead=*/true>();
     named_sync(kDsBarrier, 128 * Tr::kConsumers);  // both halves of dS^T are in place
     Tensor tDQrA = thr_dq.partition_fragment_A(
-        make_tensor(make_smem_ptr(sm.ds[it & 1]), typename Dkdv::SmemDsT{}));
+        make_tensor(make_smem_ptr(sm.ds[it & 1]), typename Tr::SmemDsT{}));
     wgmma_issue(mma_dq, tDQrA, tDQrB, acc_dq, false);
     warpgroup_wait<0>();  // dV, dK and dQ
     warpgroup_fence_operand(acc_dq);

@@ -23,13 +23,7 @@ std::string run_bwd_kernel(Kernel kernel, int smem, const char* what, dim3 grid,
   return sm80::cuda_error(what, cudaGetLastError());
 }
 
-// Whether the non-deterministic backward runs the warp-specialised fused kernel
-// (backward_fused_ws.cuh; not yet run on a GPU) or backward.cuh's dK/dV kernel with the
-// fused dQ (0).
-#ifndef GNA_SM90_FUSED_WS
-#define GNA_SM90_FUSED_WS 1
-#endif
-// Whether backward.cuh's dK/dV kernel loads Q/dO chunks inside the frame as TMA boxes.
+// Whether the dK/dV kernels load Q/dO chunks inside the frame as TMA boxes.
 #ifndef GNA_SM90_BWD_TMA
 #define GNA_SM90_BWD_TMA 1
 #endif
@@ -49,10 +43,10 @@ __global__ void dq_from_acc_kernel(const float4* __restrict__ acc, uint4* __rest
   }
 }
 
-// The problem the fused-dQ dK/dV kernel walks: `p` with its KV tile doubled along one axis,
-// so that a CTA's 128 KV rows share each Q/dO chunk and each dQ reduction. The axis is the
-// fastest one along which the KV tile is at most half the Q tile (the default menus' tiles
-// then become the Q tile's shape, e.g. 8x8 -> 8x16), else the one with the most KV tiles.
+// The problem the fused backward walks: `p` with its KV tile doubled along one axis, so that
+// a CTA's 128 KV rows share each Q/dO chunk and each dQ reduction. The axis is the fastest
+// one along which the KV tile is at most half the Q tile (the default menus' tiles then
+// become the Q tile's shape, e.g. 8x8 -> 8x16), else the one with the most KV tiles.
 inline Problem with_doubled_kv_tile(const Problem& p) {
   Problem d = p;
   int axis = -1;
@@ -68,15 +62,48 @@ inline Problem with_doubled_kv_tile(const Problem& p) {
   return d;
 }
 
-// dK/dV (one CTA per KV tile, 64 query rows per step, Q/dO as TMA boxes where they can be):
-// - deterministic: one warpgroup per 64-token KV tile (96 KB of shared memory at D = 128,
-//   two CTAs per SM), then the dQ kernel (backward_ws.cuh): a 128-token Q tile with two
-//   consumer warpgroups and K/V in a ring of 4 steps at D = 128 (about 200 KB) or 6 at
-//   D = 64; smaller Q tiles with one consumer and a ring of 2 steps at D = 128 (96 KB, two
-//   CTAs per SM) or 4 at D = 64;
-// - else (`dq_acc`, float32 scratch of dq's size): two warpgroups per doubled KV tile
-//   (with_doubled_kv_tile) that also add each step's dQ into dq_acc by TMA reductions,
-//   then a conversion to dq's type: five GEMMs per (Q row, key) instead of seven.
+// Without determinism (`dq_acc`: float32 scratch of dq's size): the fused kernel
+// (backward_fused_ws.cuh) on the doubled KV tiles adds every step's dQ into dq_acc, then a
+// conversion writes dq: five GEMMs per (query, key) pair instead of seven.
+template <class T, int kD>
+std::string launch_fused_backward(const Problem& p, const T* q, const T* k, const T* v,
+                                  const T* dout, const float* lse, void* dq, void* dk, void* dv,
+                                  const float* delta, float* dq_acc, CUtensorMapDataType dtype,
+                                  cudaStream_t stream) {
+  using Tr = FusedBwdTraits<T, kD, 2>;
+  static_assert(fits_smem_per_sm(sizeof(FusedBwdSmem<Tr>), 1), "shared memory");
+  const Problem pd = with_doubled_kv_tile(p);
+  QTensorMaps maps;
+  encode_q_maps(pd, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps, dq_acc);
+  if (!GNA_SM90_BWD_TMA) maps.on = 0;
+  const int64_t n = p.batch * p.q_tokens() * p.heads * kD;
+  cudaError_t err = cudaMemsetAsync(dq_acc, 0, n * sizeof(float), stream);
+  if (err != cudaSuccess) return sm80::cuda_error("cudaMemsetAsync(dq accumulator)", err);
+  const dim3 grid((unsigned)sm80::grid_tiles(pd, pd.kv_tile, /*kv_side=*/true),
+                  (unsigned)p.kv_heads, (unsigned)p.batch);
+  std::string e = run_bwd_kernel<Tr>(fused_bwd_kernel<Tr>, (int)sizeof(FusedBwdSmem<Tr>),
+                                     "sm90 fused backward kernel", grid, stream, pd, q, k, v,
+                                     dout, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
+                                     dq_acc, maps);
+  if (!e.empty()) return e;
+  int sms = 132;
+  int dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess)
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int64_t n8 = n / 8;
+  const int blocks = (int)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sms);
+  dq_from_acc_kernel<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_acc),
+                                                    static_cast<uint4*>(dq), n8, p.scale);
+  return sm80::cuda_error("dq conversion kernel", cudaGetLastError());
+}
+
+// After the delta pass:
+// - with `dq_acc`, launch_fused_backward;
+// - else (deterministic) dK/dV with one warpgroup per 64-token KV tile, 64 query rows per
+//   step, Q/dO as TMA boxes where they can be (96 KB of shared memory at D = 128, two CTAs
+//   per SM), then dQ (backward_ws.cuh): a 128-token Q tile with two consumer warpgroups and
+//   K/V in a ring of 4 steps at D = 128 (about 200 KB) or 6 at D = 64; smaller Q tiles with
+//   one consumer and a ring of 2 steps at D = 128 (96 KB, two CTAs per SM) or 4 at D = 64.
 template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q_, const void* k_, const void* v_,
                             const void* out, const void* dout_, const float* lse, void* dq,
@@ -91,53 +118,19 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   const CUtensorMapDataType dtype = std::is_same_v<T, cutlass::bfloat16_t>
                                         ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  if (dq_acc != nullptr) {
-    using Tr = DkdvTraits<T, kD, 2 * kKvTokens, 64>;
-    static_assert(sizeof(DkdvSmem<Tr, true>) <= 227 * 1024, "shared memory per block");
-    const Problem pd = with_doubled_kv_tile(p);
-    QTensorMaps maps;
-    encode_q_maps(pd, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps, dq_acc);
-    if (!GNA_SM90_BWD_TMA) maps.on = 0;
-    const int64_t n = p.batch * p.q_tokens() * p.heads * kD;
-    cudaError_t err = cudaMemsetAsync(dq_acc, 0, n * sizeof(float), stream);
-    if (err != cudaSuccess) return sm80::cuda_error("cudaMemsetAsync(dq accumulator)", err);
-    const dim3 grid((unsigned)sm80::grid_tiles(pd, pd.kv_tile, /*kv_side=*/true),
-                    (unsigned)p.kv_heads, (unsigned)p.batch);
-    if constexpr (GNA_SM90_FUSED_WS != 0) {
-      using Fr = FusedBwdTraits<T, kD, 2>;
-      static_assert(sizeof(FusedBwdSmem<Fr>) <= 227 * 1024, "shared memory per block");
-      e = run_bwd_kernel<Fr>(fused_bwd_kernel<Fr>, (int)sizeof(FusedBwdSmem<Fr>),
-                             "sm90 fused backward kernel", grid, stream, pd, q, k, v, dout,
-                             lse, (const float*)delta, static_cast<T*>(dk),
-                             static_cast<T*>(dv), dq_acc, maps);
-    } else {
-      e = run_bwd_kernel<Tr>(dkdv_kernel<Tr, true>, (int)sizeof(DkdvSmem<Tr, true>),
-                             "sm90 fused dkdv kernel", grid, stream, pd, q, k, v, dout, lse,
-                             (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv),
-                             dq_acc, maps);
-    }
-    if (!e.empty()) return e;
-    int sms = 132;
-    int dev = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess)
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    const int64_t n8 = n / 8;
-    const int blocks = (int)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sms);
-    dq_from_acc_kernel<T><<<blocks, 256, 0, stream>>>(
-        reinterpret_cast<const float4*>(dq_acc), static_cast<uint4*>(dq), n8, p.scale);
-    return sm80::cuda_error("dq conversion kernel", cudaGetLastError());
-  }
+  if (dq_acc != nullptr)
+    return launch_fused_backward<T, kD>(p, q, k, v, dout, lse, dq, dk, dv, delta, dq_acc, dtype,
+                                        stream);
+  const dim3 kv_grid((unsigned)sm80::grid_tiles(p, p.kv_tile, /*kv_side=*/true),
+                     (unsigned)p.kv_heads, (unsigned)p.batch);
   {
     using Tr = DkdvTraits<T, kD, kKvTokens, 64>;
     QTensorMaps maps;
     encode_q_maps(p, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps);
     if (!GNA_SM90_BWD_TMA) maps.on = 0;
-    const dim3 kv_grid((unsigned)sm80::grid_tiles(p, p.kv_tile, /*kv_side=*/true),
-                       (unsigned)p.kv_heads, (unsigned)p.batch);
-    e = run_bwd_kernel<Tr>(dkdv_kernel<Tr, false>, (int)sizeof(DkdvSmem<Tr, false>),
+    e = run_bwd_kernel<Tr>(dkdv_kernel<Tr>, (int)sizeof(DkdvSmem<Tr>),
                            "sm90 dkdv kernel", kv_grid, stream, p, q, k, v, dout, lse,
-                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv),
-                           nullptr, maps);
+                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv), maps);
   }
   if (!e.empty()) return e;
   const dim3 grid((unsigned)sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false),

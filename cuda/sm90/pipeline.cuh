@@ -13,8 +13,8 @@ namespace sm90 {
 // warpgroup (the forward's ping-pong turns).
 constexpr int kProducerBarrier = 1;
 constexpr int kTurnBarrier = 2;
-// The kernels with the fused dQ (backward.cuh, backward_fused_ws.cuh): every consumer
-// warpgroup's dS is stored, then one per warpgroup (its dQ rows are staged).
+// The fused backward's (backward_fused_ws.cuh): both consumers' dS^T are stored, then one
+// per consumer (its dQ columns are staged).
 constexpr int kDsBarrier = 4;
 constexpr int kDqBarrier = 5;
 

@@ -5,10 +5,11 @@
 // A buffer [B, L0, L1, L2, H_kv, D] is described as the 5-D tensor (innermost first)
 // [D, H_kv, L2, L1, B·L0]: the batch folds into the outermost axis (its stride is L0 times
 // that axis's), which keeps every rank within TMA's five dimensions. A box is 128 bytes of
-// columns (64 of a 16-bit type, 32 floats) of one head and the tile's extent per axis, with the dilation as element stride, so it holds
-// exactly the tile's tokens in row order (last axis fastest), 128-byte swizzled as the GMMA
-// K-major layout expects. Kernels use it only for tiles that lie inside the frame and the
-// global axis (Group::tile_inside); the others keep their row gathers.
+// columns (64 of a 16-bit type, 32 floats) of one head and the tile's extent per axis, with
+// the dilation as element stride, so it holds exactly the tile's tokens in row order (last
+// axis fastest), 128-byte swizzled as the GMMA K-major layout expects. Kernels use it only
+// for tiles that lie inside the frame and the global axis (Group::tile_inside); the others
+// keep their row gathers.
 #pragma once
 
 #include <cuda.h>
@@ -53,7 +54,8 @@ inline EncodeTiled encode_tiled() {
 
 // Encodes `map` over a [B, L0, L1, L2, H, D] buffer of `p` (the Q side: q_length and heads;
 // the K/V side: kv_length and kv_heads) as [D, H, L2, L1, B·L0], with boxes of 128 bytes of
-// columns times box[a] tokens per axis a (the dilation as element stride). False where TMA cannot.
+// columns times box[a] tokens per axis a (the dilation as element stride). False where TMA
+// cannot.
 inline bool encode_token_map(CUtensorMap* map, const void* ptr, const Problem& p, bool kv_side,
                              const int64_t box[kMaxRank], CUtensorMapDataType dtype,
                              int elem_bytes) {
@@ -99,8 +101,9 @@ inline void encode_kv_maps(const Problem& p, const void* k, const void* v,
 // TMA descriptors of the Q and dO buffers for the dK/dV kernel, which reads a Q tile in
 // chunks of `chunk_rows` rows: chunk c is the box of the tile's extent on every axis but
 // `axis`, where it spans `step` tokens from c · step (row order is last axis fastest, so a
-// run of whole rows of the faster axes is a box). With the fused dQ, also of its float32
-// accumulator (Q's layout), into which a chunk's rows are added as boxes of 32 columns.
+// run of whole rows of the faster axes is a box). For the fused backward, also of its
+// float32 dq accumulator (Q's layout), into which a chunk's rows are added as boxes of 32
+// columns.
 struct QTensorMaps {
   CUtensorMap q;
   CUtensorMap dout;
