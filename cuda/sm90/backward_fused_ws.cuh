@@ -311,12 +311,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int s = it % kStages;
     Barrier::wait(&sm.q_full[s], (it / kStages) & 1);
     cutlass::arch::fence_view_async_shared();  // gathered chunks
-    wgmma_issue(mma_s, tSrK, thr_s.partition_fragment_B(sQ(s)), acc_s, false);
-    wgmma_issue(mma_s, tSrV, thr_s.partition_fragment_B(sdO(s)), acc_dp, false);
+    // The step's flag and the lse of the thread's columns, read before the GEMMs are issued
+    // so that their latency hides under S^T's.
     const bool full = sm.full[s];
     const QRow* qrows = sm.qrows[s];
     const float* qlse = sm.qlse[s];
     const float* qdelta = sm.qdelta[s];
+    constexpr int kCols = decltype(size<1>(rs))::value;
+    float lse2[kCols];
+    CUTE_UNROLL
+    for (int ni = 0; ni < kCols; ++ni) lse2[ni] = qlse[get<1>(cSrc(0, ni))] * sm80::kLog2e;
+    wgmma_issue(mma_s, tSrK, thr_s.partition_fragment_B(sQ(s)), acc_s, false);
+    wgmma_issue(mma_s, tSrV, thr_s.partition_fragment_B(sdO(s)), acc_dp, false);
 
     warpgroup_wait<1>();  // S^T
     warpgroup_fence_operand(acc_s);
@@ -324,10 +330,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       CUTE_UNROLL
       for (int mi = 0; mi < size<0>(rs); ++mi) {
         CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni) {
-          const float lse2 = qlse[get<1>(cSrc(mi, ni))] * sm80::kLog2e;
-          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
-        }
+        for (int ni = 0; ni < kCols; ++ni)
+          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2[ni]);
       }
     } else {
       // Rows are KV rows here: the thread's KRows are loaded once, each column's QRow once.
@@ -336,13 +340,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) kr[mi] = sm.krows[get<0>(cSrc(mi, 0))];
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rs); ++ni) {
-        const int col = get<1>(cSrc(0, ni));
-        const QRow qr = qrows[col];
-        const float lse2 = qlse[col] * sm80::kLog2e;
+      for (int ni = 0; ni < kCols; ++ni) {
+        const QRow qr = qrows[get<1>(cSrc(0, ni))];
         CUTE_UNROLL
         for (int mi = 0; mi < kRows; ++mi) {
-          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
+          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2[ni]);
           rs(mi, ni) = sm80::visible(qr, kr[mi]) ? pr : 0.f;
         }
       }
