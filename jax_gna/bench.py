@@ -1,9 +1,16 @@
 """The benchmark harness: GNA implementations against dense attention, in one process.
 
-What is timed is the whole call as a user makes it: ``jax.jit`` of `jax_gna.attention`
-(layout work included) for forward, and ``jax.jit(jax.grad(sum(out * cotangent)))`` with
-respect to ``q, k, v`` for forward+backward. Dense baselines get the same treatment through
-`jax.nn.dot_product_attention`:
+What is timed is the whole call as a user makes it, in three modes:
+
+* ``fwd``: ``jax.jit`` of `jax_gna.attention` (layout work included);
+* ``fwd+bwd``: ``jax.jit(jax.grad(sum(out * cotangent)))`` with respect to ``q, k, v``;
+* ``bwd``: the backward pass alone. The forward runs once, untimed, as ``jax.vjp`` inside a
+  ``jax.jit`` that returns the vjp function (a pytree whose leaves are the residuals); what
+  is timed is ``jax.jit(lambda vjp_fn, ct: vjp_fn(ct))`` called with ``(vjp_fn, ct)``, so
+  the residuals are arguments of the timed program (not constants) and it returns
+  ``(dq, dk, dv)``.
+
+Dense baselines get the same treatment through `jax.nn.dot_product_attention`:
 
 * ``cudnn``: dense unmasked attention, ``implementation="cudnn"`` (GPU only);
 * ``xla-mask``: ``implementation="xla"`` with the equivalent boolean GNA mask (built once
@@ -14,8 +21,8 @@ so that ``n`` back-to-back calls take at least `min_time` seconds, then take the
 `reps` repetitions of (``n`` calls, one ``block_until_ready``) / ``n``.
 
 Effective TFLOP/s (DESIGN.md §4) divides the FLOPs GNA needs,
-``4·B·H·D·Σ|neighbourhood|`` forward and 3.5× that for forward+backward (backward counts
-2.5× forward), by the measured time; dense rows also report their own FLOP rate
+``4·B·H·D·Σ|neighbourhood|`` forward, 2.5× that for backward and 3.5× for forward+backward
+(`MODE_FLOP_FACTORS`), by the measured time; dense rows also report their own FLOP rate
 (``4·B·H·N²·D``, same multipliers).
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import statistics
@@ -38,11 +46,19 @@ from jax_gna import api, geometry
 from jax_gna.config import GNAConfig
 from jax_gna.simulator import simulate
 
-#: Forward+backward FLOPs over forward FLOPs (backward counts 2.5x forward).
-FWD_BWD_FACTOR = 3.5
+#: Backward FLOPs over forward FLOPs.
+BWD_FACTOR = 2.5
+#: Forward+backward FLOPs over forward FLOPs (1 + `BWD_FACTOR`).
+FWD_BWD_FACTOR = 1.0 + BWD_FACTOR
+#: FLOPs of each mode over forward FLOPs.
+MODE_FLOP_FACTORS: dict[str, float] = {"fwd": 1.0, "fwd+bwd": FWD_BWD_FACTOR,
+                                       "bwd": BWD_FACTOR}
 #: Dense baselines this harness knows.
 BASELINES = ("cudnn", "xla-mask")
-MODES = ("fwd", "fwd+bwd")
+#: Timing modes this harness knows (see the module docstring).
+MODES = ("fwd", "fwd+bwd", "bwd")
+#: Modes `run` and the command line time when none are given.
+DEFAULT_MODES = ("fwd", "fwd+bwd")
 #: Largest B*H*N*N score count the masked dense baseline is attempted for: it materialises
 #: the scores; 8.6e9 of them fit an 80 GB card in bf16 for the forward pass.
 MAX_MASKED_SCORES = 1 << 33
@@ -77,12 +93,23 @@ class Problem:
         """FLOPs GNA needs (the numerator of effective TFLOP/s)."""
         axes = self.cfg.resolve(self.spatial_shape)
         fwd = 4.0 * self.batch * self.heads * self.head_dim * geometry.neighborhood_size(axes)
-        return fwd * (FWD_BWD_FACTOR if mode == "fwd+bwd" else 1.0)
+        return fwd * flop_factor(mode)
 
     def dense_flops(self, mode: str) -> float:
         """FLOPs of dense attention over all ``N²`` pairs."""
         fwd = 4.0 * self.batch * self.heads * self.head_dim * float(self.tokens) ** 2
-        return fwd * (FWD_BWD_FACTOR if mode == "fwd+bwd" else 1.0)
+        return fwd * flop_factor(mode)
+
+
+def flop_factor(mode: str) -> float:
+    """FLOPs of `mode` over forward FLOPs (`MODE_FLOP_FACTORS`).
+
+    Raises:
+      ValueError: unknown mode.
+    """
+    if mode not in MODE_FLOP_FACTORS:
+        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    return MODE_FLOP_FACTORS[mode]
 
 
 def _p(name, shape, window, stride, heads=24, **kw) -> Problem:
@@ -163,9 +190,17 @@ def make_inputs(problem: Problem, seed: int = 0) -> tuple[jax.Array, ...]:
 
 
 def _with_grad(f: Callable, mode: str) -> Callable:
-    """Jitted forward ``(q, k, v, ct, *extra) -> out`` or forward+backward ``-> (dq, dk, dv)``."""
+    """Jitted forward ``(q, k, v, ct, *extra) -> out`` or forward+backward ``-> (dq, dk, dv)``.
+
+    Raises:
+      ValueError: `mode` is neither ``"fwd"`` nor ``"fwd+bwd"`` (``"bwd"`` needs the forward
+        run first: see `prepare_call`).
+    """
     if mode == "fwd":
         return jax.jit(lambda q, k, v, ct, *extra: f(q, k, v, *extra))
+    if mode != "fwd+bwd":
+        raise ValueError(f"mode={mode!r}: a single jitted function exists for 'fwd' and "
+                         "'fwd+bwd' only; use prepare_call for 'bwd'")
 
     def loss(q, k, v, ct, *extra):
         return jnp.sum(f(q, k, v, *extra).astype(jnp.float32) * ct.astype(jnp.float32))
@@ -173,18 +208,59 @@ def _with_grad(f: Callable, mode: str) -> Callable:
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def gna_function(problem: Problem, implementation: str, mode: str) -> Callable:
-    """The jitted GNA call a user makes, for one implementation and mode."""
+def _vjp_prepare(f: Callable, args: Sequence) -> tuple:
+    """Runs the forward once; returns ``(vjp_fn, ct)`` for the timed backward.
+
+    ``jax.vjp`` runs inside a ``jax.jit`` that returns the vjp function: a pytree whose leaves
+    are the residual arrays, so it comes out of one jitted call and goes into the next as an
+    argument. ``ct`` is cast to the output dtype, which is what ``fwd+bwd``'s float32 loss
+    hands the backward pass.
+    """
+    def forward_and_vjp(q, k, v, ct, *extra):
+        out, vjp_fn = jax.vjp(lambda q, k, v: f(q, k, v, *extra), q, k, v)
+        return vjp_fn, ct.astype(out.dtype)
+
+    return jax.block_until_ready(jax.jit(forward_and_vjp)(*args))
+
+
+def prepare_call(f: Callable, mode: str, args: Sequence) -> tuple[Callable, tuple]:
+    """The callable to time for one mode, and its arguments.
+
+    Args:
+      f: the raw forward ``f(q, k, v, *extra) -> out`` (`_gna_forward`, `_dense_forward`).
+      mode: one of `MODES`.
+      args: ``(q, k, v, ct, *extra)``.
+
+    Returns:
+      ``(fn, fn_args)``: for ``fwd`` and ``fwd+bwd``, `_with_grad`'s jitted function and
+      `args`; for ``bwd``, ``jax.jit(lambda vjp_fn, ct: vjp_fn(ct))`` and ``(vjp_fn, ct)``,
+      after running the forward once (`_vjp_prepare`; ``extra`` goes to that forward only).
+      ``fn(*fn_args)`` is ``out`` for ``fwd`` and ``(dq, dk, dv)`` otherwise.
+
+    Raises:
+      ValueError: unknown mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    if mode != "bwd":
+        return _with_grad(f, mode), tuple(args)
+    return jax.jit(lambda vjp_fn, ct: vjp_fn(ct)), tuple(_vjp_prepare(f, args))
+
+
+def _gna_forward(problem: Problem, implementation: str) -> Callable:
+    """The raw GNA forward ``f(q, k, v) -> out`` of one implementation (not jitted)."""
     cfg = problem.cfg
-    return _with_grad(
-        lambda q, k, v: api.attention(q, k, v, cfg, implementation=implementation), mode)
+    return lambda q, k, v: api.attention(q, k, v, cfg, implementation=implementation)
 
 
-def dense_function(problem: Problem, baseline: str, mode: str) -> Callable:
-    """The jitted dense `jax.nn.dot_product_attention` call for a baseline and mode.
+def _dense_forward(problem: Problem, baseline: str) -> Callable:
+    """The raw dense forward ``f(q, k, v, *extra) -> out`` of a baseline (not jitted).
 
-    Layout work (flattening the spatial axes) is inside the jitted call, as for GNA.
-    The ``xla-mask`` function takes the ``[N, N]`` mask as a fifth argument.
+    Layout work (flattening the spatial axes) is inside it, as for GNA. The ``xla-mask``
+    forward takes the ``[N, N]`` mask as a fourth argument.
+
+    Raises:
+      ValueError: unknown baseline.
     """
     b, n = problem.batch, problem.tokens
 
@@ -203,7 +279,23 @@ def dense_function(problem: Problem, baseline: str, mode: str) -> Callable:
             return out.reshape(q.shape)
     else:
         raise ValueError(f"baseline={baseline!r} is unknown; choose from {BASELINES}")
-    return _with_grad(f, mode)
+    return f
+
+
+def gna_function(problem: Problem, implementation: str, mode: str) -> Callable:
+    """The jitted GNA call a user makes, for one implementation and mode (``fwd``,
+    ``fwd+bwd``; ``bwd`` needs `prepare_call`)."""
+    return _with_grad(_gna_forward(problem, implementation), mode)
+
+
+def dense_function(problem: Problem, baseline: str, mode: str) -> Callable:
+    """The jitted dense `jax.nn.dot_product_attention` call for a baseline and mode
+    (``fwd``, ``fwd+bwd``; ``bwd`` needs `prepare_call`).
+
+    Layout work (flattening the spatial axes) is inside the jitted call, as for GNA.
+    The ``xla-mask`` function takes the ``[N, N]`` mask as a fifth argument.
+    """
+    return _with_grad(_dense_forward(problem, baseline), mode)
 
 
 def baseline_unavailable(problem: Problem, baseline: str) -> str | None:
@@ -303,7 +395,7 @@ def _listify(x):
 
 
 def run(problems: Iterable[Problem], implementations: Sequence[str] | None = None,
-        baselines: Sequence[str] | None = None, modes: Sequence[str] = MODES, *,
+        baselines: Sequence[str] | None = None, modes: Sequence[str] = DEFAULT_MODES, *,
         reps: int = 5, min_time: float = 0.1, progress: bool = True,
         stream: TextIO | None = None) -> list[dict]:
     """Times every (problem, contestant, mode) and returns one record per measurement.
@@ -313,14 +405,16 @@ def run(problems: Iterable[Problem], implementations: Sequence[str] | None = Non
       implementations: GNA implementations (default `default_implementations()`).
       baselines: dense baselines (default `default_baselines()`); the first one that ran is
         the reference of each GNA row's ``ratio``.
-      modes: ``"fwd"`` and/or ``"fwd+bwd"``.
+      modes: any of `MODES` (default `DEFAULT_MODES`): ``"fwd"``, ``"fwd+bwd"`` and
+        ``"bwd"``, the backward pass alone (the forward runs once before timing, inside the
+        measurement's error handling; see the module docstring).
       reps, min_time: timing parameters (`time_function`).
       progress: print a progress bar on `stream` (default stderr).
 
     Returns:
       Records (dicts, JSON-ready) with ``ms``, ``effective_tflops``, ``tflops`` (the FLOPs the
       contestant itself performs: GNA's for GNA rows, dense for dense rows), for GNA rows
-      ``ratios`` (baseline ms / ms for every baseline that ran), ``ratio`` and
+      ``ratios`` (baseline ms / ms, same mode, for every baseline that ran), ``ratio`` and
       ``ratio_baseline`` (the first of them), ``flop_bound`` and ``tile_speedup``
       (simulator); or ``error`` / ``skipped`` strings when a measurement could not be made.
 
@@ -365,9 +459,10 @@ def run(problems: Iterable[Problem], implementations: Sequence[str] | None = Non
                             mask = jnp.asarray(geometry.neighborhood_mask(
                                 problem.spatial_shape, problem.cfg))
                         extra = (mask,)
-                    _measure(rec, dense_function(problem, baseline, mode), (*args, *extra),
-                             problem.dense_flops(mode), problem.gna_flops(mode), reps,
-                             min_time)
+                    prepare = functools.partial(_prepare, _dense_forward, problem, baseline,
+                                                mode, (*args, *extra))
+                    _measure(rec, prepare, problem.dense_flops(mode), problem.gna_flops(mode),
+                             reps, min_time)
                     if "ms" in rec:
                         dense_ms[baseline] = rec["ms"]
                 records.append(rec)
@@ -377,8 +472,9 @@ def run(problems: Iterable[Problem], implementations: Sequence[str] | None = Non
                 rec = _record(problem, name, "gna", mode)
                 rec["flop_bound"] = sim.flop_speedup
                 rec["tile_speedup"] = sim.tile_speedup
-                _measure(rec, gna_function(problem, name, mode), args,
-                         problem.gna_flops(mode), problem.gna_flops(mode), reps, min_time)
+                prepare = functools.partial(_prepare, _gna_forward, problem, name, mode, args)
+                _measure(rec, prepare, problem.gna_flops(mode), problem.gna_flops(mode), reps,
+                         min_time)
                 if dense_ms and "ms" in rec:
                     rec["ratios"] = {b: ms / rec["ms"] for b, ms in dense_ms.items()}
                     rec["ratio_baseline"] = next(iter(dense_ms))
@@ -390,9 +486,22 @@ def run(problems: Iterable[Problem], implementations: Sequence[str] | None = Non
     return records
 
 
-def _measure(rec: dict, fn: Callable, args: Sequence, own_flops: float, gna_flops: float,
-             reps: int, min_time: float) -> None:
+def _prepare(builder: Callable, problem: Problem, contestant: str, mode: str,
+             args: Sequence) -> tuple[Callable, tuple]:
+    """`prepare_call` of ``builder(problem, contestant)``, the forward (built here, so that a
+    failing builder is a failing contestant)."""
+    return prepare_call(builder(problem, contestant), mode, args)
+
+
+def _measure(rec: dict, prepare: Callable[[], tuple[Callable, Sequence]], own_flops: float,
+             gna_flops: float, reps: int, min_time: float) -> None:
+    """Times ``fn(*fn_args)``, ``(fn, fn_args) = prepare()``, into `rec`.
+
+    Preparation (building the function; running the forward once for ``bwd``) and timing
+    are in one ``try``: an exception becomes ``rec["error"]``, so the others still run.
+    """
     try:
+        fn, args = prepare()
         t = time_function(fn, args, reps=reps, min_time=min_time)
     except Exception as e:  # a contestant that fails is reported, the others still run
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -415,7 +524,8 @@ def metadata() -> dict:
             "backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
             "device_count": jax.device_count(), "jax": jax.__version__,
             "numpy": np.__version__, "timing": "median over reps of n back-to-back jitted "
-            "calls / n, after warm-up", "fwd_bwd_flop_factor": FWD_BWD_FACTOR}
+            "calls / n, after warm-up", "fwd_bwd_flop_factor": FWD_BWD_FACTOR,
+            "bwd_flop_factor": BWD_FACTOR}
 
 
 def write_json(path: str, records: Sequence[dict], meta: dict | None = None) -> None:

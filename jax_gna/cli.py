@@ -28,6 +28,7 @@ examples:
   python -m jax_gna bench                          # DESIGN §4 problems on a GPU, tiny ones on CPU
   python -m jax_gna bench --problem flux-4k-gna --baseline cudnn xla-mask --json out.json
   python -m jax_gna bench --shape 64 64 --window 13 --heads 4 --head-dim 64 --dtype float32
+  python -m jax_gna bench --problem hunyuan-gna --mode bwd      # the backward pass alone
   python -m jax_gna draw 64 64 --window 13 --query 20 30 --out na.png
   python -m jax_gna draw 16 32 32 --window 4 8 8 --stride 2 4 4 --query 5 10 12 --out slice.png
 """
@@ -497,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", nargs="+", help="GNA implementations (default: all available)")
     p.add_argument("--baseline", nargs="+", choices=(*bench.BASELINES, "none"),
                    help="dense baselines (default: cudnn on GPU, xla-mask elsewhere)")
-    p.add_argument("--mode", nargs="+", choices=bench.MODES, default=list(bench.MODES))
+    p.add_argument("--mode", nargs="+", choices=bench.MODES, default=list(bench.DEFAULT_MODES),
+                   help=f"what to time (default: {' '.join(bench.DEFAULT_MODES)}); bwd: the "
+                        "backward pass alone, after one untimed forward")
     p.add_argument("--reps", type=int, default=5, help="timing repetitions (median)")
     p.add_argument("--min-time", type=float, default=0.1,
                    help="seconds of back-to-back calls per repetition")

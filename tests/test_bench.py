@@ -26,6 +26,17 @@ def test_flop_counts_follow_design_definition():
     assert SMALL.dense_flops("fwd+bwd") == 3.5 * SMALL.dense_flops("fwd")
 
 
+def test_bwd_flops_are_two_and_a_half_forward():
+    fwd = 4 * 2 * 4 * 8 * int(jax_gna.neighborhood_mask(SMALL.spatial_shape, SMALL.cfg).sum())
+    assert SMALL.gna_flops("bwd") == 2.5 * fwd
+    assert SMALL.dense_flops("bwd") == 2.5 * 4 * 2 * 4 * 8 * 42 ** 2
+    assert bench.BWD_FACTOR == 2.5 and bench.metadata()["bwd_flop_factor"] == 2.5
+    assert bench.MODES == ("fwd", "fwd+bwd", "bwd")
+    assert bench.DEFAULT_MODES == ("fwd", "fwd+bwd")
+    with pytest.raises(ValueError, match="mode='back'"):
+        SMALL.gna_flops("back")
+
+
 @pytest.mark.parametrize("name,bound", [
     ("flux-4k-gna", 10.24), ("hunyuan-gna", 100 / 9), ("flux-4k-na", 10.24),
     ("hunyuan-na", 100 / 9), ("1d-32k-gna", 16.0), ("1d-32k-na", 16.0)])
@@ -70,6 +81,45 @@ def test_baseline_and_gna_functions_compute_gna():
         np.testing.assert_allclose(b, w, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("contestant", ["xla", "xla-mask"])
+def test_bwd_call_gives_the_fwd_bwd_gradients(contestant):
+    """bwd times vjp_fn(ct) with the residuals as arguments; its gradients are fwd+bwd's."""
+    seed = np.random.SeedSequence().entropy % (1 << 31)  # fresh inputs on every run
+    q, k, v, ct = bench.make_inputs(SMALL, seed=seed)
+    if contestant == "xla":
+        forward, extra = bench._gna_forward(SMALL, "xla"), ()
+    else:
+        forward = bench._dense_forward(SMALL, "xla-mask")
+        extra = (jnp.asarray(jax_gna.neighborhood_mask(SMALL.spatial_shape, SMALL.cfg)),)
+    args = (q, k, v, ct, *extra)
+    fn, fn_args = bench.prepare_call(forward, "bwd", args)
+    vjp_fn, ct_arg = fn_args
+    leaves = jax.tree_util.tree_leaves(vjp_fn)
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+    assert ct_arg.shape == ct.shape
+    # The residuals are parameters of the timed program, not constants baked into it.
+    text = fn.lower(*fn_args).as_text()
+    assert "dense<\"0x" not in text
+    assert text.count("%arg") >= len(leaves) + 1
+    got = fn(*fn_args)
+    assert len(got) == 3
+    both_fn, both_args = bench.prepare_call(forward, "fwd+bwd", args)
+    assert both_args == args
+    both = both_fn(*both_args)
+    want = _reference_grads(q, k, v, ct, SMALL.cfg)
+    for g, b, w in zip(got, both, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, b, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_single_jitted_function_refuses_bwd():
+    with pytest.raises(ValueError, match="prepare_call"):
+        bench.gna_function(SMALL, "xla", "bwd")
+    with pytest.raises(ValueError, match="mode='back'"):
+        bench.prepare_call(bench._gna_forward(SMALL, "xla"), "back", ())
+
+
 def test_time_function_measures_per_call_time():
     def slow(x):
         time.sleep(0.004)
@@ -93,11 +143,12 @@ def test_progress_bar_counts_steps():
 def test_run_records_and_json(tmp_path):
     problem = bench.Problem("tiny", (8, 8), GNAConfig(4, 2), heads=2, head_dim=8,
                             dtype="float32")
-    records = bench.run([problem], ["xla"], ["xla-mask", "cudnn"], ["fwd", "fwd+bwd"],
+    records = bench.run([problem], ["xla"], ["xla-mask", "cudnn"], ["fwd", "fwd+bwd", "bwd"],
                         reps=1, min_time=0.0, progress=False)
     assert [(r["contestant"], r["mode"]) for r in records] == [
         ("xla-mask", "fwd"), ("cudnn", "fwd"), ("xla", "fwd"),
-        ("xla-mask", "fwd+bwd"), ("cudnn", "fwd+bwd"), ("xla", "fwd+bwd")]
+        ("xla-mask", "fwd+bwd"), ("cudnn", "fwd+bwd"), ("xla", "fwd+bwd"),
+        ("xla-mask", "bwd"), ("cudnn", "bwd"), ("xla", "bwd")]
     sim = jax_gna.simulate((8, 8), GNAConfig(4, 2), head_dim=8)
     for r in records:
         if r["contestant"] == "cudnn" and jax.default_backend() != "gpu":
@@ -107,6 +158,9 @@ def test_run_records_and_json(tmp_path):
         seconds = r["ms"] / 1e3
         assert r["effective_tflops"] == pytest.approx(
             problem.gna_flops(r["mode"]) / seconds / 1e12)
+        if r["mode"] == "bwd":
+            assert r["effective_tflops"] == pytest.approx(
+                2.5 * problem.gna_flops("fwd") / seconds / 1e12)
         if r["kind"] == "gna":
             dense = next(d for d in records if d["mode"] == r["mode"]
                          and d["contestant"] == "xla-mask")
@@ -124,6 +178,17 @@ def test_run_records_and_json(tmp_path):
     assert data["meta"]["backend"] == jax.default_backend()
     table = bench.format_table(records)
     assert table.count("tiny") == len(records)
+    bwd_row = next(line for line in table.splitlines()
+                   if line.split()[1:3] == ["bwd", "xla"])
+    assert bwd_row.split()[6] == f"{sim.flop_speedup:.1f}x"  # the 'bound' column
+    assert bwd_row.endswith("x")  # the ratio column
+
+
+def test_run_defaults_to_fwd_and_fwd_bwd():
+    problem = bench.Problem("tiny", (8, 8), GNAConfig(4, 2), heads=1, head_dim=8,
+                            dtype="float32")
+    records = bench.run([problem], ["xla"], [], reps=1, min_time=0.0, progress=False)
+    assert [r["mode"] for r in records] == ["fwd", "fwd+bwd"]
 
 
 def test_failing_contestant_is_reported_not_raised():
@@ -131,8 +196,37 @@ def test_failing_contestant_is_reported_not_raised():
         raise RuntimeError("kernel exploded")
 
     rec = {}
-    bench._measure(rec, broken, (), 1.0, 1.0, 1, 0.0)
+    bench._measure(rec, lambda: (broken, ()), 1.0, 1.0, 1, 0.0)
     assert rec == {"error": "RuntimeError: kernel exploded"}
+    rec = {}
+    bench._measure(rec, broken, 1.0, 1.0, 1, 0.0)  # failing preparation
+    assert rec == {"error": "RuntimeError: kernel exploded"}
+
+
+def test_failing_bwd_preparation_is_an_error_record(monkeypatch):
+    """A forward that fails in bwd's untimed preparation is reported; the others still run."""
+    problem = bench.Problem("tiny", (8, 8), GNAConfig(4, 2), heads=1, head_dim=8,
+                            dtype="float32")
+    gna_forward = bench._gna_forward
+
+    def forward(problem, implementation):
+        if implementation == "reference":
+            def f(q, k, v):
+                raise RuntimeError("forward exploded")
+            return f
+        return gna_forward(problem, implementation)
+
+    monkeypatch.setattr(bench, "_gna_forward", forward)
+    records = bench.run([problem], ["reference", "xla"], ["xla-mask"], ["bwd"], reps=1,
+                        min_time=0.0, progress=False)
+    rows = {r["contestant"]: r for r in records}
+    assert list(rows) == ["xla-mask", "reference", "xla"]
+    assert rows["reference"]["error"] == "RuntimeError: forward exploded"
+    assert "ms" not in rows["reference"]
+    for name in ("xla-mask", "xla"):
+        assert "error" not in rows[name] and rows[name]["ms"] > 0
+    assert rows["xla"]["ratio"] == pytest.approx(rows["xla-mask"]["ms"] / rows["xla"]["ms"])
+    assert "ERROR: RuntimeError: forward exploded" in bench.format_table(records)
 
 
 def test_masked_baseline_refuses_huge_problems():
@@ -143,7 +237,7 @@ def test_masked_baseline_refuses_huge_problems():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(baselines=["flash"]), "baseline='flash'"),
-    (dict(modes=["bwd"]), "mode='bwd'"),
+    (dict(modes=["back"]), "mode='back'"),
     (dict(implementations=["nope"]), "implementation='nope'"),
 ])
 def test_run_bad_arguments(kwargs, match):
