@@ -105,6 +105,61 @@ __device__ __forceinline__ void tma_load_q_chunk(QTensorMaps const& maps, uint64
   }
 }
 
+// The scores' math of the dK/dV kernels (this file's and backward_fused_ws.cuh's), on a
+// thread's S^T and dP^T accumulators viewed as (rows, columns) = (KV rows, the step's query
+// rows); `cSrc` holds their coordinates.
+
+// lse·log2e of the thread's columns (`qlse`: the step's query rows).
+template <int kCols, class CS>
+__device__ __forceinline__ void load_lse2_t(float (&lse2)[kCols], CS const& cSrc,
+                                            const float* qlse) {
+  CUTE_UNROLL
+  for (int ni = 0; ni < kCols; ++ni) lse2[ni] = qlse[get<1>(cSrc(0, ni))] * sm80::kLog2e;
+}
+
+// P^T = exp2(S^T·scale·log2e − lse·log2e) in place; where the step is not `full`, zero
+// where the query row (`qrows`) does not see the KV row (`krows`, the CTA's).
+template <int kCols, class RS, class CS>
+__device__ __forceinline__ void probs_t(RS& rs, CS const& cSrc, const float (&lse2)[kCols],
+                                        float scale2, bool full, const QRow* qrows,
+                                        const KRow* krows) {
+  constexpr int kRows = decltype(size<0>(rs))::value;
+  if (full) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < kCols; ++ni)
+        rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2[ni]);
+    }
+    return;
+  }
+  // The thread's KRows are loaded once, each column's QRow once.
+  KRow kr[kRows];
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) kr[mi] = krows[get<0>(cSrc(mi, 0))];
+  CUTE_UNROLL
+  for (int ni = 0; ni < kCols; ++ni) {
+    const QRow qr = qrows[get<1>(cSrc(0, ni))];
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2[ni]);
+      rs(mi, ni) = sm80::visible(qr, kr[mi]) ? pr : 0.f;
+    }
+  }
+}
+
+// dS^T = P^T ∘ (dP^T − delta) in place (`qdelta`: the step's query rows).
+template <class RD, class RS, class CS>
+__device__ __forceinline__ void grad_scores_t(RD& rdp, RS const& rs, CS const& cSrc,
+                                              const float* qdelta) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(rdp); ++mi) {
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(rdp); ++ni)
+      rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - qdelta[get<1>(cSrc(mi, ni))]);
+  }
+}
+
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     dkdv_kernel(const Problem p, const typename Tr::T* __restrict__ q,
@@ -291,50 +346,20 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     const QRow* qrows = sm.nrows[it % kSlots];
     const float* qlse = sm.nlse[it % kSlots];
     const float* qdelta = sm.ndelta[it % kSlots];
+    constexpr int kCols = decltype(size<1>(rs))::value;
+    float lse2[kCols];
+    load_lse2_t(lse2, cSrc, qlse);
 
     warpgroup_wait<1>();  // S^T
     warpgroup_fence_operand(acc_s);
-    if (full) {
-      CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(rs); ++mi) {
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni) {
-          const float lse2 = qlse[get<1>(cSrc(mi, ni))] * sm80::kLog2e;
-          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
-        }
-      }
-    } else {
-      // Rows are KV rows here: the thread's KRows are loaded once, each column's QRow once.
-      constexpr int kRows = decltype(size<0>(rs))::value;
-      KRow kr[kRows];
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) kr[mi] = sm.mrows[get<0>(cSrc(mi, 0))];
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rs); ++ni) {
-        const int col = get<1>(cSrc(0, ni));
-        const QRow qr = qrows[col];
-        const float lse2 = qlse[col] * sm80::kLog2e;
-        CUTE_UNROLL
-        for (int mi = 0; mi < kRows; ++mi) {
-          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2);
-          rs(mi, ni) = sm80::visible(qr, kr[mi]) ? pr : 0.f;
-        }
-      }
-    }
+    probs_t(rs, cSrc, lse2, scale2, full, qrows, sm.mrows);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
     wgmma_issue(mma_g, tOrP, thr_g.partition_fragment_B(sdOt(buf)), acc_dv, true);
 
     warpgroup_wait<1>();  // dP^T (dV may still run)
     warpgroup_fence_operand(acc_dp);
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(rdp); ++mi) {
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rdp); ++ni) {
-        const float dl = qdelta[get<1>(cSrc(mi, ni))];
-        rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - dl);
-      }
-    }
+    grad_scores_t(rdp, rs, cSrc, qdelta);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
     wgmma_issue(mma_g, tOrdS, thr_g.partition_fragment_B(sQt(buf)), acc_dk, true);

@@ -319,36 +319,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const float* qdelta = sm.qdelta[s];
     constexpr int kCols = decltype(size<1>(rs))::value;
     float lse2[kCols];
-    CUTE_UNROLL
-    for (int ni = 0; ni < kCols; ++ni) lse2[ni] = qlse[get<1>(cSrc(0, ni))] * sm80::kLog2e;
+    load_lse2_t(lse2, cSrc, qlse);
     wgmma_issue(mma_s, tSrK, thr_s.partition_fragment_B(sQ(s)), acc_s, false);
     wgmma_issue(mma_s, tSrV, thr_s.partition_fragment_B(sdO(s)), acc_dp, false);
 
     warpgroup_wait<1>();  // S^T
     warpgroup_fence_operand(acc_s);
-    if (full) {
-      CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(rs); ++mi) {
-        CUTE_UNROLL
-        for (int ni = 0; ni < kCols; ++ni)
-          rs(mi, ni) = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2[ni]);
-      }
-    } else {
-      // Rows are KV rows here: the thread's KRows are loaded once, each column's QRow once.
-      constexpr int kRows = decltype(size<0>(rs))::value;
-      KRow kr[kRows];
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) kr[mi] = sm.krows[get<0>(cSrc(mi, 0))];
-      CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
-        const QRow qr = qrows[get<1>(cSrc(0, ni))];
-        CUTE_UNROLL
-        for (int mi = 0; mi < kRows; ++mi) {
-          const float pr = sm80::fast_exp2(rs(mi, ni) * scale2 - lse2[ni]);
-          rs(mi, ni) = sm80::visible(qr, kr[mi]) ? pr : 0.f;
-        }
-      }
-    }
+    probs_t(rs, cSrc, lse2, scale2, full, qrows, sm.krows);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
     Tensor sdOt = make_tensor(make_smem_ptr(sm.dout[s]), typename Dkdv::SmemNt{});
@@ -356,14 +333,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
     warpgroup_wait<1>();  // dP^T (dV may still run)
     warpgroup_fence_operand(acc_dp);
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(rdp); ++mi) {
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rdp); ++ni) {
-        const float dl = qdelta[get<1>(cSrc(mi, ni))];
-        rdp(mi, ni) = rs(mi, ni) * (rdp(mi, ni) - dl);
-      }
-    }
+    grad_scores_t(rdp, rs, cSrc, qdelta);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dp); ++i) rdS(i) = static_cast<T>(acc_dp(i));
     Tensor sQt = make_tensor(make_smem_ptr(sm.q[s]), typename Dkdv::SmemNt{});
