@@ -355,6 +355,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // reduction per 32 columns); the rows of a gathered chunk are added from registers.
     Tensor rdq = make_tensor(acc_dq.data(), gmma_rowcol(acc_dq.layout()));
     if (sm.tma[s]) {
+      // The staged layout is the dq tensor map's box, [64 rows, 32 floats] per 32 columns
+      // with the 128-byte swizzle: 16-byte chunk c of row r at c ^ (r % 8). The thread's rows
+      // r0 + 8·mi share one XOR; its columns are c0 + 8·ni' + {0, 1} (c0 < 8).
       const int r0 = get<0>(cDQrc(0, 0)), c0 = get<1>(cDQrc(0, 0));
       const int sw = r0 % 8;
       CUTE_UNROLL
