@@ -38,7 +38,7 @@ std::string sm90_forward(const Problem& p, DType dtype, const void* q, const voi
                          const void* v, void* out, float* lse, cudaStream_t stream);
 
 // Scratch bytes of sm90_backward: the rowwise dO·O, and unless `p.deterministic` a float32
-// dq accumulator (the dK/dV kernel adds each step's dQ into it: not bitwise reproducible).
+// dq accumulator (the fused backward kernel adds each step's dQ into it in no fixed order).
 size_t sm90_backward_workspace(const Problem& p);
 
 // `workspace` holds sm90_backward_workspace(p) bytes.

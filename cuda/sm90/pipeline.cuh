@@ -1,5 +1,6 @@
-// What the warp-specialised sm90a kernels (forward_ws.cuh, kv_ring.cuh, backward_ws.cuh)
-// share: named barriers and the producer's way of announcing a buffer on an mbarrier.
+// What the warp-specialised sm90a kernels (forward_ws.cuh, kv_ring.cuh, backward_ws.cuh,
+// backward_fused_ws.cuh) share: named barriers and the producer's way of announcing a buffer
+// on an mbarrier.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
