@@ -1,9 +1,11 @@
 // sm90a GNA backward: the sm80 backward's decomposition (delta pre-kernel, a dK/dV kernel per
 // KV tile, a dQ kernel per Q tile; no atomics, so bitwise deterministic) with Hopper
-// warpgroup MMAs. This file holds the dK/dV kernel (the dQ kernel is backward_ws.cuh's). A
-// CTA owns M rows (64 per warpgroup: the KV tile's) whose gradients it accumulates in
-// registers, and walks steps of N = 64-row chunks of the Q tiles that see it (the geometry's
-// q_range box, times the query heads of its GQA group):
+// warpgroup MMAs, for `deterministic` problems (the default backward is the five-GEMM
+// backward_fused_ws.cuh). This file holds the dK/dV kernel (the dQ kernel is
+// backward_ws.cuh's) and the scores' math both dK/dV kernels share. A CTA owns M rows (64
+// per warpgroup: the KV tile's) whose gradients it accumulates in registers, and walks steps
+// of N = 64-row chunks of the Q tiles that see it (the geometry's q_range box, times the
+// query heads of its GQA group):
 //   S^T = K·Q^T, dP^T = V·dO^T, P^T = exp2(S^T·c − lse), dS^T = P^T ∘ (dP^T − delta),
 //   dV += P^T·dO, dK += dS^T·Q.
 // S^T and dP^T run with both operands in shared memory; the gradient GEMMs take P^T or dS^T
