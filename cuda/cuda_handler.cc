@@ -166,14 +166,15 @@ ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
 
 }  // namespace
 
-// Sized for the current device's kernels (the sm90a backward's dq accumulator). A call that
-// runs with a smaller workspace than its kernels want (traced for another card) still runs:
-// the handler then takes the deterministic path, which needs only the sm80 size.
+// Sized for the kernels the current device runs on `p` (the sm90a backward's dq
+// accumulator); which ones does not depend on the 16-bit type. A call that runs with a
+// smaller workspace than its kernels want (traced for another card) still runs: the handler
+// then takes the deterministic path, which needs only the sm80 size.
 size_t cuda_backward_workspace(const Problem& p) {
   int device = 0;
   std::string err;
   if (cudaGetDevice(&device) == cudaSuccess &&
-      cuda_sm90_enabled(compute_capability(device, &err)))
+      use_sm90(compute_capability(device, &err), p, DType::kBFloat16))
     return std::max(sm80_backward_workspace(p), sm90_backward_workspace(p));
   return sm80_backward_workspace(p);
 }
