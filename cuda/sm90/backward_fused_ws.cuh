@@ -16,7 +16,6 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "backward.cuh"
-#include "backward_ws.cuh"  // q_row_with_stats
 
 namespace gna {
 namespace sm90 {
