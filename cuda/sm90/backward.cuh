@@ -107,6 +107,37 @@ __device__ __forceinline__ void tma_load_q_chunk(QTensorMaps const& maps, uint64
   }
 }
 
+// The KV tile's rows (`krows`) and its K and V (cp.async gathers into `sK`, `sV`; the
+// caller commits), by `kThreads` threads.
+template <int kRows, int kD, int kThreads, class T, class SK>
+__device__ __forceinline__ void load_kv_tile(Group const& G, Problem const& p,
+                                             const int kt[kMaxRank], KRow* krows, SK& sK,
+                                             SK& sV, const T* k, const T* v, int64_t kv_stride,
+                                             int tid) {
+  int jj[kMaxRank];
+  for (int r = tid; r < kRows; r += kThreads) krows[r] = G.k_row(p, kt, r);
+  auto k_tok = [&](int r) { return G.kv_token(p, kt, r, jj); };
+  sm80::gather_rows<kRows, kD, kThreads>([&](int r, int c) { return &sK(r, c); }, k, kv_stride,
+                                         k_tok, tid);
+  sm80::gather_rows<kRows, kD, kThreads>([&](int r, int c) { return &sV(r, c); }, v, kv_stride,
+                                         k_tok, tid);
+}
+
+// dK (times `scale`) and dV of the thread's accumulators (gradient MMA `thr_g`, [rows, D])
+// to the tokens in `krows` (-1: not stored).
+template <int kRows, int kD, class ThrG, class Acc, class T>
+__device__ __forceinline__ void store_dkdv(ThrG const& thr_g, Acc& acc_dk, Acc& acc_dv,
+                                           const KRow* krows, T* dk, T* dv, int64_t kv_stride,
+                                           float scale) {
+  Tensor cO = thr_g.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kD>>{}));
+  Tensor cOrc = make_tensor(cO.data(), gmma_rowcol(cO.layout()));
+  auto out_tok = [&](int r) { return krows[r].tok; };
+  sm80::store_rows(make_tensor(acc_dk.data(), gmma_rowcol(acc_dk.layout())), cOrc, dk,
+                   kv_stride, scale, out_tok);
+  sm80::store_rows(make_tensor(acc_dv.data(), gmma_rowcol(acc_dv.layout())), cOrc, dv,
+                   kv_stride, 1.f, out_tok);
+}
+
 // The scores' math of the dK/dV kernels (this file's and backward_fused_ws.cuh's), on a
 // thread's S^T and dP^T accumulators viewed as (rows, columns) = (KV rows, the step's query
 // rows); `cSrc` holds their coordinates.
@@ -292,15 +323,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
     sm80::cp_async_commit();
   };
 
-  {
-    int jj[kMaxRank];
-    for (int r = tid; r < kBlockM; r += kThreads) sm.mrows[r] = G.k_row(p, kt, r);
-    auto k_tok = [&](int r) { return G.kv_token(p, kt, r, jj); };
-    sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sK(r, c); },
-                                             k + kv_off, kv_stride, k_tok, tid);
-    sm80::gather_rows<kBlockM, kD, kThreads>([&](int r, int c) { return &sV(r, c); },
-                                             v + kv_off, kv_stride, k_tok, tid);
-  }
+  load_kv_tile<kBlockM, kD, kThreads>(G, p, kt, sm.mrows, sK, sV, k + kv_off, v + kv_off,
+                                      kv_stride, tid);
   sm.ntable.build(G, p, /*kv_side=*/false, tid, kThreads);
   __syncthreads();
   // cp.async groups, oldest first: rows(0) (with K and V), Q/dO(0), rows(1); then per step
@@ -383,13 +407,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       sm.mrows[r].tok = G.kv_store_token(p, kt, r, jj);
     __syncthreads();
   }
-  Tensor cO = thr_g.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
-  Tensor cOrc = make_tensor(cO.data(), gmma_rowcol(cO.layout()));
-  auto out_tok = [&](int r) { return sm.mrows[r].tok; };
-  sm80::store_rows(make_tensor(acc_dk.data(), gmma_rowcol(acc_dk.layout())), cOrc, dk + kv_off,
-                   kv_stride, p.scale, out_tok);
-  sm80::store_rows(make_tensor(acc_dv.data(), gmma_rowcol(acc_dv.layout())), cOrc, dv + kv_off,
-                   kv_stride, 1.f, out_tok);
+  store_dkdv<kBlockM, kD>(thr_g, acc_dk, acc_dv, sm.mrows, dk + kv_off, dv + kv_off,
+                          kv_stride, p.scale);
 }
 
 }  // namespace sm90

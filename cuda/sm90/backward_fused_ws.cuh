@@ -198,16 +198,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       prefetch_tma_descriptor(&maps.dout);
       prefetch_tma_descriptor(&maps.dq);
     }
-    {
-      int jj[kMaxRank];
-      for (int r = tid; r < kBlockM; r += 128) sm.krows[r] = G.k_row(p, kt, r);
-      auto k_tok = [&](int r) { return G.kv_token(p, kt, r, jj); };
-      sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sK(r, c); }, k + kv_off,
-                                          kv_stride, k_tok, tid);
-      sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sV(r, c); }, v + kv_off,
-                                          kv_stride, k_tok, tid);
-      producer_commit(&sm.kv_full);
-    }
+    load_kv_tile<kBlockM, kD, 128>(G, p, kt, sm.krows, sK, sV, k + kv_off, v + kv_off,
+                                   kv_stride, tid);
+    producer_commit(&sm.kv_full);
     sm.ntable.build(G, p, /*kv_side=*/false, tid, 128);
     const FullTiles fulls = FullTiles::seeing(G, p, kt, kBlockM);
     named_sync(kProducerBarrier, 128);  // the row table's offsets
@@ -408,13 +401,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       sm.krows[r].tok = G.kv_store_token(p, kt, r, jj);
     named_sync(kDsBarrier, 128 * Tr::kConsumers);
   }
-  Tensor cO = thr_g.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
-  Tensor cOrc = make_tensor(cO.data(), gmma_rowcol(cO.layout()));
-  auto out_tok = [&](int r) { return sm.krows[r].tok; };
-  sm80::store_rows(make_tensor(acc_dk.data(), gmma_rowcol(acc_dk.layout())), cOrc, dk + kv_off,
-                   kv_stride, p.scale, out_tok);
-  sm80::store_rows(make_tensor(acc_dv.data(), gmma_rowcol(acc_dv.layout())), cOrc, dv + kv_off,
-                   kv_stride, 1.f, out_tok);
+  store_dkdv<kBlockM, kD>(thr_g, acc_dk, acc_dv, sm.krows, dk + kv_off, dv + kv_off,
+                          kv_stride, p.scale);
 }
 
 }  // namespace sm90
