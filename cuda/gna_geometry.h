@@ -210,6 +210,29 @@ GNA_HD AxisTiling group_tiling(const Axis& ax, int64_t g, int64_t q_tile, int64_
                     ax.kv_offset / d, group_length(ax.kv_length, d, g)};
 }
 
+// The order in which a kernel's grid walks the tiles of one dilation group: the stride of
+// axis a's tile coordinate in the walk index, given `n` tiles per axis over group axes of
+// `length` with windows of `kernel`. Axes are nested by the share of their length that a
+// window covers, the smallest share slowest; ties keep the axis order (axis 0 slowest).
+// Why: the CTAs in flight then cover a slab that is thin along the axis whose windows are
+// narrowest, so the other side's rows that they read stay in L2 between their visits. For
+// the backward of 30x48x80 with windows 18x24x24 (CTAs walk KV tiles and read Q, dO and dQ)
+// an LRU model of a 40 MB L2 puts the hit rate at 95 % with axis 2 slowest against 71 % with
+// axis 0 slowest (ncu measured 69.5 % for the latter).
+template <class I>
+GNA_HD void tile_walk_strides(const I n[kMaxRank], const I kernel[kMaxRank],
+                              const I length[kMaxRank], I stride[kMaxRank]) {
+  for (int a = 0; a < kMaxRank; ++a) {
+    stride[a] = 1;
+    for (int b = 0; b < kMaxRank; ++b) {
+      // b is nested inside a when its share kernel/length is larger (or equal, with b > a).
+      const int64_t share_a = (int64_t)kernel[a] * length[b];
+      const int64_t share_b = (int64_t)kernel[b] * length[a];
+      if (b != a && (share_b > share_a || (share_b == share_a && b > a))) stride[a] *= n[b];
+    }
+  }
+}
+
 // x << n for 0 <= n <= 64, where n = 64 gives 0 (C++ leaves that shift undefined; PTX's
 // shl.b64 clamps it).
 GNA_HD uint64_t shl64(uint64_t x, int n) {

@@ -300,30 +300,31 @@ struct Group {
   }
 
   // Splits a flat grid index into (dilation group, tile coordinate) for tiles of the Q frame
-  // (or the K/V frame if `kv_side`); group 0 is the longest, so its tile count bounds every
-  // group's. False if the tile lies past the end of this (shorter) group's frame.
+  // (or the K/V frame if `kv_side`), the tiles in `tile_walk_strides`' order; group 0 is the
+  // longest, so its tile count bounds every group's. False if the tile lies past the end of this (shorter) group's frame.
   // `flat` is a grid index (below 2^31), so this runs in 32-bit arithmetic.
   __device__ __forceinline__ bool init(Problem const& p, int flat, bool kv_side,
                                        int tile[kMaxRank]) {
-    int n[kMaxRank];
+    int n[kMaxRank], len[kMaxRank], kernel[kMaxRank], step[kMaxRank];
     int n_tiles = 1;
     for (int a = 0; a < kMaxRank; ++a) {
       const Axis& ax = p.axes[a];
       const int dim = kv_side ? kvdim(p, a) : qdim(p, a);
-      n[a] = ceil_div(group_length<int>((int)(kv_side ? ax.kv_length : ax.q_length),
-                                        (int)ax.dilation, 0),
-                      dim);
+      len[a] = group_length<int>((int)(kv_side ? ax.kv_length : ax.q_length),
+                                 (int)ax.dilation, 0);
+      kernel[a] = (int)ax.kernel;
+      n[a] = ceil_div(len[a], dim);
       n_tiles *= n[a];
     }
-    int t = flat % n_tiles;
+    tile_walk_strides<int>(n, kernel, len, step);
+    const int t = flat % n_tiles;
     int grp = flat / n_tiles;
     bool ok = true;
     kv_pad = false;
     for (int a = kMaxRank - 1; a >= 0; --a) {
       const Axis& ax = p.axes[a];
       const int d = (int)ax.dilation;
-      tile[a] = t % n[a];
-      t /= n[a];
+      tile[a] = t / step[a] % n[a];
       g[a] = grp % d;
       grp /= d;
       Lg[a] = group_length<int>((int)ax.length, d, g[a]);
