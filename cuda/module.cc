@@ -169,6 +169,26 @@ uint64_t tile_mask_word(const I64s& kv_tile, const I64s& start, const I64s& end,
   return gna::TileBits::of(tile).word(s, e, o);
 }
 
+// gna_geometry.h's tile_walk_strides: the stride of each axis' tile coordinate in the flat
+// index by which the kernels' grids walk `n` tiles per axis (group axes of `length`, windows
+// of `kernel`). Arrays have one entry per axis; the axes past them are unused (1 tile).
+I64s tile_walk_strides(const I64s& n, const I64s& kernel, const I64s& length) {
+  const size_t rank = n.size();
+  if (rank < 1 || rank > gna::kMaxRank || kernel.size() != rank || length.size() != rank)
+    throw nb::value_error("n, kernel and length need one entry per axis (1 to 3)");
+  int64_t nn[gna::kMaxRank] = {1, 1, 1}, k[gna::kMaxRank] = {1, 1, 1},
+          len[gna::kMaxRank] = {1, 1, 1}, stride[gna::kMaxRank];
+  for (size_t a = 0; a < rank; ++a) {
+    if (n[a] < 1 || kernel[a] < 1 || kernel[a] > length[a])
+      throw nb::value_error("tile_walk_strides needs n >= 1 and 1 <= kernel <= length");
+    nn[a] = n[a];
+    k[a] = kernel[a];
+    len[a] = length[a];
+  }
+  gna::tile_walk_strides<int64_t>(nn, k, len, stride);
+  return I64s(stride, stride + rank);
+}
+
 }  // namespace
 
 NB_MODULE(_jax_gna_native, m) {
@@ -221,6 +241,10 @@ NB_MODULE(_jax_gna_native, m) {
   m.def("tile_mask_word", &tile_mask_word, nb::arg("kv_tile"), nb::arg("start"),
         nb::arg("end"), nb::arg("origin"),
         "gna_geometry.h's TileBits::word (the kernels' element-mask words) as an int.");
+  m.def("tile_walk_strides", &tile_walk_strides, nb::arg("n"), nb::arg("kernel"),
+        nb::arg("length"),
+        "gna_geometry.h's tile_walk_strides: per axis, the stride of its tile coordinate in "
+        "the kernels' flat tile index.");
   m.def("f16_roundtrip", [](float x) { return gna::cpu::f16_to_float(gna::cpu::float_to_f16(x)); },
         nb::arg("x"), "float -> float16 -> float with the CPU handler's conversion.");
   m.def("bf16_roundtrip",

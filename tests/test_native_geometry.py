@@ -7,6 +7,9 @@ gna::TileBits exactly as the handlers and kernels do.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -230,3 +233,34 @@ def test_tile_mask_word_bad_arguments_raise():
         native._ext.tile_mask_word([8, 16], [0, 0], [8, 16], [0, 0])
     with pytest.raises(ValueError, match="one entry per axis"):
         native._ext.tile_mask_word([8, 8], [0], [8, 8], [0, 0])
+
+
+def test_tile_walk_visits_every_tile_once_narrowest_windows_slowest():
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        rank = int(rng.integers(1, 4))
+        n = [int(rng.integers(1, 7)) for _ in range(rank)]
+        length = [int(rng.integers(1, 100)) for _ in range(rank)]
+        kernel = [int(rng.integers(1, m + 1)) for m in length]
+        if trial % 3 == 0:  # equal window shares on every axis: the walk keeps axis 0 slowest
+            kernel = [m for m in length]
+        strides = native._ext.tile_walk_strides(n, kernel, length)
+        where = f"n {n}, kernel {kernel}, length {length}: strides {strides}"
+        # Every flat index names a different tile, and every tile is named.
+        tiles = {tuple(t // s % m for s, m in zip(strides, n)) for t in range(math.prod(n))}
+        assert len(tiles) == math.prod(n), where
+        # Axes nest by window share kernel/length, the smallest share slowest, ties by axis.
+        order = sorted(range(rank), key=lambda a: (Fraction(kernel[a], length[a]), a))
+        expected = [0] * rank
+        for i, a in enumerate(order):
+            expected[a] = math.prod(n[b] for b in order[i + 1:])
+        assert list(strides) == expected, where
+    # The problem that motivated it: Hunyuan's windows 18x24x24 over 30x48x80, KV tiles 2x8x8.
+    assert list(native._ext.tile_walk_strides([15, 6, 10], [18, 24, 24], [30, 48, 80])) == [
+        1, 15, 90]
+    # Equal shares (FLUX-4K: 80x80 over 256x256) keep axis 0 slowest.
+    assert list(native._ext.tile_walk_strides([32, 16], [80, 80], [256, 256])) == [16, 1]
+    with pytest.raises(ValueError, match="one entry per axis"):
+        native._ext.tile_walk_strides([2, 2], [1], [4, 4])
+    with pytest.raises(ValueError, match="kernel <= length"):
+        native._ext.tile_walk_strides([2], [5], [4])
