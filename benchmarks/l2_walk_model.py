@@ -27,14 +27,19 @@ ROWS_PER_STEP = 64
 KV_ROWS = 128
 
 
-def _doubled_kv_tile(q_tile, kv_tile):
-    """The fused backward's KV tile (the host's with_doubled_kv_tile, for default menus)."""
+def _doubled_kv_tile(axes, q_tile, kv_tile):
+    """The fused backward's KV tile, by the rule of the host's with_doubled_kv_tile
+    (cuda/sm90/backward_impl.cuh): doubled along the fastest axis where it is at most half
+    the Q tile, else along the axis with the most KV tiles (the fastest of equals)."""
     out = list(kv_tile)
-    for a in reversed(range(len(out))):
-        if 2 * out[a] <= q_tile[a]:
-            out[a] *= 2
-            return tuple(out)
-    out[0] *= 2
+    half = [a for a in reversed(range(len(out))) if 2 * out[a] <= q_tile[a]]
+    if half:
+        axis = half[0]
+    else:
+        tiles = [-(-geometry.group_length(ax.length, ax.dilation, 0) // t)
+                 for ax, t in zip(axes, kv_tile)]
+        axis = max(reversed(range(len(out))), key=lambda a: tiles[a])
+    out[axis] *= 2
     return tuple(out)
 
 
@@ -43,7 +48,7 @@ def model(problem: bench.Problem, order: tuple[int, ...], ctas: int, l2_bytes: f
     """(hit rate, DRAM GB per head) of the backward's walk with axes nested as `order`."""
     axes = problem.cfg.resolve(problem.spatial_shape)
     q_tile, kv_tile = geometry.default_tile_shapes(axes, arch="sm80")
-    kv_tile = _doubled_kv_tile(q_tile, kv_tile)
+    kv_tile = _doubled_kv_tile(axes, q_tile, kv_tile)
     tilings = [geometry.axis_tiling(a.length, a.kernel, a.stride, a.causal, qt, kt)
                for a, qt, kt in zip(axes, q_tile, kv_tile)]
     chunks = math.prod(q_tile) // ROWS_PER_STEP

@@ -301,7 +301,8 @@ struct Group {
 
   // Splits a flat grid index into (dilation group, tile coordinate) for tiles of the Q frame
   // (or the K/V frame if `kv_side`), the tiles in `tile_walk_strides`' order; group 0 is the
-  // longest, so its tile count bounds every group's. False if the tile lies past the end of this (shorter) group's frame.
+  // longest, so its tile count bounds every group's. False if the tile lies past the end of
+  // this (shorter) group's frame.
   // `flat` is a grid index (below 2^31), so this runs in 32-bit arithmetic.
   __device__ __forceinline__ bool init(Problem const& p, int flat, bool kv_side,
                                        int tile[kMaxRank]) {
