@@ -139,7 +139,7 @@ __device__ __forceinline__ void gemm_rs(Mma const& mma, Acc& acc, RA const& rA, 
 
 // 2^x on the MUFU unit, subnormal results flushed to zero. exp2f adds a fix-up for results
 // below 2^-126 (three more instructions per call); softmax weights that small are zero to
-// every consumer here (bf16/f16 outputs, float32 sums of terms up to 1).
+// every consumer here (bf16/f16 outputs, float32 sums of terms up to 2^kRescaleSlack).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -693,8 +693,15 @@ __device__ __forceinline__ void stage_row_stats(int tok, int64_t stats, int64_t 
 // tile's P·V is added to it.
 // kFoldScale: see below (on in the sm90a forwards, where it measured 1.02-1.03x; the sm80
 // forward measured 0.99x with it and keeps it off).
-template <bool kFoldScale, int kRows, class RS, class CS, class Mask>
-__device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row_max)[kRows],
+// kLazyRescale: the running max (the exp2 base) moves only when some row of the warp would
+// exceed it by more than kRescaleSlack, so that most steps leave the output accumulator
+// alone. Exact: the output and the sums share the base, and the epilogue divides one by the
+// other; P is then at most 2^kRescaleSlack, which bf16/f16 and the float32 sums hold as well.
+// Returns whether `corr` holds factors to apply (false: all are 1, skip the rescale). The
+// decision is uniform over the warp.
+constexpr float kRescaleSlack = 8.f;
+template <bool kFoldScale, bool kLazyRescale = false, int kRows, class RS, class CS, class Mask>
+__device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row_max)[kRows],
                                              float (&row_sum)[kRows], float (&corr)[kRows],
                                              bool full, Mask const& mask, float scale2) {
   // With kFoldScale, scores go to log2 units as late as possible: a positive scale keeps
@@ -711,15 +718,24 @@ __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row
     mask.template for_each<kRows, decltype(size<1>(rs))::value>(
         cSrc, [&](int mi, int ni, bool vis) { rs(mi, ni) = vis ? rs(mi, ni) : -INFINITY; });
   }
+  float new_max[kRows];
+  bool keep = kLazyRescale;
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     float mx = -INFINITY;
     CUTE_UNROLL
     for (int ni = 0; ni < size<1>(rs); ++ni) mx = fmaxf(mx, rs(mi, ni));
-    mx = fmaxf(row_max[mi], quad_max(mx) * post);
+    new_max[mi] = fmaxf(row_max[mi], quad_max(mx) * post);
+    // -inf + slack is -inf: a row that saw no key keeps its base only while it still sees none.
+    keep = keep && new_max[mi] <= row_max[mi] + kRescaleSlack;
+  }
+  if constexpr (kLazyRescale) keep = __all_sync(0xffffffffu, keep);
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const float mx = keep ? row_max[mi] : new_max[mi];
     // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
     const float base = mx == -INFINITY ? 0.f : mx;
-    corr[mi] = fast_exp2(row_max[mi] - base);
+    corr[mi] = keep ? 1.f : fast_exp2(row_max[mi] - base);
     row_max[mi] = mx;
     float sum = 0.f;
     CUTE_UNROLL
@@ -727,8 +743,9 @@ __device__ __forceinline__ void softmax_step(RS& rs, CS const& cSrc, float (&row
       rs(mi, ni) = fast_exp2(fmaf(rs(mi, ni), post, -base));
       sum += rs(mi, ni);
     }
-    row_sum[mi] = row_sum[mi] * corr[mi] + sum;
+    row_sum[mi] = keep ? row_sum[mi] + sum : row_sum[mi] * corr[mi] + sum;
   }
+  return !keep;
 }
 
 // Output accumulator rows (seen as (rows, cols)) times their correction factors.

@@ -21,6 +21,12 @@
 
 #include "kv_ring.cuh"
 
+// The softmax moves its exp2 base only when a row outgrows it by 2^8 (sm80::softmax_step's
+// kLazyRescale); 0 rescales the output at every step, for A/B runs.
+#ifndef GNA_SM90_FWD_LAZY_RESCALE
+#define GNA_SM90_FWD_LAZY_RESCALE 1
+#endif
+
 namespace gna {
 namespace sm90 {
 
@@ -170,6 +176,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
                 /*accumulate=*/false);
   };
   bool rows_ready = false;
+  bool rescale = true;  // whether the last softmax step left factors in corr
   auto softmax = [&](int it) {
     warpgroup_fence_operand(acc_s);
     ring.release_k(it);  // S(it) has retired; the ring keeps the step's rows for the mask
@@ -177,12 +184,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       Barrier::wait(&sm.rows_full, 0);
       rows_ready = true;
     }
-    sm80::softmax_step</*kFoldScale=*/true>(rs, cSrc, row_max, row_sum, corr, ring.is_full(it),
-                                            ring.mask(it, sm.qrows), scale2);
+    rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
+        rs, cSrc, row_max, row_sum, corr, ring.is_full(it), ring.mask(it, sm.qrows), scale2);
   };
   // O = O · corr + P(it)·V(it), issued without waiting.
   auto accumulate = [&](int it) {
-    sm80::rescale_rows(ro, corr);
+    if (rescale) sm80::rescale_rows(ro, corr);  // uniform over the warp
     ring.wait_v(it);
     wgmma_issue(mma_o, tOrP, thr_o.partition_fragment_B(ring.sVt(it % kStages)), acc_o,
                 /*accumulate=*/true);
