@@ -718,21 +718,9 @@ __device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row
     mask.template for_each<kRows, decltype(size<1>(rs))::value>(
         cSrc, [&](int mi, int ni, bool vis) { rs(mi, ni) = vis ? rs(mi, ni) : -INFINITY; });
   }
-  float new_max[kRows];
-  bool keep = kLazyRescale;
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
-    float mx = -INFINITY;
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(rs); ++ni) mx = fmaxf(mx, rs(mi, ni));
-    new_max[mi] = fmaxf(row_max[mi], quad_max(mx) * post);
-    // -inf + slack is -inf: a row that saw no key keeps its base only while it still sees none.
-    keep = keep && new_max[mi] <= row_max[mi] + kRescaleSlack;
-  }
-  if constexpr (kLazyRescale) keep = __all_sync(0xffffffffu, keep);
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
-    const float mx = keep ? row_max[mi] : new_max[mi];
+  // Row mi's exp2 and sums, with its new max or (keep) its old base.
+  auto finish_row = [&](int mi, float new_max, bool keep) {
+    const float mx = keep ? row_max[mi] : new_max;
     // A row with no visible key so far keeps max = -inf; subtract 0 then (exp2(-inf) = 0).
     const float base = mx == -INFINITY ? 0.f : mx;
     corr[mi] = keep ? 1.f : fast_exp2(row_max[mi] - base);
@@ -744,8 +732,26 @@ __device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row
       sum += rs(mi, ni);
     }
     row_sum[mi] = keep ? row_sum[mi] + sum : row_sum[mi] * corr[mi] + sum;
+  };
+  float new_max[kRows];
+  bool keep = true;
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    float mx = -INFINITY;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(rs); ++ni) mx = fmaxf(mx, rs(mi, ni));
+    new_max[mi] = fmaxf(row_max[mi], quad_max(mx) * post);
+    // -inf + slack is -inf: a row that saw no key keeps its base only while it still sees none.
+    if constexpr (kLazyRescale) keep = keep && new_max[mi] <= row_max[mi] + kRescaleSlack;
+    else finish_row(mi, new_max[mi], false);
   }
-  return !keep;
+  if constexpr (kLazyRescale) {
+    keep = __all_sync(0xffffffffu, keep);
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) finish_row(mi, new_max[mi], keep);
+    return !keep;
+  }
+  return true;
 }
 
 // Output accumulator rows (seen as (rows, cols)) times their correction factors.
