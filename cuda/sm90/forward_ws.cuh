@@ -9,9 +9,11 @@
 // - Warpgroups 1.., the consumers (one per 64 Q rows of the tile), take the registers the
 //   producer gave up (setmaxnreg.inc) and only run GEMMs and the softmax. Per step `it` a
 //   consumer issues S(it) = Q·K(it)^T and O += P(it-1)·V(it-1) back to back, then runs the
-//   softmax of S(it) while the tensor cores still compute P·V; it frees K(it) as soon as
-//   S(it) has retired (the ring keeps the step's rows for the mask; 1.00-1.08x) and V(it-1)
-//   once P·V has retired. With kPingPong, two consumers take turns to issue (named
+//   softmax of S(it), written to run while the tensor cores still compute P·V (ptxas moves
+//   the wait for P·V above it unless GNA_SM90_FWD_SPLIT_SOFTMAX; the overlap measured no
+//   faster: cuda/sm90/NOTES.md). It frees K(it) as soon as S(it) has retired (the ring
+//   keeps the step's rows for the mask; 1.00-1.08x) and V(it-1) once P·V has retired. With
+//   kPingPong, two consumers take turns to issue (named
 //   barriers), so that one's softmax runs under the other's GEMMs (measured no faster than
 //   letting them issue when ready, before and after the producer's bookkeeping was trimmed:
 //   off by default).
@@ -23,6 +25,11 @@
 
 // The softmax moves its exp2 base only when a row outgrows it by 2^8 (sm80::softmax_step's
 // kLazyRescale); 0 rescales the output at every step, for A/B runs.
+// 1: the softmax is compiled once per full flag, which keeps the wait for P·V behind it in
+// the SASS (intra-warpgroup overlap); measured 0.94-1.0x on the block-sparse problems alone.
+#ifndef GNA_SM90_FWD_SPLIT_SOFTMAX
+#define GNA_SM90_FWD_SPLIT_SOFTMAX 0
+#endif
 #ifndef GNA_SM90_FWD_LAZY_RESCALE
 #define GNA_SM90_FWD_LAZY_RESCALE 1
 #endif
@@ -184,8 +191,19 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       Barrier::wait(&sm.rows_full, 0);
       rows_ready = true;
     }
+#if GNA_SM90_FWD_SPLIT_SOFTMAX
+    // One softmax per flag value: ptxas then cannot hoist the wait for P·V(it-1) above the
+    // exp2s (it moves it to the top of the block where the masked and full paths meet).
+    if (ring.is_full(it))
+      rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
+          rs, cSrc, row_max, row_sum, corr, true, ring.mask(it, sm.qrows), scale2);
+    else
+      rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
+          rs, cSrc, row_max, row_sum, corr, false, ring.mask(it, sm.qrows), scale2);
+#else
     rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
         rs, cSrc, row_max, row_sum, corr, ring.is_full(it), ring.mask(it, sm.qrows), scale2);
+#endif
   };
   // O = O · corr + P(it)·V(it), issued without waiting.
   auto accumulate = [&](int it) {
