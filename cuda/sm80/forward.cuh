@@ -1,8 +1,9 @@
 // sm80 GNA forward: one CTA per (Q tile of one dilation group, head, batch), or `parts` CTAs
 // that split its rows. It walks the box of KV tiles that the geometry says the Q tile sees;
 // full tiles run without mask code, partial tiles mask element-wise. Online softmax in fp32
-// (exp2), P stays in registers as the A operand of the PV GEMM. K and V are double-buffered:
-// the next tile streams in (cp.async) during the whole of this tile's GEMMs and softmax.
+// (exp2), P stays in registers as the A operand of the PV GEMM. K and V have kStages buffers
+// (3 where the card's shared memory allows, else 2): the next kStages-1 tiles stream in
+// (cp.async) during this tile's GEMMs and softmax.
 #pragma once
 
 #include "common.cuh"
@@ -13,24 +14,32 @@
 #define GNA_SM80_FWD_MIN_BLOCKS 1
 #endif
 
+// K/V buffers of the 128-row forward where the card's shared memory per block allows (2 or 3).
+#ifndef GNA_SM80_FWD_STAGES
+#define GNA_SM80_FWD_STAGES 3
+#endif
+
 namespace gna {
 namespace sm80 {
 
-template <class Tr, int kBlockM, int kBlockN>
+template <class Tr, int kBlockM, int kBlockN, int kStages>
 struct FwdSmem {
+  static_assert(kStages == 2 || kStages == 3, "two or three K/V buffers");
+  static constexpr int kRowSlots = kStages + 1;
   using T = typename Tr::T;
   alignas(128) T q[kBlockM * Tr::kD];
-  alignas(128) T k[2][kBlockN * Tr::kD];  // tile it in buffer it % 2
-  alignas(128) T v[2][kBlockN * Tr::kD];
+  alignas(128) T k[kStages][kBlockN * Tr::kD];  // tile it in buffer it % kStages
+  alignas(128) T v[kStages][kBlockN * Tr::kD];
   QRow qrows[kBlockM];
-  // Rows of tile it in slot it % 3: the gathers read each row's token there (no integer
-  // divisions per chunk), the mask its group indices. Slot it+2 is built during tile it.
-  KRow krows[3][kBlockN];
-  bool full[3];     // tile needs no element mask (computed once, by thread 0, with its rows)
+  // Rows of tile it in slot it % kRowSlots: the gathers read each row's token there (no
+  // integer divisions per chunk), the mask its group indices. Slot it+kStages is built
+  // during tile it.
+  KRow krows[kRowSlots][kBlockN];
+  bool full[kRowSlots];  // tile needs no element mask (computed once, by thread 0, with its rows)
   FullTiles fulls;  // KV tiles this Q tile sees in full (thread 0's)
 };
 
-template <class Tr, int kBlockM, int kBlockN>
+template <class Tr, int kBlockM, int kBlockN, int kStages>
 __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
@@ -40,7 +49,9 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   constexpr int kThreads = Tr::kThreads;
   static_assert(kBlockM == Tr::kRowsMma, "one 16-row MMA slab per warp");
   extern __shared__ __align__(128) char smem_raw[];
-  auto& sm = *reinterpret_cast<FwdSmem<Tr, kBlockM, kBlockN>*>(smem_raw);
+  using Smem = FwdSmem<Tr, kBlockM, kBlockN, kStages>;
+  constexpr int kRowSlots = Smem::kRowSlots;
+  auto& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
   const int h = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -83,23 +94,24 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     int kj[kMaxRank];
     for (int a = 0; a < kMaxRank; ++a) kj[a] = walk[a];
     box.next(walk);
-    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j % 3][r] = G.k_row(p, kj, r);
-    if (tid == 0) sm.full[j % 3] = sm.fulls.contains(kj);
+    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j % kRowSlots][r] = G.k_row(p, kj, r);
+    if (tid == 0) sm.full[j % kRowSlots] = sm.fulls.contains(kj);
   };
-  // K and V of tile j into buffer j % 2 (its rows are visible: built before a barrier).
+  // K and V of tile j into buffer j % kStages (its rows are visible: built before a barrier).
   auto stage = [&](int j) {
-    const KRow* kr = sm.krows[j % 3];
+    const KRow* kr = sm.krows[j % kRowSlots];
     auto tok = [&](int r) { return kr[r].tok; };
-    load_rows<kBlockN, kD, kThreads>(sm.k[j & 1], SKV{}, kb, kv_stride, tok, tid);
-    load_rows<kBlockN, kD, kThreads>(sm.v[j & 1], SKV{}, vb, kv_stride, tok, tid);
+    load_rows<kBlockN, kD, kThreads>(sm.k[j % kStages], SKV{}, kb, kv_stride, tok, tid);
+    load_rows<kBlockN, kD, kThreads>(sm.v[j % kStages], SKV{}, vb, kv_stride, tok, tid);
   };
-  if (box.total > 0) {
-    fill_krows(0);
-    if (box.total > 1) fill_krows(1);
-    __syncthreads();
-    stage(0);
+  // One cp.async group per tile (the first with Q), committed even when empty, so that
+  // "all but the newest kStages-2 groups" always means "up to tile it".
+  for (int j = 0; j < kStages && j < box.total; ++j) fill_krows(j);
+  __syncthreads();
+  for (int j = 0; j < kStages - 1; ++j) {
+    if (j < box.total) stage(j);
+    cp_async_commit();
   }
-  cp_async_commit();  // Q and tile 0
 
   typename Tr::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -119,24 +131,25 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   const float scale2 = p.scale * kLog2e;
 
   for (int it = 0; it < box.total; ++it) {
-    // Tile it has landed and rows(it+1) are visible; every warp is done with tile it-1, so
-    // its buffer takes tile it+1, and its row slot (it+2) % 3 the rows of tile it+2.
-    cp_async_wait<0>();
+    // Tile it has landed and rows(it+kStages-1) are visible; every warp is done with tile
+    // it-1, so its buffer takes tile it+kStages-1, and its row slot the rows of tile
+    // it+kStages.
+    cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (it + 1 < box.total) stage(it + 1);
+    if (it + kStages - 1 < box.total) stage(it + kStages - 1);
     cp_async_commit();
-    if (it + 2 < box.total) fill_krows(it + 2);
-    const bool full = sm.full[it % 3];
-    const KRow* krows = sm.krows[it % 3];
+    if (it + kStages < box.total) fill_krows(it + kStages);
+    const bool full = sm.full[it % kRowSlots];
+    const KRow* krows = sm.krows[it % kRowSlots];
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK(it & 1), tid);
+    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK(it % kStages), tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     online_softmax</*kFoldScale=*/false>(rs, ro, cSrc, row_max, row_sum, full,
                                          RowsMask{sm.qrows, krows}, scale2);
     Tensor rP = to_operand_a<T>(acc_s);
-    gemm_rs<typename Tr::LdsmT>(mma, acc_o, rP, sVt(it & 1), tid);
+    gemm_rs<typename Tr::LdsmT>(mma, acc_o, rP, sVt(it % kStages), tid);
   }
 
   // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.

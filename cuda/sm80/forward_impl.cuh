@@ -7,19 +7,22 @@
 namespace gna {
 namespace sm80 {
 
-// The forward with CTAs of kBlockM rows, `parts` of them per Q tile; a 128-row CTA whose
-// shared memory the card cannot give (sm_86/89 at D = 128: ~104 KB against 99 KB) becomes
-// two 64-row CTAs.
-template <class T, int kD, int kBlockM>
+// The forward with CTAs of kBlockM rows, `parts` of them per Q tile, and kStages K/V
+// buffers: 64-row CTAs keep two, so that two fit an SM. Where the card cannot give the
+// shared memory, three buffers become two, and then a 128-row CTA becomes two 64-row CTAs
+// (sm_86/89 at D = 128: ~104 KB against 99 KB).
+template <class T, int kD, int kBlockM, int kStages = kBlockM == 128 ? GNA_SM80_FWD_STAGES : 2>
 std::string run_forward(const Problem& p, const void* q, const void* k, const void* v,
                         void* out, float* lse, int parts, cudaStream_t stream) {
   using Tr = Traits<T, kD, kBlockM / 16>;
-  const int smem = (int)sizeof(FwdSmem<Tr, kBlockM, kKvTokens>);
-  if constexpr (kBlockM == 128) {
-    if (smem > max_smem_per_block())
-      return run_forward<T, kD, 64>(p, q, k, v, out, lse, 2 * parts, stream);
+  const int smem = (int)sizeof(FwdSmem<Tr, kBlockM, kKvTokens, kStages>);
+  if (smem > max_smem_per_block()) {
+    if constexpr (kStages > 2)
+      return run_forward<T, kD, kBlockM, 2>(p, q, k, v, out, lse, parts, stream);
+    if constexpr (kBlockM == 128)
+      return run_forward<T, kD, 64, 2>(p, q, k, v, out, lse, 2 * parts, stream);
   }
-  auto kernel = fwd_kernel<Tr, kBlockM, kKvTokens>;
+  auto kernel = fwd_kernel<Tr, kBlockM, kKvTokens, kStages>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(forward)", err);
