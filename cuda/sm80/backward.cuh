@@ -198,26 +198,27 @@ __global__ void __launch_bounds__(Tr::kThreads)
              [&](int r) { return sm.qrows[r].tok; });
 }
 
-// dK/dV: the Q/dO chunk, row table, lse and delta of step `it` in buffer it % 2; the other
-// buffer loads the next step while this one is computed (lse and delta by cp.async, so that
-// building a row table never waits on global memory).
-template <class Tr, int kBlockN, int kChunk>
+// dK/dV: the Q/dO chunk, row table, lse and delta of step `it` in buffer it % kStages; the
+// other buffers load the next kStages-1 steps while this one is computed (lse and delta by
+// cp.async, so that building a row table never waits on global memory).
+template <class Tr, int kBlockN, int kChunk, int kStages>
 struct DkdvSmem {
+  static_assert(kStages == 2 || kStages == 3, "two or three Q/dO buffers");
   using T = typename Tr::T;
   alignas(128) T k[kBlockN * Tr::kD];
   alignas(128) T v[kBlockN * Tr::kD];
-  alignas(128) T q[2][kChunk * Tr::kD];
-  alignas(128) T dout[2][kChunk * Tr::kD];
+  alignas(128) T q[kStages][kChunk * Tr::kD];
+  alignas(128) T dout[kStages][kChunk * Tr::kD];
   KRow krows[kBlockN];
-  QRow qrows[2][kChunk];
-  float qlse[2][kChunk];    // natural-log lse of the chunk's rows (+inf on padding rows)
-  float qdelta[2][kChunk];  // delta of the chunk's rows (0 on padding rows)
-  int full[2];              // the step's Q tile needs no element mask
+  QRow qrows[kStages][kChunk];
+  float qlse[kStages][kChunk];    // natural-log lse of the chunk's rows (+inf on padding rows)
+  float qdelta[kStages][kChunk];  // delta of the chunk's rows (0 on padding rows)
+  int full[kStages];              // the step's Q tile needs no element mask
   Group group;      // the CTA's geometry, kept here rather than in registers (see the kernel)
   FullTiles fulls;  // the Q tiles that see this KV tile in full
 };
 
-template <class Tr, int kBlockN, int kChunk>
+template <class Tr, int kBlockN, int kChunk, int kStages>
 __global__ void __launch_bounds__(Tr::kThreads)
     dkdv_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                 const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   constexpr int kThreads = Tr::kThreads;
   static_assert(kBlockN == Tr::kRowsMma, "one 16-row MMA slab per warp");
   extern __shared__ __align__(128) char smem_raw[];
-  auto& sm = *reinterpret_cast<DkdvSmem<Tr, kBlockN, kChunk>*>(smem_raw);
+  auto& sm = *reinterpret_cast<DkdvSmem<Tr, kBlockN, kChunk, kStages>*>(smem_raw);
   const int tid = threadIdx.x;
   const int hkv = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -281,11 +282,11 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const float scale2 = p.scale * kLog2e;
 
   const int steps = group_heads * box.total * n_chunks;
-  BoxStep st = BoxStep::first(box, hkv * group_heads);
-  // Stages step j (`sj`) into buffer j % 2: its row table, lse and delta, Q and dO rows, as
-  // one cp.async group.
+  BoxStep ahead = BoxStep::first(box, hkv * group_heads);  // the next step to stage
+  // Stages step j (`sj`) into buffer j % kStages: its row table, lse and delta, Q and dO
+  // rows, as one cp.async group.
   auto stage = [&](int j, BoxStep const& sj) {
-    const int sb = j & 1;
+    const int sb = j % kStages;
     const int64_t stats = b * n_q_tok * p.heads + sj.head;
     const bool full_tile = sm.fulls.contains(sj.qt);
     for (int r = tid; r < kChunk; r += kThreads) {
@@ -298,17 +299,24 @@ __global__ void __launch_bounds__(Tr::kThreads)
     auto q_tok = [&](int r) { return G.q_token(p, sj.qt, sj.chunk * kChunk + r, ii); };
     load_rows<kChunk, kD, kThreads>(sm.q[sb], SC{}, q + q_off, q_stride, q_tok, tid);
     load_rows<kChunk, kD, kThreads>(sm.dout[sb], SC{}, dout + q_off, q_stride, q_tok, tid);
+  };
+  // One cp.async group per step (after K and V's), committed even when empty, so that "all
+  // but the newest kStages-2 groups" always means "up to this step".
+  auto stage_next = [&](int j) {
+    if (j < steps) {
+      stage(j, ahead);
+      ahead = ahead.next(box, n_chunks);
+    }
     cp_async_commit();
   };
-  if (steps > 0) stage(0, st);
+  for (int j = 0; j < kStages - 1; ++j) stage_next(j);
   for (int step = 0; step < steps; ++step) {
-    const BoxStep st_next = st.next(box, n_chunks);
-    // Step `step` has landed (with K and V at step 0; the only group in flight), and every
-    // thread is done with step-1, whose buffer step+1 fills while this step computes.
-    cp_async_wait<0>();
+    // Step `step` has landed, and every thread is done with step-1, whose buffer step
+    // + kStages-1 fills while this step computes.
+    cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (step + 1 < steps) stage(step + 1, st_next);
-    const int sb = step & 1;
+    stage_next(step + kStages - 1);
+    const int sb = step % kStages;
     const bool full = sm.full[sb] != 0;
     const QRow* qrows = sm.qrows[sb];
     const float* qlse = sm.qlse[sb];
@@ -349,7 +357,6 @@ __global__ void __launch_bounds__(Tr::kThreads)
     }
     Tensor rdS = to_operand_a<T>(acc_dp);
     gemm_rs<typename Tr::LdsmT>(mma, acc_dk, rdS, sQt, tid);
-    st = st_next;
   }
 
   cp_async_wait<0>();  // a KV tile no query sees still waits for its loads, then writes 0

@@ -7,10 +7,38 @@
 namespace gna {
 namespace sm80 {
 
+// Q/dO buffers of the dK/dV kernel where shared memory allows (2 or 3, see run_dkdv).
+#ifndef GNA_SM80_DKDV_STAGES
+#define GNA_SM80_DKDV_STAGES 3
+#endif
+
 // Query rows per dK/dV step: fewer for D = 128 so that dK, dV, S^T and dP^T fit registers.
 template <int kD>
 constexpr int dkdv_chunk() {
   return kD == 128 ? 32 : 64;
+}
+
+// dK/dV with kStages Q/dO buffers: three where two CTAs (the registers' limit) still fit an
+// SM's shared memory (H100/H200; not A100, where that would cost the second CTA), else two.
+template <class T, int kD, int kStages = GNA_SM80_DKDV_STAGES>
+std::string run_dkdv(const Problem& p, const T* q, const T* k, const T* v, const T* dout,
+                     const float* lse, const float* delta, T* dk, T* dv, cudaStream_t stream) {
+  constexpr int kChunk = dkdv_chunk<kD>();
+  using Tr = Traits<T, kD, kKvTokens / 16>;
+  const int smem = (int)sizeof(DkdvSmem<Tr, kKvTokens, kChunk, kStages>);
+  if constexpr (kStages > 2) {
+    constexpr int kReservedPerBlock = 1024;  // shared memory the driver keeps per block
+    if (smem > max_smem_per_block() || 2 * (smem + kReservedPerBlock) > max_smem_per_sm())
+      return run_dkdv<T, kD, 2>(p, q, k, v, dout, lse, delta, dk, dv, stream);
+  }
+  auto kernel = dkdv_kernel<Tr, kKvTokens, kChunk, kStages>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dkdv)", err);
+  const dim3 grid((unsigned)grid_tiles(p, p.kv_tile, /*kv_side=*/true), (unsigned)p.kv_heads,
+                  (unsigned)p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta, dk, dv);
+  return cuda_error("dkdv kernel launch", cudaGetLastError());
 }
 
 // dQ with CTAs of kBlockM rows, `parts` of them per Q tile; kStages K/V buffers.
@@ -62,21 +90,9 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   std::string e = launch_delta<T, kD>(p, out_, dout_, delta, stream);
   if (!e.empty()) return e;
 
-  {
-    constexpr int kChunk = dkdv_chunk<kD>();
-    using Tr = Traits<T, kD, kKvTokens / 16>;
-    auto kernel = dkdv_kernel<Tr, kKvTokens, kChunk>;
-    const int smem = (int)sizeof(DkdvSmem<Tr, kKvTokens, kChunk>);
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dkdv)", err);
-    const dim3 grid((unsigned)grid_tiles(p, p.kv_tile, /*kv_side=*/true), (unsigned)p.kv_heads,
-                    (unsigned)p.batch);
-    kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta,
-                                                 static_cast<T*>(dk_), static_cast<T*>(dv_));
-    e = cuda_error("dkdv kernel launch", cudaGetLastError());
-    if (!e.empty()) return e;
-  }
+  e = run_dkdv<T, kD>(p, q, k, v, dout, lse, delta, static_cast<T*>(dk_), static_cast<T*>(dv_),
+                      stream);
+  if (!e.empty()) return e;
 
   const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
   if (q_tokens <= 64)

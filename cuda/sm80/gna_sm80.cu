@@ -26,11 +26,11 @@ std::string cuda_error(const char* what, cudaError_t err) {
   return std::string(what) + " failed: " + cudaGetErrorString(err);
 }
 
-int max_smem_per_block() {
+// The device's value of `attr`, lowered to JAX_GNA_SM80_SMEM_LIMIT where that is set.
+static int smem_attribute(cudaDeviceAttr attr) {
   int dev = 0, bytes = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
-          cudaSuccess)
+      cudaDeviceGetAttribute(&bytes, attr, dev) != cudaSuccess)
     return 0;
   if (const char* cap = std::getenv("JAX_GNA_SM80_SMEM_LIMIT")) {
     const int limit = std::atoi(cap);
@@ -38,6 +38,10 @@ int max_smem_per_block() {
   }
   return bytes;
 }
+
+int max_smem_per_block() { return smem_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
+
+int max_smem_per_sm() { return smem_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor); }
 
 // Workspace: the float32 delta = rowsum(dO · O), [batch, Q tokens, heads].
 size_t delta_bytes(const Problem& p) {

@@ -25,6 +25,9 @@ std::string cuda_error(const char* what, cudaError_t err);
 // JAX_GNA_SM80_SMEM_LIMIT (bytes) lowers it, so that the paths of cards with less (sm_86/89:
 // 99 KB) can be tested on larger ones.
 int max_smem_per_block();
+// Shared memory of one SM for all its resident blocks (0 if the query fails), lowered the
+// same way.
+int max_smem_per_sm();
 
 template <class T, int kD>
 std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,
