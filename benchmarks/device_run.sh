@@ -91,16 +91,16 @@ native90)
 ab)
   step ab  # harness timings of builds with other compile-time choices, e.g. AB="-DX=0 -DX=1"
   # (commas join the flags of one build: AB="-DX=1,-DY=1"; the sm80 objects and the sm90a
-  # backward's come from the default build; AB_REUSE_SM80=0 rebuilds the sm80 ones). AB_ONLY and
-  # GNA_TIME_KERNELS (e.g. sm90fwd) narrow the problems and kernels timed.
+  # backward's come from the default build, and AB_REUSE_SM80=0 rebuilds the sm80 ones).
+  # AB_ONLY and GNA_TIME_KERNELS (e.g. sm90fwd) narrow the problems and kernels timed.
   [[ -x "$BUILD_DIR/sm80_check" ]] || bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1
   echo "--- default build"
   GNA_TIME_ONLY="${AB_ONLY:-}" "$BUILD_DIR/sm80_check" time 2>&1 | sed -n '/^problem/,$p'
   for flags in ${AB:-}; do
     flags=${flags//,/ }
     dir="$BUILD_DIR.ab"; rm -rf "$dir"; mkdir -p "$dir"; cp "$BUILD_DIR"/*.o "$dir"/ 2>/dev/null
-    BUILD_DIR="$dir" REUSE_SM80="${AB_REUSE_SM80:-1}" REUSE_SM90_BACKWARD=1 NVCC_EXTRA="$flags" \
-      bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1 || { tail -20 "$OUT/ab.log"; continue; }
+    BUILD_DIR="$dir" REUSE_SM80="${AB_REUSE_SM80:-1}" REUSE_SM90_BACKWARD=1 \
+      NVCC_EXTRA="$flags" bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1 || { tail -20 "$OUT/ab.log"; continue; }
     echo "--- $flags"
     GNA_TIME_ONLY="${AB_ONLY:-}" "$dir/sm80_check" time 2>&1 | sed -n '/^problem/,$p'
   done

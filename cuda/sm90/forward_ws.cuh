@@ -13,10 +13,10 @@
 //   the wait for P·V above it unless GNA_SM90_FWD_SPLIT_SOFTMAX; the overlap measured no
 //   faster: cuda/sm90/NOTES.md). It frees K(it) as soon as S(it) has retired (the ring
 //   keeps the step's rows for the mask; 1.00-1.08x) and V(it-1) once P·V has retired. With
-//   kPingPong, two consumers take turns to issue (named
-//   barriers), so that one's softmax runs under the other's GEMMs (measured no faster than
-//   letting them issue when ready, before and after the producer's bookkeeping was trimmed:
-//   off by default).
+//   kPingPong, two consumers take turns to issue (named barriers), so that one's softmax runs
+//   under the other's GEMMs (measured no faster than letting them issue when ready, before
+//   and after the producer's bookkeeping was trimmed, and with the split softmax: off by
+//   default).
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -25,13 +25,13 @@
 
 // The softmax moves its exp2 base only when a row outgrows it by 2^8 (sm80::softmax_step's
 // kLazyRescale); 0 rescales the output at every step, for A/B runs.
+#ifndef GNA_SM90_FWD_LAZY_RESCALE
+#define GNA_SM90_FWD_LAZY_RESCALE 1
+#endif
 // 1: the softmax is compiled once per full flag, which keeps the wait for P·V behind it in
 // the SASS (intra-warpgroup overlap); measured 0.94-1.0x on the block-sparse problems alone.
 #ifndef GNA_SM90_FWD_SPLIT_SOFTMAX
 #define GNA_SM90_FWD_SPLIT_SOFTMAX 0
-#endif
-#ifndef GNA_SM90_FWD_LAZY_RESCALE
-#define GNA_SM90_FWD_LAZY_RESCALE 1
 #endif
 
 namespace gna {
