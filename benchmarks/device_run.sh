@@ -100,7 +100,8 @@ ab)
     flags=${flags//,/ }
     dir="$BUILD_DIR.ab"; rm -rf "$dir"; mkdir -p "$dir"; cp "$BUILD_DIR"/*.o "$dir"/ 2>/dev/null
     BUILD_DIR="$dir" REUSE_SM80="${AB_REUSE_SM80:-1}" REUSE_SM90_BACKWARD=1 \
-      NVCC_EXTRA="$flags" bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1 || { tail -20 "$OUT/ab.log"; continue; }
+      NVCC_EXTRA="$flags" bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1 ||
+      { tail -20 "$OUT/ab.log"; continue; }
     echo "--- $flags"
     GNA_TIME_ONLY="${AB_ONLY:-}" "$dir/sm80_check" time 2>&1 | sed -n '/^problem/,$p'
   done
