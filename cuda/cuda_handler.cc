@@ -3,7 +3,6 @@
 // Plain C++ (no device code): the kernels live in cuda/sm80/*.cu and cuda/sm90/*.cu.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -148,36 +147,24 @@ ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
   if (ffi::Error e = select_kernels(p, dtype, device, &cc); e.failure()) return e;
   // The workspace is an XLA-allocated result (FFI scratch allocation is not available on
   // every runtime); jax_gna/native.py sizes it with cuda_backward_workspace().
-  const size_t bytes = sm80_backward_workspace(p);
+  const size_t bytes = backward_workspace(p);
   if (workspace->size_bytes() < bytes)
     return ffi::Error::InvalidArgument(
         "implementation='cuda': backward workspace has " +
         std::to_string(workspace->size_bytes()) + " bytes, needs " + std::to_string(bytes));
-  const bool sm90 = use_sm90(cc, p, dtype);
-  if (sm90 && workspace->size_bytes() < sm90_backward_workspace(p)) p.deterministic = true;
-  auto backward = sm90 ? sm90_backward : sm80_backward;
+  auto backward = use_sm90(cc, p, dtype) ? sm90_backward : sm80_backward;
   std::string err = backward(p, dtype, q.untyped_data(), k.untyped_data(), v.untyped_data(),
                              out.untyped_data(), dout.untyped_data(), lse.typed_data(),
                              dq->untyped_data(), dk->untyped_data(), dv->untyped_data(),
-                             bytes ? workspace->untyped_data() : nullptr, stream);
+                             workspace->untyped_data(), stream);
   if (!err.empty()) return ffi::Error::Internal("implementation='cuda': " + err);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-// Sized for the kernels the current device runs on `p` (the sm90a backward's dq
-// accumulator); which ones does not depend on the 16-bit type. A call that runs with a
-// smaller workspace than its kernels want (traced for another card) still runs: the handler
-// then takes the deterministic path, which needs only the sm80 size.
-size_t cuda_backward_workspace(const Problem& p) {
-  int device = 0;
-  std::string err;
-  if (cudaGetDevice(&device) == cudaSuccess &&
-      use_sm90(compute_capability(device, &err), p, DType::kBFloat16))
-    return std::max(sm80_backward_workspace(p), sm90_backward_workspace(p));
-  return sm80_backward_workspace(p);
-}
+// Both kernel families lay out the same workspace, so its size does not depend on the card.
+size_t cuda_backward_workspace(const Problem& p) { return backward_workspace(p); }
 
 }  // namespace gna
 

@@ -23,9 +23,15 @@ std::string sm80_supports(const Problem& p, DType dtype);
 std::string sm80_forward(const Problem& p, DType dtype, const void* q, const void* k,
                          const void* v, void* out, float* lse, cudaStream_t stream);
 
-// Scratch bytes the backward needs (e.g. a float32 dq accumulator, the rowwise dO·O).
-size_t sm80_backward_workspace(const Problem& p);
+// Scratch bytes of either family's backward: the float32 rowwise dO·O, then, unless
+// `p.deterministic`, a float32 dq accumulator (the five-GEMM kernels add each step's dQ into
+// it in no fixed order).
+size_t backward_workspace(const Problem& p);
 
+// Where the workspace's float32 dq accumulator starts, or null if `p.deterministic`.
+float* backward_dq_acc(const Problem& p, void* workspace);
+
+// `workspace` holds backward_workspace(p) bytes.
 std::string sm80_backward(const Problem& p, DType dtype, const void* q, const void* k,
                           const void* v, const void* out, const void* dout, const float* lse,
                           void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream);
@@ -37,11 +43,7 @@ std::string sm90_supports(const Problem& p, DType dtype);
 std::string sm90_forward(const Problem& p, DType dtype, const void* q, const void* k,
                          const void* v, void* out, float* lse, cudaStream_t stream);
 
-// Scratch bytes of sm90_backward: the rowwise dO·O, and unless `p.deterministic` a float32
-// dq accumulator (the fused backward kernel adds each step's dQ into it in no fixed order).
-size_t sm90_backward_workspace(const Problem& p);
-
-// `workspace` holds sm90_backward_workspace(p) bytes.
+// `workspace` holds backward_workspace(p) bytes.
 std::string sm90_backward(const Problem& p, DType dtype, const void* q, const void* k,
                           const void* v, const void* out, const void* dout, const float* lse,
                           void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream);

@@ -150,9 +150,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, *,
         every query attends to besides its neighbourhood (merged exactly through the LSEs).
       q_tile_shape, kv_tile_shape: expert override of the tile shapes (one int per axis).
       deterministic: request bitwise-reproducible gradients where the implementation has a
-        choice. On Hopper the ``cuda`` backward without it adds dq up in float32 in no
-        fixed order (five GEMMs per query-key pair instead of seven, and a float32 scratch
-        of q's size); with it, dq has its own kernel.
+        choice. The ``cuda`` backward without it adds dq up in float32 in no fixed order
+        (five GEMMs per query-key pair instead of seven, and a float32 scratch of q's
+        size); with it, dq has its own kernel.
 
     Returns:
       ``out`` with q's shape and dtype, or ``(out, lse)`` with ``lse: [B, *spatial, H]``

@@ -177,7 +177,7 @@ def _call_backward(c: _Call, q, k, v, out, lse, dout, *dlse):
     """``(dq, dk, dv)`` from the backward target; `dlse` is an optional trailing operand.
 
     The target's fourth result is the kernels' scratch space, sized here from the (local)
-    shapes (and, on Hopper without ``deterministic``, holding a float32 dq accumulator) and
+    shapes (and, without ``deterministic``, holding a float32 dq accumulator) and
     dropped.
     """
     attrs = c.attributes()

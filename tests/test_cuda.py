@@ -80,8 +80,9 @@ def test_deterministic_backward_is_bitwise_reproducible(dtype):
     ((4, 8, 10), jax_gna.GNAConfig((3, 5, 5), (1, 2, 2)), (2, 1), 128),
 ])
 def test_default_backward_matches_deterministic_backward(dtype, shape, cfg, heads, d):
-    """Without ``deterministic`` (on Hopper: dq added up in float32 by reductions in no fixed
-    order) the gradients equal the deterministic ones up to the rounding of the outputs."""
+    """Without ``deterministic`` (dq added up in float32 by atomics or TMA reductions in no
+    fixed order) the gradients equal the deterministic ones up to the rounding of the
+    outputs."""
     q, k, v = _inputs(shape, *heads, d, dtype, seed=5)
     dout = _inputs(shape, heads[0], heads[0], d, dtype, seed=6)[0]
     default = _grads(cfg, q, k, v, dout)

@@ -1,4 +1,4 @@
-// sm80 GNA backward, deterministic by construction (no atomics):
+// sm80 GNA backward:
 //   1. delta_kernel: delta = rowsum(dO · O) in float32 (workspace [B, N, H]).
 //   2. dkdv_kernel: one CTA per (KV tile of one dilation group, kv head, batch); loops over
 //      the query heads of its GQA group and the box of Q tiles that see the KV tile (the
@@ -6,10 +6,12 @@
 //      (KV rows are the MMA's M side): S^T = K Q^T, P^T = exp2(S^T·c − lse), dP^T = V dO^T,
 //      dS^T = P^T ∘ (dP^T − delta), dV += P^T dO, dK += dS^T Q — so P^T and dS^T stay in
 //      registers as the A operands and no reduction across warps is needed.
-//   3. dq_kernel: like the forward, one CTA per Q tile over its KV box: S = Q K^T, dP = dO V^T,
-//      dQ += dS K.
-// dQ recomputes S and dP (7 GEMMs instead of 5) in exchange for bitwise-reproducible
-// gradients with no float32 dQ accumulator; p.deterministic is therefore always honoured.
+//      With kDq (the default, non-deterministic backward) it also stores dS^T in shared
+//      memory and adds the chunk's dQ = dS K into a float32 accumulator with atomics: five
+//      GEMMs per (query, key) pair, then dq_from_acc_kernel converts the accumulator.
+//   3. Deterministic (p.deterministic): dq_kernel instead, like the forward, one CTA per Q tile
+//      over its KV box: S = Q K^T, dP = dO V^T, dQ += dS K. It recomputes S and dP (7 GEMMs
+//      instead of 5) in exchange for bitwise-reproducible gradients with no atomics.
 #pragma once
 
 #include "common.cuh"
@@ -54,6 +56,22 @@ __device__ __forceinline__ void store_rows(Rc const& racc, Crc const& crc, T* ba
       T pair[2] = {static_cast<T>(racc(mi, ni) * scale), static_cast<T>(racc(mi, ni + 1) * scale)};
       *reinterpret_cast<uint32_t*>(row + c) = *reinterpret_cast<uint32_t*>(pair);
     }
+  }
+}
+
+// dq = T(acc · scale), 8 elements per thread and iteration (n8 = elements / 8: D is a
+// multiple of 8). Converts the float32 accumulator of the non-deterministic backwards.
+template <class T>
+__global__ void dq_from_acc_kernel(const float4* __restrict__ acc, uint4* __restrict__ dq,
+                                   int64_t n8, float scale) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float4 a = acc[2 * i], c = acc[2 * i + 1];
+    const float x[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+    T y[8];
+    CUTE_UNROLL
+    for (int j = 0; j < 8; ++j) y[j] = static_cast<T>(x[j] * scale);
+    dq[i] = *reinterpret_cast<const uint4*>(y);
   }
 }
 
@@ -200,8 +218,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
 // dK/dV: the Q/dO chunk, row table, lse and delta of step `it` in buffer it % kStages; the
 // other buffers load the next kStages-1 steps while this one is computed (lse and delta by
-// cp.async, so that building a row table never waits on global memory).
-template <class Tr, int kBlockN, int kChunk, int kStages>
+// cp.async, so that building a row table never waits on global memory). With kDq, also the
+// step's dS^T, the A operand of its dQ GEMM.
+template <class Tr, int kBlockN, int kChunk, int kStages, bool kDq>
 struct DkdvSmem {
   static_assert(kStages == 2 || kStages == 3, "two or three Q/dO buffers");
   using T = typename Tr::T;
@@ -209,28 +228,70 @@ struct DkdvSmem {
   alignas(128) T v[kBlockN * Tr::kD];
   alignas(128) T q[kStages][kChunk * Tr::kD];
   alignas(128) T dout[kStages][kChunk * Tr::kD];
+  alignas(128) T ds[kDq ? kBlockN * kChunk : 8];
   KRow krows[kBlockN];
   QRow qrows[kStages][kChunk];
   float qlse[kStages][kChunk];    // natural-log lse of the chunk's rows (+inf on padding rows)
   float qdelta[kStages][kChunk];  // delta of the chunk's rows (0 on padding rows)
   int full[kStages];              // the step's Q tile needs no element mask
+  int head[kStages];              // the step's query head
   Group group;      // the CTA's geometry, kept here rather than in registers (see the kernel)
   FullTiles fulls;  // the Q tiles that see this KV tile in full
 };
 
-template <class Tr, int kBlockN, int kChunk, int kStages>
+// The dQ GEMM of a dK/dV step, dQ[kChunk, kD] += dS[kChunk, kBlockN] · K[kBlockN, kD], on
+// the dK/dV kernel's warps: as many along the chunk's rows as it has 16-row slabs, the rest
+// along D.
+template <class Tr, int kChunk>
+struct DqStepMma {
+  static constexpr int kWarpsM = kChunk / 16;
+  static constexpr int kWarpsN = Tr::kWarps / kWarpsM;
+  static_assert(kWarpsM * kWarpsN == Tr::kWarps, "the chunk's slabs divide the warps");
+  using TiledMma = TiledMMA<MMA_Atom<typename MmaAtomFor<typename Tr::T>::type>,
+                            Layout<Shape<Int<kWarpsM>, Int<kWarpsN>, _1>>,
+                            Tile<Int<kChunk>, Int<16 * kWarpsN>, _16>>;
+  // dS^T stored [kBlockN, kChunk] with the swizzle of a kChunk-wide tile, and seen as dS.
+  using DsTraits = Traits<typename Tr::T, kChunk, Tr::kWarps>;
+  using SmemDsT = typename DsTraits::template Smem<Tr::kRowsMma>;
+  using SmemDs = typename DsTraits::template SmemT<Tr::kRowsMma>;
+};
+
+// Adds a float accumulator [rows, kD] (rowcol view) into gathered float32 rows, two columns
+// per atomic where the card has vector atomics (sm_90).
+template <class Rc, class Crc, class TokFn>
+__device__ __forceinline__ void add_rows(Rc const& racc, Crc const& crc, float* base,
+                                         int64_t row_stride, TokFn const& tok_of) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(racc); ++mi) {
+    const int tok = tok_of(get<0>(crc(mi, 0)));
+    if (tok < 0) continue;
+    float* row = base + (int64_t)tok * row_stride;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(racc); ni += 2) {
+      float* dst = row + get<1>(crc(mi, ni));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(racc(mi, ni), racc(mi, ni + 1)));
+#else
+      atomicAdd(dst, racc(mi, ni));
+      atomicAdd(dst + 1, racc(mi, ni + 1));
+#endif
+    }
+  }
+}
+
+template <class Tr, int kBlockN, int kChunk, int kStages, bool kDq>
 __global__ void __launch_bounds__(Tr::kThreads)
     dkdv_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                 const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                 const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
                 const float* __restrict__ delta, typename Tr::T* __restrict__ dk,
-                typename Tr::T* __restrict__ dv) {
+                typename Tr::T* __restrict__ dv, float* __restrict__ dq_acc) {
   using T = typename Tr::T;
   constexpr int kD = Tr::kD;
   constexpr int kThreads = Tr::kThreads;
   static_assert(kBlockN == Tr::kRowsMma, "one 16-row MMA slab per warp");
   extern __shared__ __align__(128) char smem_raw[];
-  auto& sm = *reinterpret_cast<DkdvSmem<Tr, kBlockN, kChunk, kStages>*>(smem_raw);
+  auto& sm = *reinterpret_cast<DkdvSmem<Tr, kBlockN, kChunk, kStages, kDq>*>(smem_raw);
   const int tid = threadIdx.x;
   const int hkv = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -294,7 +355,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
       sm.qrows[sb][r] = row;
       stage_row_stats(row.tok, stats, p.heads, lse, delta, sm.qlse[sb][r], sm.qdelta[sb][r]);
     }
-    if (tid == 0) sm.full[sb] = full_tile;
+    if (tid == 0) sm.full[sb] = full_tile, sm.head[sb] = sj.head;
     const int64_t q_off = (b * n_q_tok * p.heads + sj.head) * kD;
     auto q_tok = [&](int r) { return G.q_token(p, sj.qt, sj.chunk * kChunk + r, ii); };
     load_rows<kChunk, kD, kThreads>(sm.q[sb], SC{}, q + q_off, q_stride, q_tok, tid);
@@ -356,7 +417,30 @@ __global__ void __launch_bounds__(Tr::kThreads)
       }
     }
     Tensor rdS = to_operand_a<T>(acc_dp);
+    if constexpr (kDq) {
+      using Dq = DqStepMma<Tr, kChunk>;
+      Tensor sdSt = make_tensor(make_smem_ptr(sm.ds), typename Dq::SmemDsT{});
+      copy(make_tensor(rdS.data(), acc_dp.layout()), thr.partition_C(sdSt));
+    }
     gemm_rs<typename Tr::LdsmT>(mma, acc_dk, rdS, sQt, tid);
+    if constexpr (kDq) {
+      // Every warp's dS^T slab is stored; the next write of sm.ds follows the next step's
+      // first barrier, after every warp's dQ GEMM has read it.
+      __syncthreads();
+      using Dq = DqStepMma<Tr, kChunk>;
+      typename Dq::TiledMma dq_mma;
+      Tensor acc_dq = partition_fragment_C(dq_mma, Shape<Int<kChunk>, Int<kD>>{});
+      clear(acc_dq);
+      gemm_ss<typename Tr::LdsmT, typename Tr::LdsmT>(
+          dq_mma, acc_dq, make_tensor(make_smem_ptr(sm.ds), typename Dq::SmemDs{}),
+          make_tensor(make_smem_ptr(sm.k), typename Tr::template SmemT<kBlockN>{}), tid);
+      Tensor cQ = dq_mma.get_thread_slice(tid).partition_C(
+          make_identity_tensor(Shape<Int<kChunk>, Int<kD>>{}));
+      const int64_t q_off = (b * n_q_tok * p.heads + sm.head[sb]) * kD;
+      add_rows(make_tensor(acc_dq.data(), rowcol(acc_dq.layout())),
+               make_tensor(cQ.data(), rowcol(cQ.layout())), dq_acc + q_off, q_stride,
+               [&](int r) { return qrows[r].tok; });
+    }
   }
 
   cp_async_wait<0>();  // a KV tile no query sees still waits for its loads, then writes 0

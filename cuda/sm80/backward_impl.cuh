@@ -1,5 +1,8 @@
-// Host-side launch of the backward kernels (delta, dK/dV, dQ) for one (dtype, head dim).
+// Host-side launch of the backward kernels (delta, dK/dV with or without dQ, dQ, the dQ
+// conversion) for one (dtype, head dim).
 #pragma once
+
+#include <algorithm>
 
 #include "backward.cuh"
 #include "launch.cuh"
@@ -20,25 +23,52 @@ constexpr int dkdv_chunk() {
 
 // dK/dV with kStages Q/dO buffers: three where two CTAs (the registers' limit) still fit an
 // SM's shared memory (H100/H200; not A100, where that would cost the second CTA), else two.
+// With `dq_acc` (float32, zeroed, dq's shape) it also adds every step's dQ into it.
 template <class T, int kD, int kStages = GNA_SM80_DKDV_STAGES>
 std::string run_dkdv(const Problem& p, const T* q, const T* k, const T* v, const T* dout,
-                     const float* lse, const float* delta, T* dk, T* dv, cudaStream_t stream) {
+                     const float* lse, const float* delta, T* dk, T* dv, float* dq_acc,
+                     cudaStream_t stream) {
   constexpr int kChunk = dkdv_chunk<kD>();
   using Tr = Traits<T, kD, kKvTokens / 16>;
-  const int smem = (int)sizeof(DkdvSmem<Tr, kKvTokens, kChunk, kStages>);
+  const bool with_dq = dq_acc != nullptr;
+  const int smem = with_dq ? (int)sizeof(DkdvSmem<Tr, kKvTokens, kChunk, kStages, true>)
+                           : (int)sizeof(DkdvSmem<Tr, kKvTokens, kChunk, kStages, false>);
   if constexpr (kStages > 2) {
     constexpr int kReservedPerBlock = 1024;  // shared memory the driver keeps per block
     if (smem > max_smem_per_block() || 2 * (smem + kReservedPerBlock) > max_smem_per_sm())
-      return run_dkdv<T, kD, 2>(p, q, k, v, dout, lse, delta, dk, dv, stream);
+      return run_dkdv<T, kD, 2>(p, q, k, v, dout, lse, delta, dk, dv, dq_acc, stream);
   }
-  auto kernel = dkdv_kernel<Tr, kKvTokens, kChunk, kStages>;
+  auto kernel = with_dq ? dkdv_kernel<Tr, kKvTokens, kChunk, kStages, true>
+                        : dkdv_kernel<Tr, kKvTokens, kChunk, kStages, false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dkdv)", err);
   const dim3 grid((unsigned)grid_tiles(p, p.kv_tile, /*kv_side=*/true), (unsigned)p.kv_heads,
                   (unsigned)p.batch);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta, dk, dv);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta, dk, dv, dq_acc);
   return cuda_error("dkdv kernel launch", cudaGetLastError());
+}
+
+// dq = T(dq_acc · scale) over the whole [B, N, H, D] accumulator.
+template <class T>
+std::string launch_dq_from_acc(const Problem& p, const float* dq_acc, void* dq,
+                               cudaStream_t stream) {
+  int sms = 132;
+  int dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess)
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int64_t n8 = p.batch * p.q_tokens() * p.heads * p.head_dim / 8;
+  const int blocks = (int)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sms);
+  dq_from_acc_kernel<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_acc),
+                                                    static_cast<uint4*>(dq), n8, p.scale);
+  return cuda_error("dq conversion kernel", cudaGetLastError());
+}
+
+// Zeroes the float32 dq accumulator (dq's shape) that the five-GEMM backwards add into.
+inline std::string clear_dq_acc(const Problem& p, float* dq_acc, cudaStream_t stream) {
+  const int64_t n = p.batch * p.q_tokens() * p.heads * p.head_dim;
+  return cuda_error("cudaMemsetAsync(dq accumulator)",
+                    cudaMemsetAsync(dq_acc, 0, n * sizeof(float), stream));
 }
 
 // dQ with CTAs of kBlockM rows, `parts` of them per Q tile; kStages K/V buffers.
@@ -78,10 +108,13 @@ std::string launch_delta(const Problem& p, const void* out, const void* dout, fl
   return cuda_error("delta kernel launch", cudaGetLastError());
 }
 
+// After the delta pass: with `dq_acc` (not p.deterministic) dK/dV and dQ in one kernel,
+// then the conversion of the accumulator; else dK/dV, then the dQ kernel.
 template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q_, const void* k_, const void* v_,
                             const void* out_, const void* dout_, const float* lse, void* dq_,
-                            void* dk_, void* dv_, float* delta, cudaStream_t stream) {
+                            void* dk_, void* dv_, float* delta, float* dq_acc,
+                            cudaStream_t stream) {
   const T* q = static_cast<const T*>(q_);
   const T* k = static_cast<const T*>(k_);
   const T* v = static_cast<const T*>(v_);
@@ -89,10 +122,14 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
 
   std::string e = launch_delta<T, kD>(p, out_, dout_, delta, stream);
   if (!e.empty()) return e;
-
+  if (dq_acc != nullptr) {
+    e = clear_dq_acc(p, dq_acc, stream);
+    if (!e.empty()) return e;
+  }
   e = run_dkdv<T, kD>(p, q, k, v, dout, lse, delta, static_cast<T*>(dk_), static_cast<T*>(dv_),
-                      stream);
+                      dq_acc, stream);
   if (!e.empty()) return e;
+  if (dq_acc != nullptr) return launch_dq_from_acc<T>(p, dq_acc, dq_, stream);
 
   const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
   if (q_tokens <= 64)
@@ -106,7 +143,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   template std::string launch_backward<T, D>(const Problem&, const void*, const void*,    \
                                              const void*, const void*, const void*,       \
                                              const float*, void*, void*, void*, float*,   \
-                                             cudaStream_t);
+                                             float*, cudaStream_t);
 
 }  // namespace sm80
 }  // namespace gna

@@ -43,12 +43,28 @@ int max_smem_per_block() { return smem_attribute(cudaDevAttrMaxSharedMemoryPerBl
 
 int max_smem_per_sm() { return smem_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor); }
 
-// Workspace: the float32 delta = rowsum(dO · O), [batch, Q tokens, heads].
-size_t delta_bytes(const Problem& p) {
-  return static_cast<size_t>(p.batch * p.q_tokens() * p.heads) * sizeof(float);
+}  // namespace sm80
+
+namespace {
+
+// Bytes of the workspace's delta part (float32 [batch, Q tokens, heads]), rounded so that the
+// accumulator after it is aligned for 16-byte accesses and whole L2 sectors.
+size_t delta_part(const Problem& p) {
+  const size_t bytes = static_cast<size_t>(p.batch * p.q_tokens() * p.heads) * sizeof(float);
+  return (bytes + 255) / 256 * 256;
 }
 
-}  // namespace sm80
+}  // namespace
+
+size_t backward_workspace(const Problem& p) {
+  if (p.deterministic) return delta_part(p);
+  return delta_part(p) + (size_t)(p.batch * p.q_tokens() * p.heads * p.head_dim) * sizeof(float);
+}
+
+float* backward_dq_acc(const Problem& p, void* workspace) {
+  if (p.deterministic) return nullptr;
+  return reinterpret_cast<float*>(static_cast<char*>(workspace) + delta_part(p));
+}
 
 std::string sm80_supports(const Problem& p, DType dtype) {
   std::ostringstream why;
@@ -105,14 +121,14 @@ std::string forward_for(const Problem& p, const void* q, const void* k, const vo
 template <class T>
 std::string backward_for(const Problem& p, const void* q, const void* k, const void* v,
                          const void* out, const void* dout, const float* lse, void* dq,
-                         void* dk, void* dv, float* delta, cudaStream_t s) {
+                         void* dk, void* dv, float* delta, float* dq_acc, cudaStream_t s) {
+  auto run = [&](auto launch) {
+    return launch(p, q, k, v, out, dout, lse, dq, dk, dv, delta, dq_acc, s);
+  };
   switch (p.head_dim) {
-    case 32:
-      return sm80::launch_backward<T, 32>(p, q, k, v, out, dout, lse, dq, dk, dv, delta, s);
-    case 64:
-      return sm80::launch_backward<T, 64>(p, q, k, v, out, dout, lse, dq, dk, dv, delta, s);
-    default:
-      return sm80::launch_backward<T, 128>(p, q, k, v, out, dout, lse, dq, dk, dv, delta, s);
+    case 32: return run(sm80::launch_backward<T, 32>);
+    case 64: return run(sm80::launch_backward<T, 64>);
+    default: return run(sm80::launch_backward<T, 128>);
   }
 }
 
@@ -127,18 +143,18 @@ std::string sm80_forward(const Problem& p, DType dtype, const void* q, const voi
   return forward_for<cutlass::half_t>(p, q, k, v, out, lse, stream);
 }
 
-size_t sm80_backward_workspace(const Problem& p) { return sm80::delta_bytes(p); }
-
 std::string sm80_backward(const Problem& p, DType dtype, const void* q, const void* k,
                           const void* v, const void* out, const void* dout, const float* lse,
                           void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream) {
   std::string why = sm80_supports(p, dtype);
   if (!why.empty()) return why;
   float* delta = static_cast<float*>(workspace);
+  float* dq_acc = backward_dq_acc(p, workspace);
   if (dtype == DType::kBFloat16)
     return backward_for<cutlass::bfloat16_t>(p, q, k, v, out, dout, lse, dq, dk, dv, delta,
-                                             stream);
-  return backward_for<cutlass::half_t>(p, q, k, v, out, dout, lse, dq, dk, dv, delta, stream);
+                                             dq_acc, stream);
+  return backward_for<cutlass::half_t>(p, q, k, v, out, dout, lse, dq, dk, dv, delta, dq_acc,
+                                       stream);
 }
 
 }  // namespace gna

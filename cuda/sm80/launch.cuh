@@ -39,10 +39,12 @@ template <class T, int kD>
 std::string launch_delta(const Problem& p, const void* out, const void* dout, float* delta,
                          cudaStream_t stream);
 
+// `dq_acc`: null for the deterministic backward, else the float32 dq accumulator.
 template <class T, int kD>
 std::string launch_backward(const Problem& p, const void* q, const void* k, const void* v,
                             const void* out, const void* dout, const float* lse, void* dq,
-                            void* dk, void* dv, float* delta, cudaStream_t stream);
+                            void* dk, void* dv, float* delta, float* dq_acc,
+                            cudaStream_t stream);
 
 }  // namespace sm80
 }  // namespace gna

@@ -2,9 +2,9 @@
 // for one (dtype, head dim), instantiated in the backward_*.cu files.
 #pragma once
 
-#include <algorithm>
 #include <type_traits>
 
+#include "../sm80/backward_impl.cuh"  // clear_dq_acc, launch_dq_from_acc
 #include "backward.cuh"
 #include "backward_fused_ws.cuh"
 #include "backward_ws.cuh"
@@ -27,21 +27,6 @@ std::string run_bwd_kernel(Kernel kernel, int smem, const char* what, dim3 grid,
 #ifndef GNA_SM90_BWD_TMA
 #define GNA_SM90_BWD_TMA 1
 #endif
-
-// dq = T(acc · scale), 8 elements per thread and iteration (n is a multiple of 8: D is).
-template <class T>
-__global__ void dq_from_acc_kernel(const float4* __restrict__ acc, uint4* __restrict__ dq,
-                                   int64_t n8, float scale) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const float4 a = acc[2 * i], c = acc[2 * i + 1];
-    const float x[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-    T y[8];
-    CUTE_UNROLL
-    for (int j = 0; j < 8; ++j) y[j] = static_cast<T>(x[j] * scale);
-    dq[i] = *reinterpret_cast<const uint4*>(y);
-  }
-}
 
 // The problem the fused backward walks: `p` with its KV tile doubled along one axis, so that
 // a CTA's 128 KV rows share each Q/dO chunk and each dQ reduction. The axis is the fastest
@@ -76,25 +61,16 @@ std::string launch_fused_backward(const Problem& p, const T* q, const T* k, cons
   QTensorMaps maps;
   encode_q_maps(pd, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps, dq_acc);
   if (!GNA_SM90_BWD_TMA) maps.on = 0;
-  const int64_t n = p.batch * p.q_tokens() * p.heads * kD;
-  cudaError_t err = cudaMemsetAsync(dq_acc, 0, n * sizeof(float), stream);
-  if (err != cudaSuccess) return sm80::cuda_error("cudaMemsetAsync(dq accumulator)", err);
+  std::string e = sm80::clear_dq_acc(p, dq_acc, stream);
+  if (!e.empty()) return e;
   const dim3 grid((unsigned)sm80::grid_tiles(pd, pd.kv_tile, /*kv_side=*/true),
                   (unsigned)p.kv_heads, (unsigned)p.batch);
-  std::string e = run_bwd_kernel<Tr>(fused_bwd_kernel<Tr>, (int)sizeof(FusedBwdSmem<Tr>),
+  e = run_bwd_kernel<Tr>(fused_bwd_kernel<Tr>, (int)sizeof(FusedBwdSmem<Tr>),
                                      "sm90 fused backward kernel", grid, stream, pd, q, k, v,
                                      dout, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
                                      dq_acc, maps);
   if (!e.empty()) return e;
-  int sms = 132;
-  int dev = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess)
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int64_t n8 = n / 8;
-  const int blocks = (int)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sms);
-  dq_from_acc_kernel<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_acc),
-                                                    static_cast<uint4*>(dq), n8, p.scale);
-  return sm80::cuda_error("dq conversion kernel", cudaGetLastError());
+  return sm80::launch_dq_from_acc<T>(p, dq_acc, dq, stream);
 }
 
 // After the delta pass:

@@ -30,21 +30,6 @@ std::string sm90_forward(const Problem& p, DType dtype, const void* q, const voi
              : sm90::launch_forward<F16, 128>(p, q, k, v, out, lse, stream);
 }
 
-namespace {
-
-size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
-
-// Bytes of the workspace's delta part, rounded so that the accumulator after it is aligned
-// for 16-byte accesses (and whole L2 sectors).
-size_t delta_part(const Problem& p) { return round_up(sm80_backward_workspace(p), 256); }
-
-}  // namespace
-
-size_t sm90_backward_workspace(const Problem& p) {
-  if (p.deterministic) return sm80_backward_workspace(p);
-  return delta_part(p) + (size_t)(p.batch * p.q_tokens() * p.heads * p.head_dim) * sizeof(float);
-}
-
 std::string sm90_backward(const Problem& p, DType dtype, const void* q, const void* k,
                           const void* v, const void* out, const void* dout, const float* lse,
                           void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream) {
@@ -53,9 +38,7 @@ std::string sm90_backward(const Problem& p, DType dtype, const void* q, const vo
   using BF16 = cutlass::bfloat16_t;
   using F16 = cutlass::half_t;
   float* delta = static_cast<float*>(workspace);
-  float* dq_acc = p.deterministic
-                      ? nullptr
-                      : reinterpret_cast<float*>(static_cast<char*>(workspace) + delta_part(p));
+  float* dq_acc = backward_dq_acc(p, workspace);
   auto run = [&](auto launch) {
     return launch(p, q, k, v, out, dout, lse, dq, dk, dv, delta, dq_acc, stream);
   };

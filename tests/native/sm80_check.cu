@@ -70,24 +70,10 @@ static bool use_sm90(const Problem& p, DType t) {
 #endif
 }
 
-// Workspace bytes of whichever backward runs `p` (at least 16: Buf wants a non-empty buffer).
-static size_t workspace_bytes(const Problem& p, DType t) {
-  size_t n = gna::sm80_backward_workspace(p);
-#ifdef GNA_CHECK_SM90
-  if (use_sm90(p, t)) n = gna::sm90_backward_workspace(p);
-#else
-  (void)t;
-#endif
-  return std::max<size_t>(n, 16);
-}
-
-// Workspace bytes that serve both kernel families (the timings run both).
-static size_t timing_workspace_bytes(const Problem& p) {
-  size_t n = gna::sm80_backward_workspace(p);
-#ifdef GNA_CHECK_SM90
-  n = std::max(n, gna::sm90_backward_workspace(p));
-#endif
-  return std::max<size_t>(n, 16);
+// Workspace bytes of the backward of `p` (at least 16: Buf wants a non-empty buffer); both
+// kernel families need the same.
+static size_t workspace_bytes(const Problem& p) {
+  return std::max<size_t>(gna::backward_workspace(p), 16);
 }
 
 static std::string forward(const Problem& p, DType t, const void* q, const void* k,
@@ -386,7 +372,7 @@ static Errors run_one(const Problem& p, DType t, std::mt19937& g, bool with_ref)
   auto hq = random_half(nq, g, t), hk = random_half(nk, g, t), hv = random_half(nk, g, t);
   auto hdo = random_half(nq, g, t);
   Buf q(nq * 2), k(nk * 2), v(nk * 2), out(nq * 2), lse(nl * 4), dout(nq * 2), dq(nq * 2),
-      dk(nk * 2), dv(nk * 2), ws(workspace_bytes(p, t));
+      dk(nk * 2), dv(nk * 2), ws(workspace_bytes(p));
   CK(cudaMemcpy(q.ptr, hq.data(), nq * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(k.ptr, hk.data(), nk * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(v.ptr, hv.data(), nk * 2, cudaMemcpyHostToDevice));
@@ -527,7 +513,7 @@ static FramedErrors run_framed(const Problem& p, const Problem& f, DType t, std:
   }
   const size_t nq = lq.size(), nk = lk.size(), nl = B * Nq * H;
   Buf q(nq * 2), k(nk * 2), v(nk * 2), out(nq * 2), lse(nl * 4), dout(nq * 2), dq(nq * 2),
-      dk(nk * 2), dv(nk * 2), ws(workspace_bytes(f, t));
+      dk(nk * 2), dv(nk * 2), ws(workspace_bytes(f));
   CK(cudaMemcpy(q.ptr, lq.data(), nq * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(k.ptr, lk.data(), nk * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(v.ptr, lv.data(), nk * 2, cudaMemcpyHostToDevice));
@@ -743,7 +729,7 @@ static int timing() {
     const size_t nk = p.batch * p.kv_tokens() * p.kv_heads * p.head_dim;
     const size_t nl = p.batch * p.q_tokens() * p.heads;
     Buf q(nq * 2), k(nk * 2), v(nk * 2), out(nq * 2), lse(nl * 4), dout(nq * 2), dq(nq * 2),
-        dk(nk * 2), dv(nk * 2), ws(timing_workspace_bytes(p));
+        dk(nk * 2), dv(nk * 2), ws(workspace_bytes(p));
     uint32_t seed = (uint32_t)g();
     for (Buf* b : {&q, &k, &v, &dout}) {
       fill_random<<<1024, 256>>>((uint16_t*)b->ptr, b->bytes / 2, seed++, true);
