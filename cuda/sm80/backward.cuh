@@ -15,6 +15,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "launch.cuh"  // kMaxQTokens
 
 namespace gna {
 namespace sm80 {
@@ -237,6 +238,7 @@ struct DkdvSmem {
   int head[kStages];              // the step's query head
   Group group;      // the CTA's geometry, kept here rather than in registers (see the kernel)
   FullTiles fulls;  // the Q tiles that see this KV tile in full
+  RowTable<kMaxQTokens> qtable;  // token offsets of a Q tile's rows, for tiles inside the frame
 };
 
 // The dQ GEMM of a dK/dV step, dQ[kChunk, kD] += dS[kChunk, kBlockN] · K[kBlockN, kD], on
@@ -290,6 +292,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   constexpr int kD = Tr::kD;
   constexpr int kThreads = Tr::kThreads;
   static_assert(kBlockN == Tr::kRowsMma, "one 16-row MMA slab per warp");
+  static_assert(kMaxQTokens % kChunk == 0, "a tile's chunks end within sm.qtable");
   extern __shared__ __align__(128) char smem_raw[];
   auto& sm = *reinterpret_cast<DkdvSmem<Tr, kBlockN, kChunk, kStages, kDq>*>(smem_raw);
   const int tid = threadIdx.x;
@@ -306,6 +309,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
       sm.group = g0;
       sm.fulls = FullTiles::seeing(g0, p, kt, kBlockN);
     }
+    sm.qtable.build(g0, p, /*kv_side=*/false, tid, kThreads);
     __syncthreads();
   }
   const Group& G = sm.group;
@@ -345,19 +349,34 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const int steps = group_heads * box.total * n_chunks;
   BoxStep ahead = BoxStep::first(box, hkv * group_heads);  // the next step to stage
   // Stages step j (`sj`) into buffer j % kStages: its row table, lse and delta, Q and dO
-  // rows, as one cp.async group.
+  // rows, as one cp.async group. Rows of a Q tile inside the frame take their tokens from
+  // sm.qtable: the divisions of Group::q_token, done by every thread for each row it
+  // gathers, were most of the kernel's instructions.
   auto stage = [&](int j, BoxStep const& sj) {
     const int sb = j % kStages;
     const int64_t stats = b * n_q_tok * p.heads + sj.head;
     const bool full_tile = sm.fulls.contains(sj.qt);
+    const bool inside = G.tile_inside(p, sj.qt, /*kv_side=*/false);
+    const int base = G.tile_base(p, sj.qt, /*kv_side=*/false);
+    const int row0 = sj.chunk * kChunk;  // below kMaxQTokens: kChunk divides it
+    auto q_tok = [&](int r) {
+      if (!inside) return G.q_token(p, sj.qt, row0 + r, ii);
+      const int off = sm.qtable.offset[row0 + r];
+      return off < 0 ? -1 : base + off;
+    };
     for (int r = tid; r < kChunk; r += kThreads) {
-      const QRow row = G.q_row(p, sj.qt, sj.chunk * kChunk + r, /*window=*/!full_tile);
-      sm.qrows[sb][r] = row;
-      stage_row_stats(row.tok, stats, p.heads, lse, delta, sm.qlse[sb][r], sm.qdelta[sb][r]);
+      int tok;
+      if (full_tile && inside) {  // the mask is never evaluated: the token is all it needs
+        tok = sm.qrows[sb][r].tok = q_tok(r);
+      } else {
+        const QRow row = G.q_row(p, sj.qt, row0 + r, /*window=*/!full_tile);
+        sm.qrows[sb][r] = row;
+        tok = row.tok;
+      }
+      stage_row_stats(tok, stats, p.heads, lse, delta, sm.qlse[sb][r], sm.qdelta[sb][r]);
     }
     if (tid == 0) sm.full[sb] = full_tile, sm.head[sb] = sj.head;
     const int64_t q_off = (b * n_q_tok * p.heads + sj.head) * kD;
-    auto q_tok = [&](int r) { return G.q_token(p, sj.qt, sj.chunk * kChunk + r, ii); };
     load_rows<kChunk, kD, kThreads>(sm.q[sb], SC{}, q + q_off, q_stride, q_tok, tid);
     load_rows<kChunk, kD, kThreads>(sm.dout[sb], SC{}, dout + q_off, q_stride, q_tok, tid);
   };
