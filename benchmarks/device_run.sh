@@ -111,7 +111,8 @@ ab-rev)
   # .ab_base/ with benchmarks/prepare_ab_base.sh REV and carry it. Both harnesses build in
   # parallel; the new one is swept (300 random configs and their framed sub-problems) and
   # sanitized for each of GNA_SWEEP_KERNELS (default "sm90 sm80"); then both are timed twice,
-  # alternating (GNA_TIME_KERNELS and AB_ONLY narrow the kernels and problems timed).
+  # alternating (GNA_TIME_KERNELS and AB_ONLY narrow the kernels and problems timed; AB_DET=1
+  # also times the deterministic backwards).
   [[ -f .ab_base/REV ]] || { echo "no .ab_base/: run benchmarks/prepare_ab_base.sh REV"; exit 1; }
   base_dir="$PWD/.device/ab_base"
   export CUTLASS_INCLUDE="${CUTLASS_INCLUDE:-$PWD/.cutlass/include}"  # also for .ab_base's build
@@ -136,6 +137,10 @@ ab-rev)
     echo "--- base $(cat .ab_base/REV), round $round"; timed "$base_dir"
     echo "--- working tree, round $round"; timed "$BUILD_DIR"
   done
+  if [[ "${AB_DET:-0}" == 1 ]]; then  # the deterministic backwards too, once each
+    echo "--- base $(cat .ab_base/REV), deterministic"; GNA_DETERMINISTIC=1 timed "$base_dir"
+    echo "--- working tree, deterministic"; GNA_DETERMINISTIC=1 timed "$BUILD_DIR"
+  fi
   ;;
 profile)
   step profile  # ncu of the kernels matching $NCU_KERNELS on one harness problem; NCU_EXTRA
