@@ -12,7 +12,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 # The extension module lands in .device/gna; the Python package is read from this checkout.
 GNA="$PWD/.device/gna"
 export PYTHONPATH=$GNA:/tmp/site BUILD_DIR="$PWD/.device/sm80_check"
+# The harness's sm80 kernels need SASS for sm_90 alone here (every GPU machine is a Hopper).
+export SM80_ARCHS="${SM80_ARCHS:-90}"
 step() { echo "=== $1 ($(date +%T))"; }
+# The harness timings of the build in directory $1 (AB_ONLY narrows the problems).
+timed() { GNA_TIME_ONLY="${AB_ONLY:-}" timeout 120 "$1/sm80_check" time 2>&1 | sed -n '/^problem/,$p'; }
 for what in "$@"; do case "$what" in
 build)
   step build
@@ -90,21 +94,33 @@ native90)
   ;;
 ab)
   step ab  # harness timings of builds with other compile-time choices, e.g. AB="-DX=0 -DX=1"
-  # (commas join the flags of one build: AB="-DX=1,-DY=1"; the sm80 objects and the sm90a
-  # backward's come from the default build, and AB_REUSE_SM80=0 rebuilds the sm80 ones).
-  # AB_ONLY and GNA_TIME_KERNELS (e.g. sm90fwd) narrow the problems and kernels timed.
+  # (commas join the flags of one build: AB="-DX=1,-DY=1"). The variants build in parallel
+  # from the default build's objects: the sm80 ones are reused except those whose name
+  # contains $AB_REBUILD (e.g. backward_bf16_d128; AB_REUSE_SM80=0 rebuilds them all), the
+  # sm90a backward's are reused, and AB_REUSE_SM90_FORWARD=1 reuses the other sm90a ones.
+  # Each build is timed AB_ROUNDS times (default 1), in turn; AB_DET=1 also times the
+  # deterministic backwards once. AB_ONLY and GNA_TIME_KERNELS (e.g. sm90fwd) narrow the
+  # problems and kernels timed.
   [[ -x "$BUILD_DIR/sm80_check" ]] || bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1
-  echo "--- default build"
-  GNA_TIME_ONLY="${AB_ONLY:-}" "$BUILD_DIR/sm80_check" time 2>&1 | sed -n '/^problem/,$p'
+  dirs=("$BUILD_DIR"); names=("default build"); n=0
   for flags in ${AB:-}; do
-    flags=${flags//,/ }
-    dir="$BUILD_DIR.ab"; rm -rf "$dir"; mkdir -p "$dir"; cp "$BUILD_DIR"/*.o "$dir"/ 2>/dev/null
-    BUILD_DIR="$dir" REUSE_SM80="${AB_REUSE_SM80:-1}" REUSE_SM90_BACKWARD=1 \
-      NVCC_EXTRA="$flags" bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1 ||
-      { tail -20 "$OUT/ab.log"; continue; }
-    echo "--- $flags"
-    GNA_TIME_ONLY="${AB_ONLY:-}" "$dir/sm80_check" time 2>&1 | sed -n '/^problem/,$p'
+    n=$((n + 1)); dir="$BUILD_DIR.ab$n"; rm -rf "$dir"; mkdir -p "$dir"
+    cp "$BUILD_DIR"/*.o "$dir"/
+    BUILD_DIR="$dir" REUSE_SM80="${AB_REUSE_SM80:-1}" REBUILD="${AB_REBUILD:-}" \
+      REUSE_SM90_BACKWARD=1 REUSE_SM90_FORWARD="${AB_REUSE_SM90_FORWARD:-0}" \
+      NVCC_EXTRA="${flags//,/ }" bash tests/native/run_sm80_check.sh none > "$OUT/ab$n.log" 2>&1 &
+    dirs+=("$dir"); names+=("${flags//,/ }")
   done
+  wait
+  for round in $(seq "${AB_ROUNDS:-1}") det; do
+    [[ $round == det && "${AB_DET:-0}" != 1 ]] && break
+    for i in "${!dirs[@]}"; do
+      [[ -x "${dirs[$i]}/sm80_check" ]] || { echo "--- ${names[$i]}: build failed"; continue; }
+      echo "--- ${names[$i]}, round $round"
+      if [[ $round == det ]]; then GNA_DETERMINISTIC=1 timed "${dirs[$i]}"; else timed "${dirs[$i]}"; fi
+    done
+  done
+  for i in $(seq "$n"); do grep -h " error" "$OUT/ab$i.log" | head -5; done
   ;;
 ab-rev)
   step ab-rev  # the working tree's kernels against a git revision's, in one call: prepare
@@ -132,7 +148,6 @@ ab-rev)
       echo "$kernels $tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/ab_$tool.log")"
     done
   done
-  timed() { GNA_TIME_ONLY="${AB_ONLY:-}" timeout 120 "$1/sm80_check" time 2>&1 | sed -n '/^problem/,$p'; }
   for round in 1 2; do
     echo "--- base $(cat .ab_base/REV), round $round"; timed "$base_dir"
     echo "--- working tree, round $round"; timed "$BUILD_DIR"

@@ -16,12 +16,22 @@ if [[ -z "$INC" ]]; then
 fi
 OUT_DIR=${BUILD_DIR:-/tmp/sm80_check}
 mkdir -p "$OUT_DIR"
-FLAGS=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -O3 -std=c++17 -I cuda -I "$INC" -lineinfo)
+# SM80_ARCHS (default "80 90"): the SASS the sm80 kernels and the harness are built for; the
+# GPU machine, a Hopper, needs only 90.
+GENCODE=()
+for arch in ${SM80_ARCHS:-80 90}; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
+COMMON=(-O3 -std=c++17 -I cuda -I "$INC" -lineinfo)
+FLAGS=("${GENCODE[@]}" "${COMMON[@]}")
+# REUSE_SM80=1: keep the sm80 objects and the harness's already in BUILD_DIR (to time kernel
+# variants quickly), except the sm80 sources whose name contains $REBUILD (if set).
+reused() {
+  [[ "${REUSE_SM80:-0}" == 1 && -f "$2" ]] || return 1
+  [[ -z "${REBUILD:-}" || "$1" != *"$REBUILD"* ]]
+}
 pids=()
 for src in cuda/sm80/*.cu; do
   obj="$OUT_DIR/$(basename "$src" .cu).o"
-  # REUSE_SM80=1: keep sm80 objects already in BUILD_DIR (to time sm90 variants quickly).
-  [[ "${REUSE_SM80:-0}" == 1 && -f "$obj" ]] && continue
+  reused "$src" "$obj" && continue
   nvcc "${FLAGS[@]}" ${NVCC_EXTRA:-} -c "$src" -o "$obj" &
   pids+=($!)
 done
@@ -33,13 +43,15 @@ for src in cuda/sm90/*.cu; do
     [[ "${REUSE_SM90_BACKWARD:-0}" == 1 && "$src" == */backward_* ]] && continue
     [[ "${REUSE_SM90_FORWARD:-0}" == 1 && "$src" != */backward_* ]] && continue
   fi
-  nvcc -gencode arch=compute_90a,code=sm_90a "${FLAGS[@]:4}" --expt-relaxed-constexpr \
+  nvcc -gencode arch=compute_90a,code=sm_90a "${COMMON[@]}" --expt-relaxed-constexpr \
     ${NVCC_EXTRA:-} -c "$src" -o "$obj" &
   pids+=($!)
 done
-nvcc "${FLAGS[@]}" -DGNA_CHECK_SM90 -Xcompiler -fopenmp -c tests/native/sm80_check.cu \
-  -o "$OUT_DIR/sm80_check.o" &
-pids+=($!)
+if ! reused tests/native/sm80_check.cu "$OUT_DIR/sm80_check.o"; then
+  nvcc "${FLAGS[@]}" -DGNA_CHECK_SM90 -Xcompiler -fopenmp -c tests/native/sm80_check.cu \
+    -o "$OUT_DIR/sm80_check.o" &
+  pids+=($!)
+fi
 for pid in "${pids[@]}"; do wait "$pid"; done
 nvcc "${FLAGS[@]}" -Xcompiler -fopenmp "$OUT_DIR"/*.o -o "$OUT_DIR/sm80_check"
 BIN="$OUT_DIR/sm80_check"
