@@ -15,37 +15,70 @@ namespace sm80 {
 #define GNA_SM80_DKDV_STAGES 3
 #endif
 
+// Rows of a dK/dV CTA: 64 (four warps, two CTAs per SM), or 128 (eight warps, one CTA per SM,
+// on the KV tiles of with_doubled_kv_tile), which halves the Q/dO loads, the staging and the
+// dQ atomics per query-key pair.
+#ifndef GNA_SM80_DKDV_ROWS
+#define GNA_SM80_DKDV_ROWS 128
+#endif
+
+// `p` with its KV tile doubled along one axis, so that a CTA's 128 KV rows share each Q/dO
+// chunk and each dQ reduction. The axis is the fastest one along which the KV tile is at
+// most half the Q tile (the default menus' tiles then become the Q tile's shape, e.g. 8x8 ->
+// 8x16), else the one with the most KV tiles.
+inline Problem with_doubled_kv_tile(const Problem& p) {
+  Problem d = p;
+  int axis = -1;
+  for (int a = p.rank - 1; a >= 0 && axis < 0; --a)
+    if (2 * p.kv_tile[a] <= p.q_tile[a]) axis = a;
+  int64_t most = 0;
+  for (int a = p.rank - 1; a >= 0 && axis < 0; --a) {
+    const int64_t tiles = ceil_div(ceil_div(p.axes[a].kv_length, p.axes[a].dilation),
+                                   p.kv_tile[a]);
+    if (tiles > most) most = tiles, axis = a;
+  }
+  d.kv_tile[axis < 0 ? 0 : axis] *= 2;
+  return d;
+}
+
 // Query rows per dK/dV step: fewer for D = 128 so that dK, dV, S^T and dP^T fit registers.
 template <int kD>
 constexpr int dkdv_chunk() {
   return kD == 128 ? 32 : 64;
 }
 
-// dK/dV with kStages Q/dO buffers: three where two CTAs (the registers' limit) still fit an
-// SM's shared memory (H100/H200; not A100, where that would cost the second CTA), else two.
-// With `dq_acc` (float32, zeroed, dq's shape) it also adds every step's dQ into it.
-template <class T, int kD, int kStages = GNA_SM80_DKDV_STAGES>
+// dK/dV with CTAs of kRows KV rows and kStages Q/dO buffers. Three buffers where the CTAs
+// the registers allow per SM (two of 64 rows, one of 128) still fit its shared memory
+// (H100/H200; not A100 at 64 rows, where that would cost the second CTA), else two; 128-row
+// CTAs that do not fit with two fall back to 64 rows (sm_86/89). With `dq_acc` (float32,
+// zeroed, dq's shape) it also adds every step's dQ into it.
+template <class T, int kD, int kRows, int kStages = GNA_SM80_DKDV_STAGES>
 std::string run_dkdv(const Problem& p, const T* q, const T* k, const T* v, const T* dout,
                      const float* lse, const float* delta, T* dk, T* dv, float* dq_acc,
                      cudaStream_t stream) {
+  static_assert(kRows == 64 || kRows == 128, "64- or 128-row dK/dV CTAs");
   constexpr int kChunk = dkdv_chunk<kD>();
-  using Tr = Traits<T, kD, kKvTokens / 16>;
+  using Tr = Traits<T, kD, kRows / 16>;
   const bool with_dq = dq_acc != nullptr;
-  const int smem = with_dq ? (int)sizeof(DkdvSmem<Tr, kKvTokens, kChunk, kStages, true>)
-                           : (int)sizeof(DkdvSmem<Tr, kKvTokens, kChunk, kStages, false>);
-  if constexpr (kStages > 2) {
-    constexpr int kReservedPerBlock = 1024;  // shared memory the driver keeps per block
-    if (smem > max_smem_per_block() || 2 * (smem + kReservedPerBlock) > max_smem_per_sm())
-      return run_dkdv<T, kD, 2>(p, q, k, v, dout, lse, delta, dk, dv, dq_acc, stream);
+  const int smem = with_dq ? (int)sizeof(DkdvSmem<Tr, kRows, kChunk, kStages, true>)
+                           : (int)sizeof(DkdvSmem<Tr, kRows, kChunk, kStages, false>);
+  constexpr int kCtasPerSm = kRows == 64 ? 2 : 1;
+  constexpr int kReservedPerBlock = 1024;  // shared memory the driver keeps per block
+  if (smem > max_smem_per_block() || kCtasPerSm * (smem + kReservedPerBlock) > max_smem_per_sm()) {
+    if constexpr (kStages > 2)
+      return run_dkdv<T, kD, kRows, 2>(p, q, k, v, dout, lse, delta, dk, dv, dq_acc, stream);
+    else if constexpr (kRows == 128)
+      return run_dkdv<T, kD, 64>(p, q, k, v, dout, lse, delta, dk, dv, dq_acc, stream);
   }
-  auto kernel = with_dq ? dkdv_kernel<Tr, kKvTokens, kChunk, kStages, true>
-                        : dkdv_kernel<Tr, kKvTokens, kChunk, kStages, false>;
+  auto kernel = with_dq ? dkdv_kernel<Tr, kRows, kChunk, kStages, true>
+                        : dkdv_kernel<Tr, kRows, kChunk, kStages, false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dkdv)", err);
-  const dim3 grid((unsigned)grid_tiles(p, p.kv_tile, /*kv_side=*/true), (unsigned)p.kv_heads,
+  const Problem pk = kRows == 128 ? with_doubled_kv_tile(p) : p;
+  const dim3 grid((unsigned)grid_tiles(pk, pk.kv_tile, /*kv_side=*/true), (unsigned)p.kv_heads,
                   (unsigned)p.batch);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, q, k, v, dout, lse, delta, dk, dv, dq_acc);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(pk, q, k, v, dout, lse, delta, dk, dv, dq_acc);
   return cuda_error("dkdv kernel launch", cudaGetLastError());
 }
 
@@ -126,8 +159,8 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
     e = clear_dq_acc(p, dq_acc, stream);
     if (!e.empty()) return e;
   }
-  e = run_dkdv<T, kD>(p, q, k, v, dout, lse, delta, static_cast<T*>(dk_), static_cast<T*>(dv_),
-                      dq_acc, stream);
+  e = run_dkdv<T, kD, GNA_SM80_DKDV_ROWS>(p, q, k, v, dout, lse, delta, static_cast<T*>(dk_),
+                                          static_cast<T*>(dv_), dq_acc, stream);
   if (!e.empty()) return e;
   if (dq_acc != nullptr) return launch_dq_from_acc<T>(p, dq_acc, dq_, stream);
 

@@ -4,7 +4,7 @@
 
 #include <type_traits>
 
-#include "../sm80/backward_impl.cuh"  // clear_dq_acc, launch_dq_from_acc
+#include "../sm80/backward_impl.cuh"  // clear_dq_acc, launch_dq_from_acc, with_doubled_kv_tile
 #include "backward.cuh"
 #include "backward_fused_ws.cuh"
 #include "backward_ws.cuh"
@@ -28,25 +28,6 @@ std::string run_bwd_kernel(Kernel kernel, int smem, const char* what, dim3 grid,
 #define GNA_SM90_BWD_TMA 1
 #endif
 
-// The problem the fused backward walks: `p` with its KV tile doubled along one axis, so that
-// a CTA's 128 KV rows share each Q/dO chunk and each dQ reduction. The axis is the fastest
-// one along which the KV tile is at most half the Q tile (the default menus' tiles then
-// become the Q tile's shape, e.g. 8x8 -> 8x16), else the one with the most KV tiles.
-inline Problem with_doubled_kv_tile(const Problem& p) {
-  Problem d = p;
-  int axis = -1;
-  for (int a = p.rank - 1; a >= 0 && axis < 0; --a)
-    if (2 * p.kv_tile[a] <= p.q_tile[a]) axis = a;
-  int64_t most = 0;
-  for (int a = p.rank - 1; a >= 0 && axis < 0; --a) {
-    const int64_t tiles = ceil_div(ceil_div(p.axes[a].kv_length, p.axes[a].dilation),
-                                   p.kv_tile[a]);
-    if (tiles > most) most = tiles, axis = a;
-  }
-  d.kv_tile[axis < 0 ? 0 : axis] *= 2;
-  return d;
-}
-
 // Without determinism (`dq_acc`: float32 scratch of dq's size): the fused kernel
 // (backward_fused_ws.cuh) on the doubled KV tiles adds every step's dQ into dq_acc, then a
 // conversion writes dq: five GEMMs per (query, key) pair instead of seven.
@@ -57,7 +38,7 @@ std::string launch_fused_backward(const Problem& p, const T* q, const T* k, cons
                                   cudaStream_t stream) {
   using Tr = FusedBwdTraits<T, kD, 2>;
   static_assert(fits_smem_per_sm(sizeof(FusedBwdSmem<Tr>), 1), "shared memory");
-  const Problem pd = with_doubled_kv_tile(p);
+  const Problem pd = sm80::with_doubled_kv_tile(p);
   QTensorMaps maps;
   encode_q_maps(pd, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps, dq_acc);
   if (!GNA_SM90_BWD_TMA) maps.on = 0;
