@@ -15,30 +15,57 @@ namespace sm80 {
 #define GNA_SM80_DKDV_STAGES 3
 #endif
 
-// Rows of a dK/dV CTA: 64 (four warps, two CTAs per SM), or 128 (eight warps, one CTA per SM,
-// on the KV tiles of with_doubled_kv_tile), which halves the Q/dO loads, the staging and the
-// dQ atomics per query-key pair.
-#ifndef GNA_SM80_DKDV_ROWS
-#define GNA_SM80_DKDV_ROWS 128
-#endif
-
-// `p` with its KV tile doubled along one axis, so that a CTA's 128 KV rows share each Q/dO
-// chunk and each dQ reduction. The axis is the fastest one along which the KV tile is at
-// most half the Q tile (the default menus' tiles then become the Q tile's shape, e.g. 8x8 ->
-// 8x16), else the one with the most KV tiles.
-inline Problem with_doubled_kv_tile(const Problem& p) {
-  Problem d = p;
-  int axis = -1;
-  for (int a = p.rank - 1; a >= 0 && axis < 0; --a)
-    if (2 * p.kv_tile[a] <= p.q_tile[a]) axis = a;
+// The axis along which with_doubled_kv_tile doubles the KV tile: the fastest one along which
+// the KV tile is at most half the Q tile (the default menus' tiles then become the Q tile's
+// shape, e.g. 8x8 -> 8x16), else the one with the most KV tiles.
+inline int doubled_kv_axis(const Problem& p) {
+  for (int a = p.rank - 1; a >= 0; --a)
+    if (2 * p.kv_tile[a] <= p.q_tile[a]) return a;
+  int axis = 0;
   int64_t most = 0;
-  for (int a = p.rank - 1; a >= 0 && axis < 0; --a) {
+  for (int a = p.rank - 1; a >= 0; --a) {
     const int64_t tiles = ceil_div(ceil_div(p.axes[a].kv_length, p.axes[a].dilation),
                                    p.kv_tile[a]);
     if (tiles > most) most = tiles, axis = a;
   }
-  d.kv_tile[axis < 0 ? 0 : axis] *= 2;
+  return axis;
+}
+
+// `p` with its KV tile doubled along doubled_kv_axis, so that a CTA's 128 KV rows share each
+// Q/dO chunk and each dQ reduction.
+inline Problem with_doubled_kv_tile(const Problem& p) {
+  Problem d = p;
+  d.kv_tile[doubled_kv_axis(p)] *= 2;
   return d;
+}
+
+// The (query, key) pairs that a pass over the KV tiles visits along axis `a`, with KV tiles
+// of `kv_tile` there, summed over the axis's dilation groups. The tiles a KV tile sees form a
+// box, so a pass visits the product over the axes of these counts: two KV tile lengths along
+// one axis compare by that axis's count alone.
+inline int64_t visited_pairs_along(const Problem& p, int a, int64_t kv_tile) {
+  int64_t pairs = 0;
+  for (int64_t g = 0; g < p.axes[a].dilation; ++g) {
+    const AxisTiling t = group_tiling(p.axes[a], g, p.q_tile[a], kv_tile);
+    for (int64_t kt = 0; kt < t.n_kv(); ++kt) {
+      int64_t lo, hi;
+      t.q_range(kt, &lo, &hi);
+      pairs += (hi - lo) * t.q_tile * kv_tile;
+    }
+  }
+  return pairs;
+}
+
+// Whether the dK/dV kernel runs 128-row CTAs (eight warps, one per SM) on with_doubled_kv_tile
+// rather than 64-row ones (four warps, two per SM). They halve the Q/dO loads, the staging
+// and the dQ atomics per pair, but where windows slide a doubled tile is seen by more Q
+// tiles. H200, bf16, D = 128: 12 % faster on FLUX-4K and Hunyuan GNA (the same pairs), 8 % on
+// 1-D 32k NA (the same pairs); 10 % slower on FLUX-4K NA (12 % more pairs) and 1 % on it with
+// 8x8 Q tiles (6 % more). Hence: only where doubling adds at most 3 % of pairs.
+inline bool dkdv_rows_128(const Problem& p) {
+  const int a = doubled_kv_axis(p);
+  return 100 * visited_pairs_along(p, a, 2 * p.kv_tile[a]) <=
+         103 * visited_pairs_along(p, a, p.kv_tile[a]);
 }
 
 // Query rows per dK/dV step: fewer for D = 128 so that dK, dV, S^T and dP^T fit registers.
@@ -159,8 +186,10 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
     e = clear_dq_acc(p, dq_acc, stream);
     if (!e.empty()) return e;
   }
-  e = run_dkdv<T, kD, GNA_SM80_DKDV_ROWS>(p, q, k, v, dout, lse, delta, static_cast<T*>(dk_),
-                                          static_cast<T*>(dv_), dq_acc, stream);
+  T* dk = static_cast<T*>(dk_);
+  T* dv = static_cast<T*>(dv_);
+  e = dkdv_rows_128(p) ? run_dkdv<T, kD, 128>(p, q, k, v, dout, lse, delta, dk, dv, dq_acc, stream)
+                       : run_dkdv<T, kD, 64>(p, q, k, v, dout, lse, delta, dk, dv, dq_acc, stream);
   if (!e.empty()) return e;
   if (dq_acc != nullptr) return launch_dq_from_acc<T>(p, dq_acc, dq_, stream);
 
