@@ -39,17 +39,19 @@ inline Problem with_doubled_kv_tile(const Problem& p) {
   return d;
 }
 
-// The (query, key) pairs that a pass over the KV tiles visits along axis `a`, with KV tiles
-// of `kv_tile` there, summed over the axis's dilation groups. The tiles a KV tile sees form a
-// box, so a pass visits the product over the axes of these counts: two KV tile lengths along
-// one axis compare by that axis's count alone.
+// The (query, key) pairs that the tiles visit along axis `a`, with KV tiles of `kv_tile`
+// there, summed over the axis's dilation groups. The tiles visited from a tile form a box,
+// so a pass visits the product over the axes of these counts: two KV tile lengths along one
+// axis compare by that axis's count alone. (Counted from the Q side, which a pass over the
+// KV tiles visits pair for pair: one kv_range per Q tile, no searches, since the launch
+// pays for it on the host every call.)
 inline int64_t visited_pairs_along(const Problem& p, int a, int64_t kv_tile) {
   int64_t pairs = 0;
   for (int64_t g = 0; g < p.axes[a].dilation; ++g) {
     const AxisTiling t = group_tiling(p.axes[a], g, p.q_tile[a], kv_tile);
-    for (int64_t kt = 0; kt < t.n_kv(); ++kt) {
+    for (int64_t qt = 0; qt < t.n_q(); ++qt) {
       int64_t lo, hi;
-      t.q_range(kt, &lo, &hi);
+      t.kv_range(qt, &lo, &hi);
       pairs += (hi - lo) * t.q_tile * kv_tile;
     }
   }
