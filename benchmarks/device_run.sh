@@ -16,7 +16,9 @@ export PYTHONPATH=$GNA:/tmp/site BUILD_DIR="$PWD/.device/sm80_check"
 export SM80_ARCHS="${SM80_ARCHS:-90}"
 step() { echo "=== $1 ($(date +%T))"; }
 # The harness timings of the build in directory $1 (AB_ONLY narrows the problems).
-timed() { GNA_TIME_ONLY="${AB_ONLY:-}" timeout 120 "$1/sm80_check" time 2>&1 | sed -n '/^problem/,$p'; }
+timed() {
+  GNA_TIME_ONLY="${AB_ONLY:-}" timeout 120 "$1/sm80_check" time 2>&1 | sed -n '/^problem/,$p'
+}
 for what in "$@"; do case "$what" in
 build)
   step build
@@ -117,7 +119,7 @@ ab)
     for i in "${!dirs[@]}"; do
       [[ -x "${dirs[$i]}/sm80_check" ]] || { echo "--- ${names[$i]}: build failed"; continue; }
       echo "--- ${names[$i]}, round $round"
-      if [[ $round == det ]]; then GNA_DETERMINISTIC=1 timed "${dirs[$i]}"; else timed "${dirs[$i]}"; fi
+      GNA_DETERMINISTIC=$([[ $round == det ]] && echo 1 || echo 0) timed "${dirs[$i]}"
     done
   done
   for i in $(seq "$n"); do grep -h " error" "$OUT/ab$i.log" | head -5; done
