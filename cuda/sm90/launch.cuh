@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -58,7 +59,11 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
                    (int)sizeof(T), Tr::kTileRows, &maps);
   const int64_t q_tiles = sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false);
   // CTAs stride over the tiles, so any grid size is correct (grid x is below 2^31).
-  const int64_t most = GNA_SM90_FWD_PERSISTENT ? sm80::sm_count() * Tr::kCtasPerSm : INT32_MAX;
+  int64_t most = GNA_SM90_FWD_PERSISTENT ? sm80::sm_count() * Tr::kCtasPerSm : INT32_MAX;
+  // JAX_GNA_SM90_FWD_CTAS=n caps the grid at n CTAs, so that the small problems of the tests
+  // and the sanitizers give every CTA several tiles.
+  if (const char* cap = std::getenv("JAX_GNA_SM90_FWD_CTAS"))
+    if (std::atoi(cap) > 0) most = std::min<int64_t>(most, std::atoi(cap));
   const int64_t ctas = std::min<int64_t>(q_tiles * p.heads * p.batch, most);
   kernel<<<(unsigned)ctas, Tr::kThreads, smem, stream>>>(
       p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
