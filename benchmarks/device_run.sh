@@ -140,16 +140,23 @@ ab-rev)
   wait
   [[ -x "$BUILD_DIR/sm80_check" && -x "$base_dir/sm80_check" ]] ||
     { grep -h error "$OUT"/ab_*_build.log | head -20; exit 1; }
-  for kernels in ${GNA_SWEEP_KERNELS:-sm90 sm80}; do
-    GNA_CHECK_KERNELS=$kernels timeout 200 "$BUILD_DIR/sm80_check" check 300 "${AB_SEED:-2026}" \
+  # AB_FEW_CTAS=n: the sm90a sweep and sanitizers run once more with the forward's grid capped
+  # at n CTAs (JAX_GNA_SM90_FWD_CTAS), so that every CTA computes several Q tiles.
+  sweeps="${GNA_SWEEP_KERNELS:-sm90 sm80}"
+  [[ -n "${AB_FEW_CTAS:-}" && " $sweeps " == *" sm90 "* ]] && sweeps+=" sm90-few"
+  for kernels in $sweeps; do
+    cap=$([[ $kernels == sm90-few ]] && echo "$AB_FEW_CTAS")
+    export JAX_GNA_SM90_FWD_CTAS=$cap GNA_CHECK_KERNELS=${kernels%-few}
+    timeout 200 "$BUILD_DIR/sm80_check" check 300 "${AB_SEED:-2026}" \
       > "$OUT/ab_sweep_$kernels.log" 2>&1
     echo "$kernels sweep rc=$?: $(grep -E "configs" "$OUT/ab_sweep_$kernels.log" | tr '\n' ' ')"
     for tool in memcheck racecheck; do
-      GNA_CHECK_KERNELS=$kernels timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 \
+      timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 \
         "$BUILD_DIR/sm80_check" sanitize > "$OUT/ab_$tool.log" 2>&1
       echo "$kernels $tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/ab_$tool.log")"
     done
   done
+  unset JAX_GNA_SM90_FWD_CTAS GNA_CHECK_KERNELS
   for round in 1 2; do
     echo "--- base $(cat .ab_base/REV), round $round"; timed "$base_dir"
     echo "--- working tree, round $round"; timed "$BUILD_DIR"

@@ -115,12 +115,8 @@ std::string run_dkdv(const Problem& p, const T* q, const T* k, const T* v, const
 template <class T>
 std::string launch_dq_from_acc(const Problem& p, const float* dq_acc, void* dq,
                                cudaStream_t stream) {
-  int sms = 132;
-  int dev = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess)
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int64_t n8 = p.batch * p.q_tokens() * p.heads * p.head_dim / 8;
-  const int blocks = (int)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sms);
+  const int blocks = (int)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sm_count());
   dq_from_acc_kernel<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_acc),
                                                     static_cast<uint4*>(dq), n8, p.scale);
   return cuda_error("dq conversion kernel", cudaGetLastError());

@@ -43,6 +43,14 @@ int max_smem_per_block() { return smem_attribute(cudaDevAttrMaxSharedMemoryPerBl
 
 int max_smem_per_sm() { return smem_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor); }
 
+int sm_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return 132;  // an H100 SXM's
+  return sms;
+}
+
 }  // namespace sm80
 
 namespace {

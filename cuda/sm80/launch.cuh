@@ -28,6 +28,8 @@ int max_smem_per_block();
 // Shared memory of one SM for all its resident blocks (0 if the query fails), lowered the
 // same way.
 int max_smem_per_sm();
+// Streaming multiprocessors of the current device.
+int sm_count();
 
 template <class T, int kD>
 std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,

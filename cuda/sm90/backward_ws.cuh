@@ -153,7 +153,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sdO(r, c); },
                                         dout + q_off, q_stride, q_tok, tid);
     producer_commit(&sm.q_full);
-    ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, steps, [] {});
+    ring.setup(p, maps, tid);
+    ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, /*base=*/0, steps, [] {});
     sm80::cp_async_wait<0>();
     return;
   }

@@ -1,10 +1,10 @@
-// sm90a GNA forward, warp-specialised: one CTA per Q tile of one dilation group, head and
-// batch, walking the box of KV tiles the Q tile sees in steps of one or two 64-token tiles
-// (full steps skip the mask), with the work split by role.
+// sm90a GNA forward, warp-specialised: a CTA computes Q tiles (of one dilation group, head
+// and batch) one after another, walking for each the box of KV tiles it sees in steps of
+// one or two 64-token tiles (full steps skip the mask), with the work split by role.
 //
 // - Warpgroup 0, the producer, keeps few registers (setmaxnreg.dec) and does all data
-//   movement: Q and its row table by cp.async, then K, V and the row tables of every step
-//   into the ring of kv_ring.cuh (TMA boxes for tiles inside the frame, row gathers for the
+//   movement: Q (double-buffered across tiles) and its row table by cp.async, then K, V and
+//   the row tables of every step into the ring of kv_ring.cuh (TMA boxes for tiles inside the frame, row gathers for the
 //   others; one mbarrier per buffer announces them).
 // - Warpgroups 1.., the consumers (one per 64 Q rows of the tile), take the registers the
 //   producer gave up (setmaxnreg.inc) and only run GEMMs and the softmax. Per step `it` a
@@ -53,14 +53,18 @@ struct WsFwdTraits {
   static constexpr int kTilesPerStep = kConsumers;
   static constexpr int kBlockN = kTileRows * kTilesPerStep;
   static constexpr int kStages = kStages_;  // K/V buffers in the ring
+  static constexpr int kQBuffers = 2;  // the next Q tile loads while this one computes
   static constexpr bool kPingPong = kPingPong_ && kConsumers == 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kCtasPerSm = 3 - kConsumers;
-  // 65536 registers per SM: kCtasPerSm · 128 · (kProducerRegs + kConsumers · kConsumerRegs)
-  // fits, and the kernel launches with their average.
-  static constexpr int kProducerRegs = 72;  // fewer spill the gathers (ptxas -v)
-  static constexpr int kConsumerRegs = kConsumers == 2 ? 216 : 184;
-  static_assert(kCtasPerSm * 128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536,
+  // A CTA launches with the registers of 65536 / (kCtasPerSm · kThreads) per thread (rounded
+  // down to a multiple of 8) and setmaxnreg only moves them between the roles. The producer
+  // gets enough for its step loop to run without spills (ptxas -v, cuobjdump: 72 spilled
+  // there once the loop over Q tiles held its counters), the consumers the rest.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 104 : 80;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 200 : 176;
+  static constexpr int kLaunchRegs = 65536 / (kCtasPerSm * kThreads) / 8 * 8;
+  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= kThreads * kLaunchRegs,
                 "registers");
   using MmaS = MmaSS<T, kConsumers, kBlockN, kD>;  // S = Q·K^T
   using MmaO = MmaRS<T, kConsumers, kD, kBlockN>;  // O += P·V
@@ -71,71 +75,110 @@ struct WsFwdTraits {
 template <class Tr>
 struct WsFwdSmem {
   using T = typename Tr::T;
-  alignas(1024) T q[Tr::kBlockM * Tr::kD];
+  alignas(1024) T q[Tr::kQBuffers][Tr::kBlockM * Tr::kD];
   typename Tr::Ring ring;  // K, V and the rows of the steps
-  QRow qrows[Tr::kBlockM];
-  uint64_t q_full;
-  uint64_t rows_full;  // qrows written (after step 0's loads: see the producer)
+  QRow qrows[Tr::kQBuffers][Tr::kBlockM];
+  uint64_t q_full[Tr::kQBuffers];
+  uint64_t rows_full[Tr::kQBuffers];   // qrows written (after step 0's loads: see the producer)
+  uint64_t tile_empty[Tr::kQBuffers];  // the consumers have read the buffer's Q and qrows
 };
 
+// A CTA computes the Q tiles c, c + gridDim.x, c + 2·gridDim.x, ... (c = blockIdx.x) of the
+// flat index over (Q tile, head, batch), Q tile fastest: the launch runs one CTA per tile, or
+// as many as fit the SMs at once (persistent, GNA_SM90_FWD_PERSISTENT). Then the producer
+// loads the next tile's Q (into the other Q buffer) and first K/V steps while the consumers
+// finish the current one, and each CTA pays its set-up once.
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     ws_fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                   const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                   typename Tr::T* __restrict__ out, float* __restrict__ lse,
-                  const __grid_constant__ KvTensorMaps maps) {
+                  const __grid_constant__ KvTensorMaps maps, const int q_tiles) {
   using T = typename Tr::T;
   using Barrier = cutlass::arch::ClusterBarrier;
   constexpr int kD = Tr::kD;
   constexpr int kBlockM = Tr::kBlockM;
   constexpr int kBlockN = Tr::kBlockN;
   constexpr int kStages = Tr::kStages;
+  constexpr int kQBuffers = Tr::kQBuffers;
   constexpr int kConsumerThreads = 128 * Tr::kConsumers;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& sm = *reinterpret_cast<WsFwdSmem<Tr>*>(smem_raw);
   const int tid = threadIdx.x;
-  const int h = blockIdx.y;
-  const int64_t b = blockIdx.z;
-
-  Group G;
-  int qt[kMaxRank];
-  if (!G.init(p, blockIdx.x, /*kv_side=*/false, qt)) return;
-  const TileBox box = TileBox::seen_by(G, p, qt);
-  constexpr int kPerStep = Tr::kTilesPerStep;
-  const int steps = (box.total + kPerStep - 1) / kPerStep;
   const int64_t n_q_tok = sm80::q_tokens_of(p);
   const int64_t q_stride = p.heads * kD;
+  constexpr int kPerStep = Tr::kTilesPerStep;
+
+  // The CTA's i-th flat index; past the last tile of the grid's work, -1. (Recomputed from
+  // i, so that the producer, which runs at 72 registers, keeps one loop counter live.)
+  auto work_item = [&](int i) -> int64_t {
+    const int64_t w = blockIdx.x + (int64_t)i * gridDim.x;
+    return w < (int64_t)q_tiles * p.heads * p.batch ? w : -1;
+  };
+  // The Q tile, head and batch of flat index `w`: false if the tile lies past the end of its
+  // (shorter) dilation group, which both roles then skip. (Declared in the loops, so that
+  // nothing of one tile's stays live into the next.)
+  auto tile_of = [&](int64_t w, Group& G, int qt[kMaxRank], int& h, int64_t& b) {
+    const int64_t hb = w / q_tiles;
+    h = (int)(hb % p.heads);
+    b = hb / p.heads;
+    return G.init(p, (int)(w % q_tiles), /*kv_side=*/false, qt);
+  };
 
   if (tid == 0) {
-    Barrier::init(&sm.q_full, 2 * 128);
-    Barrier::init(&sm.rows_full, 128);
+    for (int i = 0; i < kQBuffers; ++i) {
+      Barrier::init(&sm.q_full[i], 2 * 128);
+      Barrier::init(&sm.rows_full[i], 128);
+      Barrier::init(&sm.tile_empty[i], 4 * Tr::kConsumers);  // one arrival per consumer warp
+    }
     sm.ring.init();
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();  // the last CTA-wide barrier: the roles never meet again
 
-  Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Tr::SmemQ{});
+  auto sQ = [&](int i) { return make_tensor(make_smem_ptr(sm.q[i]), typename Tr::SmemQ{}); };
   auto& ring = sm.ring;
+  // Both roles count the tiles they compute (n) and the ring steps before the current tile
+  // (base) alike: tile n uses Q buffer n % kQBuffers, the (n / kQBuffers)-th time.
+  int n = 0;
+  int base = 0;
 
   if (tid < 128) {
     // ------------------------------------------------------------------------- producer
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
-    const int hkv = h / (int)(p.heads / p.kv_heads);
-    const int64_t n_kv_tok = sm80::kv_tokens_of(p);
-    const T* qb = q + (b * n_q_tok * p.heads + h) * kD;
-    const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
-    const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
-    const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
-    int ii[kMaxRank];
-    sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sQ(r, c); }, qb, q_stride,
-                                        [&](int r) { return G.q_token(p, qt, r, ii); }, tid);
-    producer_commit(&sm.q_full);
-    // The Q rows' windows are read only by masked steps and the epilogue: built while step
-    // 0's K and V load, they stay off the path to the first GEMM.
-    ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, steps, [&] {
-      for (int r = tid; r < kBlockM; r += 128) sm.qrows[r] = G.q_row(p, qt, r);
-      Barrier::arrive(&sm.rows_full);
-    });
+    ring.setup(p, maps, tid);
+    for (int i = 0; work_item(i) >= 0; ++i) {
+      Group G;
+      int qt[kMaxRank], h;
+      int64_t b;
+      if (!tile_of(work_item(i), G, qt, h, b)) continue;
+      const TileBox box = TileBox::seen_by(G, p, qt);
+      const int steps = (box.total + kPerStep - 1) / kPerStep;
+      const int qb_i = n % kQBuffers;
+      const int hkv = h / (int)(p.heads / p.kv_heads);
+      const int64_t n_kv_tok = sm80::kv_tokens_of(p);
+      const T* qb = q + (b * n_q_tok * p.heads + h) * kD;
+      const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+      const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+      const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
+      // The buffer's Q and rows belong to tile n - kQBuffers until its consumers are done.
+      if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_i], ((n / kQBuffers) + 1) & 1);
+      Tensor sQn = sQ(qb_i);
+      int ii[kMaxRank];
+      sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sQn(r, c); }, qb,
+                                          q_stride,
+                                          [&](int r) { return G.q_token(p, qt, r, ii); }, tid);
+      producer_commit(&sm.q_full[qb_i]);
+      // The Q rows' windows are read only by masked steps and the epilogue: built while step
+      // 0's K and V load, they stay off the path to the first GEMM.
+      QRow* rows = sm.qrows[qb_i];
+      ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, base, steps, [&] {
+        for (int r = tid; r < kBlockM; r += 128) rows[r] = G.q_row(p, qt, r);
+        Barrier::arrive(&sm.rows_full[qb_i]);
+      });
+      base += steps;
+      ++n;
+    }
     sm80::cp_async_wait<0>();
     return;
   }
@@ -148,118 +191,134 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   typename Tr::MmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(ctid);
   auto thr_o = mma_o.get_thread_slice(ctid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
   Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kD>>{});
-  clear(acc_o);
   Tensor ro = make_tensor(acc_o.data(), gmma_rowcol(acc_o.layout()));
   constexpr int kRowsPerThread = decltype(size<0>(ro))::value;
   float row_max[kRowsPerThread];
   float row_sum[kRowsPerThread];
   float corr[kRowsPerThread];
-  CUTE_UNROLL
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    row_max[i] = -INFINITY;
-    row_sum[i] = 0.f;
-  }
   Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor cSrc = make_tensor(cS.data(), gmma_rowcol(cS.layout()));
+  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cOrc = make_tensor(cO.data(), gmma_rowcol(cO.layout()));
   const float scale2 = p.scale * sm80::kLog2e;
   Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor rs = make_tensor(acc_s.data(), gmma_rowcol(acc_s.layout()));
   Tensor rP = make_tensor<T>(acc_s.layout());  // P(it-1), read by the P·V in flight
   Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a(rP.layout()));
-
   // Turns: consumer 0 issues first; each consumer hands the turn to the other after issuing.
   const int other = Tr::kConsumers - 1 - wg;
-  if (Tr::kPingPong && wg == 1 && steps > 0) named_arrive(kTurnBarrier + 0, kConsumerThreads);
 
-  Barrier::wait(&sm.q_full, 0);
-  cutlass::arch::fence_view_async_shared();
-  // S(it) and the softmax of step it; P·V(it-1) is in flight unless `first`. The caller
-  // holds the turn only for the issue.
-  auto scores = [&](int it) {
-    ring.wait_k(it);
-    wgmma_issue(mma_s, tSrQ, thr_s.partition_fragment_B(ring.sK(it % kStages)), acc_s,
-                /*accumulate=*/false);
-  };
-  bool rows_ready = false;
-  bool rescale = true;  // whether the last softmax step left factors in corr
-  auto softmax = [&](int it) {
-    warpgroup_fence_operand(acc_s);
-    ring.release_k(it);  // S(it) has retired; the ring keeps the step's rows for the mask
-    if (!rows_ready && !ring.is_full(it)) {
-      Barrier::wait(&sm.rows_full, 0);
-      rows_ready = true;
-    }
-#if GNA_SM90_FWD_SPLIT_SOFTMAX
-    // One softmax per flag value: ptxas then cannot hoist the wait for P·V(it-1) above the
-    // exp2s (it moves it to the top of the block where the masked and full paths meet).
-    if (ring.is_full(it))
-      rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
-          rs, cSrc, row_max, row_sum, corr, true, ring.mask(it, sm.qrows), scale2);
-    else
-      rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
-          rs, cSrc, row_max, row_sum, corr, false, ring.mask(it, sm.qrows), scale2);
-#else
-    rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
-        rs, cSrc, row_max, row_sum, corr, ring.is_full(it), ring.mask(it, sm.qrows), scale2);
-#endif
-  };
-  // O = O · corr + P(it)·V(it), issued without waiting.
-  auto accumulate = [&](int it) {
-    if (rescale) sm80::rescale_rows(ro, corr);  // uniform over the warp
-    ring.wait_v(it);
-    wgmma_issue(mma_o, tOrP, thr_o.partition_fragment_B(ring.sVt(it % kStages)), acc_o,
-                /*accumulate=*/true);
-  };
-  auto to_p = [&] {
+  for (int i = 0; work_item(i) >= 0; ++i) {
+    Group G;
+    int qt[kMaxRank], h;
+    int64_t b;
+    if (!tile_of(work_item(i), G, qt, h, b)) continue;
+    const int steps = (TileBox::seen_by(G, p, qt).total + kPerStep - 1) / kPerStep;
+    const int qb_i = n % kQBuffers;
+    const uint32_t q_phase = (n / kQBuffers) & 1;
+    const QRow* rows = sm.qrows[qb_i];
+    const int first = base, last = base + steps - 1;  // the tile's ring steps
+    clear(acc_o);
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
-  };
-  auto take_turn = [&] {
-    if (Tr::kPingPong) named_sync(kTurnBarrier + wg, kConsumerThreads);
-  };
-  auto pass_turn = [&](int it) {
-    if (Tr::kPingPong && !(wg == 1 && it == steps - 1))
-      named_arrive(kTurnBarrier + other, kConsumerThreads);
-  };
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      row_max[i] = -INFINITY;
+      row_sum[i] = 0.f;
+    }
+    if (Tr::kPingPong && wg == 1 && steps > 0) named_arrive(kTurnBarrier + 0, kConsumerThreads);
 
-  if (steps > 0) {
-    take_turn();
-    scores(0);
-    pass_turn(0);
-    warpgroup_wait<0>();
-    softmax(0);
-    to_p();
-  }
-  // The loop body has no conditional MMA: ptxas then tracks the two groups in flight
-  // instead of serialising them.
-  for (int it = 1; it < steps; ++it) {
-    take_turn();
-    scores(it);
-    accumulate(it - 1);
-    pass_turn(it);
-    warpgroup_wait<1>();  // S(it)
-    softmax(it);
-    warpgroup_wait<0>();  // P·V(it-1): rP and V(it-1) are free
-    warpgroup_fence_operand(acc_o);
-    ring.release_v(it - 1);
-    to_p();
-  }
-  if (steps > 0) {
-    accumulate(steps - 1);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_o);
-  }
+    Barrier::wait(&sm.q_full[qb_i], q_phase);
+    cutlass::arch::fence_view_async_shared();
+    Tensor tSrQ = thr_s.partition_fragment_A(sQ(qb_i));
+    // S(it) and the softmax of ring step it; P·V(it-1) is in flight unless `it` is the
+    // tile's first. The caller holds the turn only for the issue.
+    auto scores = [&](int it) {
+      ring.wait_k(it);
+      wgmma_issue(mma_s, tSrQ, thr_s.partition_fragment_B(ring.sK(it % kStages)), acc_s,
+                  /*accumulate=*/false);
+    };
+    bool rows_ready = false;
+    bool rescale = true;  // whether the last softmax step left factors in corr
+    auto softmax = [&](int it) {
+      warpgroup_fence_operand(acc_s);
+      ring.release_k(it);  // S(it) has retired; the ring keeps the step's rows for the mask
+      if (!rows_ready && !ring.is_full(it)) {
+        Barrier::wait(&sm.rows_full[qb_i], q_phase);
+        rows_ready = true;
+      }
+#if GNA_SM90_FWD_SPLIT_SOFTMAX
+      // One softmax per flag value: ptxas then cannot hoist the wait for P·V(it-1) above the
+      // exp2s (it moves it to the top of the block where the masked and full paths meet).
+      if (ring.is_full(it))
+        rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
+            rs, cSrc, row_max, row_sum, corr, true, ring.mask(it, rows), scale2);
+      else
+        rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
+            rs, cSrc, row_max, row_sum, corr, false, ring.mask(it, rows), scale2);
+#else
+      rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
+          rs, cSrc, row_max, row_sum, corr, ring.is_full(it), ring.mask(it, rows), scale2);
+#endif
+    };
+    // O = O · corr + P(it)·V(it), issued without waiting.
+    auto accumulate = [&](int it) {
+      if (rescale) sm80::rescale_rows(ro, corr);  // uniform over the warp
+      ring.wait_v(it);
+      wgmma_issue(mma_o, tOrP, thr_o.partition_fragment_B(ring.sVt(it % kStages)), acc_o,
+                  /*accumulate=*/true);
+    };
+    auto to_p = [&] {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
+    };
+    auto take_turn = [&] {
+      if (Tr::kPingPong) named_sync(kTurnBarrier + wg, kConsumerThreads);
+    };
+    auto pass_turn = [&](int it) {
+      if (Tr::kPingPong && !(wg == 1 && it == last))
+        named_arrive(kTurnBarrier + other, kConsumerThreads);
+    };
 
-  // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
-  Barrier::wait(&sm.rows_full, 0);
-  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
-  Tensor cOrc = make_tensor(cO.data(), gmma_rowcol(cO.layout()));
-  T* ob = out + (b * n_q_tok * p.heads + h) * kD;
-  float* lb = lse + b * n_q_tok * p.heads + h;
-  sm80::store_out_lse(ro, cOrc, row_max, row_sum, sm.qrows, ob, lb, q_stride, p.heads,
-                      ctid % 32);
+    if (steps > 0) {
+      take_turn();
+      scores(first);
+      pass_turn(first);
+      warpgroup_wait<0>();
+      softmax(first);
+      to_p();
+    }
+    // The loop body has no conditional MMA: ptxas then tracks the two groups in flight
+    // instead of serialising them.
+    for (int it = first + 1; it <= last; ++it) {
+      take_turn();
+      scores(it);
+      accumulate(it - 1);
+      pass_turn(it);
+      warpgroup_wait<1>();  // S(it)
+      softmax(it);
+      warpgroup_wait<0>();  // P·V(it-1): rP and V(it-1) are free
+      warpgroup_fence_operand(acc_o);
+      ring.release_v(it - 1);
+      to_p();
+    }
+    if (steps > 0) {
+      accumulate(last);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_o);
+      ring.release_v(last);
+    }
+
+    // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
+    Barrier::wait(&sm.rows_full[qb_i], q_phase);
+    T* ob = out + (b * n_q_tok * p.heads + h) * kD;
+    float* lb = lse + b * n_q_tok * p.heads + h;
+    sm80::store_out_lse(ro, cOrc, row_max, row_sum, rows, ob, lb, q_stride, p.heads,
+                        ctid % 32);
+    __syncwarp();
+    if (ctid % 32 == 0) Barrier::arrive(&sm.tile_empty[qb_i]);  // Q and rows read
+    base += steps;
+    ++n;
+  }
 }
 
 }  // namespace sm90

@@ -87,23 +87,28 @@ struct KvRing {
   }
 
   // ----------------------------------------------------------------------------- producer
-  // Fills the ring for steps 0..steps-1 of the box (kPerStep tiles each) from the K and V
-  // rows of the CTA's batch and KV head (`kb`, `vb`); run by the 128 producer threads.
+  // Once per CTA, before the first produce: read by the consumers once step 0's K has landed.
+  __device__ __forceinline__ void setup(Problem const& p, KvTensorMaps const& maps, int tid) {
+    if (tid == 0 && maps.on) {
+      prefetch_tma_descriptor(&maps.k);
+      prefetch_tma_descriptor(&maps.v);
+    }
+    if (tid == 0) tile_bits = TileBits::of(p.kv_tile);
+  }
+
+  // Fills the ring for the `steps` steps of the box (kPerStep tiles each) from the K and V
+  // rows of the CTA's batch and KV head (`kb`, `vb`); run by the 128 producer threads. The
+  // ring counts steps over the CTA's Q tiles: this box's steps are base .. base + steps - 1
+  // for the buffers, phases and row slots (the consumers pass the same indices).
   // `after_first` runs once step 0's loads are issued (or at once without steps): work the
   // consumers do not need before their first step goes there, off its critical path.
   template <class AfterFirst>
   __device__ __forceinline__ void produce(Problem const& p, Group const& G, TileBox const& box,
                           FullTiles const& fulls, KvTensorMaps const& maps, const T* kb,
-                          const T* vb, int hkv, int64_t b, int tid, int steps,
+                          const T* vb, int hkv, int64_t b, int tid, int base, int steps,
                           AfterFirst&& after_first) {
     if (steps == 0) after_first();
     const int64_t kv_stride = p.kv_heads * kD;
-    if (tid == 0 && maps.on) {
-      prefetch_tma_descriptor(&maps.k);
-      prefetch_tma_descriptor(&maps.v);
-    }
-    // Read by the consumers once step 0's K has landed.
-    if (tid == 0) tile_bits = TileBits::of(p.kv_tile);
     // The producer's own bookkeeping is on the critical path of every step (the consumers
     // wait for K while it runs): the tiles of the box are walked, not decoded (TileBox::at
     // divides), every producer thread keeps the step's tiles and TMA bits in registers, and
@@ -128,7 +133,8 @@ struct KvRing {
     // is issued, while the producer waits for V's buffer, so that they are ready when
     // K(j+1)'s buffer frees up (built just before each gather, they cost 1.12x in the
     // FLUX-4K GNA forward).
-    auto plan = [&](int j) {
+    auto plan = [&](int j) {  // box step j, ring step base + j
+      const int slot = (base + j) % kRowSlots;
       bool all_full = true;
       plan_tma = 0;
       CUTE_UNROLL
@@ -141,20 +147,20 @@ struct KvRing {
           plan_tma |= 1 << t;
       }
       if (tid == 127) {
-        full[j % kRowSlots] = all_full;
+        full[slot] = all_full;
         // Only masked steps read their origins.
         CUTE_UNROLL
         for (int t = 0; t < kPerStep; ++t) {
           if (all_full) break;
           const bool in_box = j * kPerStep + t < box.total;
           for (int a = 0; a < kMaxRank; ++a)
-            origins[j % kRowSlots][t][a] =
+            origins[slot][t][a] =
                 in_box ? plan_kt[t][a] * (int)p.kv_tile[a] : kNoTile;
         }
       }
       // Only gathers read the rows (the masks come from the origins).
       if (plan_tma == (1 << kPerStep) - 1) return;
-      KRow* step_rows = krows[j % kRowSlots];
+      KRow* step_rows = krows[slot];
       for (int r = tid; r < kRows; r += 128) {
         const int t = r / kTileRows;
         int kt[kMaxRank];  // plan_kt[t], selected without indexing registers dynamically
@@ -172,15 +178,17 @@ struct KvRing {
       for (int t = 0; t < kPerStep; ++t)
         for (int a = 0; a < kMaxRank; ++a) cur_kt[t][a] = plan_kt[t][a];
       cur_tma = plan_tma;
-      const int s = j % kStages;
-      const uint32_t free_phase = ((j / kStages) + 1) & 1;  // the (j/kStages - 1)-th release
-      // Every producer thread waits, so that none rewrites the row slot of step j+1 (that of
-      // step j-kStages-1) before every consumer has read it: a consumer reads a step's rows
-      // before it releases the next step's K.
-      if (j >= kStages) Barrier::wait(&k_empty[s], free_phase);
+      const int jr = base + j;  // the ring step
+      const int s = jr % kStages;
+      const uint32_t free_phase = ((jr / kStages) + 1) & 1;  // the (jr/kStages - 1)-th release
+      // Every producer thread waits, so that none rewrites the row slot of ring step jr+1
+      // (that of step jr-kStages-1) before every consumer has read it: a consumer reads a
+      // step's rows before it releases the next step's K. (The next box's plan(0) writes
+      // that slot after the last step's wait here.)
+      if (jr >= kStages) Barrier::wait(&k_empty[s], free_phase);
       // Gathers read rows that other producer threads wrote.
       if (cur_tma != (1 << kPerStep) - 1) named_sync(kProducerBarrier, 128);
-      const KRow* step_rows = krows[j % kRowSlots];
+      const KRow* step_rows = krows[jr % kRowSlots];
       // Tiles of step j into buffer `dst` ((row, col) -> address): TMA boxes issued by thread
       // 0 (the barrier expects their bytes), row gathers by every producer thread.
       auto load = [&](const CUtensorMap* map, const T* base, uint64_t* bar, auto const& dst) {
@@ -212,7 +220,7 @@ struct KvRing {
       Tensor k_s = sK(s);
       load(&maps.k, kb, &k_full[s], [&](int r, int c) { return &k_s(r, c); });
       if (j + 1 < steps) plan(j + 1);
-      if (j >= kStages) Barrier::wait(&v_empty[s], free_phase);
+      if (jr >= kStages) Barrier::wait(&v_empty[s], free_phase);
       Tensor vt_s = sVt(s);
       load(&maps.v, vb, &v_full[s], [&](int r, int c) { return &vt_s(c, r); });
       if (j == 0) after_first();

@@ -4,6 +4,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -29,6 +32,12 @@ constexpr bool fits_smem_per_sm(size_t bytes, int ctas) {
 #define GNA_SM90_FWD_TMA 1
 #endif
 
+// Whether the forward's grid has one CTA per Q tile (0) or as many as the SMs hold at once,
+// each computing every gridDim-th tile (1: forward_ws.cuh).
+#ifndef GNA_SM90_FWD_PERSISTENT
+#define GNA_SM90_FWD_PERSISTENT 1
+#endif
+
 // The warp-specialised forward (forward_ws.cuh) with kConsumers warpgroups of 64 Q rows.
 template <class T, int kD, int kConsumers, int kStages, bool kPingPong>
 std::string run_ws_forward(const Problem& p, const void* q, const void* k, const void* v,
@@ -48,12 +57,17 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
                    std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                           : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
                    (int)sizeof(T), Tr::kTileRows, &maps);
-  const dim3 grid((unsigned)sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false),
-                  (unsigned)p.heads, (unsigned)p.batch);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, static_cast<const T*>(q),
-                                               static_cast<const T*>(k),
-                                               static_cast<const T*>(v), static_cast<T*>(out),
-                                               lse, maps);
+  const int64_t q_tiles = sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false);
+  // CTAs stride over the tiles, so any grid size is correct (grid x is below 2^31).
+  int64_t most = GNA_SM90_FWD_PERSISTENT ? sm80::sm_count() * Tr::kCtasPerSm : INT32_MAX;
+  // JAX_GNA_SM90_FWD_CTAS=n caps the grid at n CTAs, so that the small problems of the tests
+  // and the sanitizers give every CTA several tiles.
+  if (const char* cap = std::getenv("JAX_GNA_SM90_FWD_CTAS"))
+    if (std::atoi(cap) > 0) most = std::min<int64_t>(most, std::atoi(cap));
+  const int64_t ctas = std::min<int64_t>(q_tiles * p.heads * p.batch, most);
+  kernel<<<(unsigned)ctas, Tr::kThreads, smem, stream>>>(
+      p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+      static_cast<T*>(out), lse, maps, (int)q_tiles);
   return sm80::cuda_error("sm90 ws forward kernel launch", cudaGetLastError());
 }
 
