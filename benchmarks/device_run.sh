@@ -127,10 +127,11 @@ ab)
 ab-rev)
   step ab-rev  # the working tree's kernels against a git revision's, in one call: prepare
   # .ab_base/ with benchmarks/prepare_ab_base.sh REV and carry it. Both harnesses build in
-  # parallel; the new one is swept (300 random configs and their framed sub-problems) and
-  # sanitized for each of GNA_SWEEP_KERNELS (default "sm90 sm80"); then both are timed twice,
-  # alternating (GNA_TIME_KERNELS and AB_ONLY narrow the kernels and problems timed; AB_DET=1
-  # also times the deterministic backwards).
+  # parallel; both are timed twice, alternating (GNA_TIME_KERNELS and AB_ONLY narrow the
+  # kernels and problems timed; AB_DET=1 also times the deterministic backwards); then the new
+  # one is swept (300 random configs and their framed sub-problems) and sanitized for each of
+  # GNA_SWEEP_KERNELS (default "sm90 sm80"). Timings come first so that a long sweep cannot
+  # cost them.
   [[ -f .ab_base/REV ]] || { echo "no .ab_base/: run benchmarks/prepare_ab_base.sh REV"; exit 1; }
   base_dir="$PWD/.device/ab_base"
   export CUTLASS_INCLUDE="${CUTLASS_INCLUDE:-$PWD/.cutlass/include}"  # also for .ab_base's build
@@ -140,6 +141,14 @@ ab-rev)
   wait
   [[ -x "$BUILD_DIR/sm80_check" && -x "$base_dir/sm80_check" ]] ||
     { grep -h error "$OUT"/ab_*_build.log | head -20; exit 1; }
+  for round in 1 2; do
+    echo "--- base $(cat .ab_base/REV), round $round"; timed "$base_dir"
+    echo "--- working tree, round $round"; timed "$BUILD_DIR"
+  done
+  if [[ "${AB_DET:-0}" == 1 ]]; then  # the deterministic backwards too, once each
+    echo "--- base $(cat .ab_base/REV), deterministic"; GNA_DETERMINISTIC=1 timed "$base_dir"
+    echo "--- working tree, deterministic"; GNA_DETERMINISTIC=1 timed "$BUILD_DIR"
+  fi
   # AB_FEW_CTAS=n: the sm90a sweep and sanitizers run once more with the forward's grid capped
   # at n CTAs (JAX_GNA_SM90_FWD_CTAS), so that every CTA computes several Q tiles.
   sweeps="${GNA_SWEEP_KERNELS:-sm90 sm80}"
@@ -152,19 +161,11 @@ ab-rev)
     echo "$kernels sweep rc=$?: $(grep -E "configs" "$OUT/ab_sweep_$kernels.log" | tr '\n' ' ')"
     for tool in memcheck racecheck; do
       timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 \
-        "$BUILD_DIR/sm80_check" sanitize > "$OUT/ab_$tool.log" 2>&1
-      echo "$kernels $tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/ab_$tool.log")"
+        "$BUILD_DIR/sm80_check" sanitize > "$OUT/ab_${tool}_$kernels.log" 2>&1
+      echo "$kernels $tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/ab_${tool}_$kernels.log")"
     done
   done
   unset JAX_GNA_SM90_FWD_CTAS GNA_CHECK_KERNELS
-  for round in 1 2; do
-    echo "--- base $(cat .ab_base/REV), round $round"; timed "$base_dir"
-    echo "--- working tree, round $round"; timed "$BUILD_DIR"
-  done
-  if [[ "${AB_DET:-0}" == 1 ]]; then  # the deterministic backwards too, once each
-    echo "--- base $(cat .ab_base/REV), deterministic"; GNA_DETERMINISTIC=1 timed "$base_dir"
-    echo "--- working tree, deterministic"; GNA_DETERMINISTIC=1 timed "$BUILD_DIR"
-  fi
   ;;
 profile)
   step profile  # ncu of the kernels matching $NCU_KERNELS on one harness problem; NCU_EXTRA
