@@ -44,10 +44,10 @@ cp-bench)
     --devices 2 --json "$OUT/cp_bench.json" 2>&1 | tee "$OUT/cp_bench.log" | tail -8
   ;;
 bench)
-  step bench
+  step bench  # BENCH_MODES narrows the modes (default "fwd fwd+bwd bwd")
   timeout 300 python3 -m jax_gna bench --no-progress \
     --problem flux-4k-gna hunyuan-gna flux-4k-na hunyuan-na 1d-32k-gna 1d-32k-na \
-    --impl cuda --baseline cudnn --mode fwd fwd+bwd bwd --reps 3 --min-time 0.3 \
+    --impl cuda --baseline cudnn --mode ${BENCH_MODES:-fwd fwd+bwd bwd} --reps 3 --min-time 0.3 \
     --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log" | tail -20
   ;;
 bench-xla)
