@@ -18,7 +18,9 @@ Dense baselines get the same treatment through `jax.nn.dot_product_attention`:
 
 Timing (identical for every contestant): compile and warm up, pick an iteration count ``n``
 so that ``n`` back-to-back calls take at least `min_time` seconds, then take the median over
-`reps` repetitions of (``n`` calls, one ``block_until_ready``) / ``n``.
+`reps` repetitions of (``n`` calls, one ``block_until_ready``) / ``n``. ``n`` is capped
+(`max_iters`); calls too short to fill `min_time` within the cap get more repetitions instead
+(up to `max_reps`), so that host hiccups do not decide the median of sub-millisecond calls.
 
 Effective TFLOP/s (DESIGN.md §4) divides the FLOPs GNA needs,
 ``4·B·H·D·Σ|neighbourhood|`` forward, 2.5× that for backward and 3.5× for forward+backward
@@ -319,21 +321,31 @@ def baseline_unavailable(problem: Problem, baseline: str) -> str | None:
 # Timing.
 # ----------------------------------------------------------------------------------------
 
+def _seconds_of_one_call(fn: Callable, args: Sequence) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return max(time.perf_counter() - start, 1e-6)
+
+
 def time_function(fn: Callable, args: Sequence, *, reps: int = 5, min_time: float = 0.1,
-                  max_iters: int = 100) -> dict[str, float]:
+                  max_iters: int = 100, max_reps: int = 15) -> dict[str, float]:
     """Median seconds per call of ``fn(*args)`` (see the module docstring for the method).
 
     Returns:
-      ``{"seconds": median per-call time, "iters": calls per repetition, "reps": reps,
-      "compile_seconds": first call incl. compilation, "spread": (max - min) / median}``.
+      ``{"seconds": median per-call time, "iters": calls per repetition, "reps": repetitions
+      taken (at least `reps`), "compile_seconds": first call incl. compilation, "spread":
+      (max - min) / median}``.
     """
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    once = max(time.perf_counter() - start, 1e-6)
+    compile_s = _seconds_of_one_call(fn, args)
+    once = _seconds_of_one_call(fn, args)
+    if once * max_iters < min_time:  # a short call: one host hiccup would skew `iters`
+        once = min(once, _seconds_of_one_call(fn, args), _seconds_of_one_call(fn, args))
     iters = int(min(max_iters, max(1, math.ceil(min_time / once))))
+    if once * iters < min_time:
+        # More back-to-back calls would keep more outputs alive in the dispatch queue: take
+        # more repetitions instead, so that the median rests on ~reps * min_time of timing.
+        # (once * iters < min_time, so this is at least `reps`.)
+        reps = min(max(reps, max_reps), math.ceil(reps * min_time / (iters * once)))
     samples = []
     for _ in range(reps):
         start = time.perf_counter()

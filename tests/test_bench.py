@@ -130,6 +130,21 @@ def test_time_function_measures_per_call_time():
     assert t["iters"] >= 3 and t["reps"] == 3
 
 
+def test_time_function_repeats_calls_too_short_for_max_iters():
+    def quick(x):
+        time.sleep(0.001)
+        return x
+
+    # Five calls (~5 ms) cannot fill min_time: more repetitions, up to max_reps.
+    t = bench.time_function(quick, (jnp.ones(3),), reps=3, min_time=0.05, max_iters=5,
+                            max_reps=7)
+    assert t["iters"] == 5 and t["reps"] == 7
+    assert 0.001 <= t["seconds"] < 0.02
+    # Calls that fill min_time keep the repetitions asked for.
+    t = bench.time_function(quick, (jnp.ones(3),), reps=3, min_time=0.004, max_iters=50)
+    assert t["reps"] == 3 and t["iters"] >= 2
+
+
 def test_progress_bar_counts_steps():
     out = io.StringIO()
     bar = bench.Progress(3, out)
