@@ -4,8 +4,8 @@
 //
 // - Warpgroup 0, the producer, keeps few registers (setmaxnreg.dec) and does all data
 //   movement: Q (double-buffered across tiles) and its row table by cp.async, then K, V and
-//   the row tables of every step into the ring of kv_ring.cuh (TMA boxes for tiles inside the frame, row gathers for the
-//   others; one mbarrier per buffer announces them).
+//   the row tables of every step into the ring of kv_ring.cuh (TMA boxes for tiles inside
+//   the frame, row gathers for the others; one mbarrier per buffer announces them).
 // - Warpgroups 1.., the consumers (one per 64 Q rows of the tile), take the registers the
 //   producer gave up (setmaxnreg.inc) and only run GEMMs and the softmax. Per step `it` a
 //   consumer issues S(it) = Q·K(it)^T and O += P(it-1)·V(it-1) back to back, then runs the
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   constexpr int kPerStep = Tr::kTilesPerStep;
 
   // The CTA's i-th flat index; past the last tile of the grid's work, -1. (Recomputed from
-  // i, so that the producer, which runs at 72 registers, keeps one loop counter live.)
+  // i, so that the producer, short of registers, keeps one loop counter live.)
   auto work_item = [&](int i) -> int64_t {
     const int64_t w = blockIdx.x + (int64_t)i * gridDim.x;
     return w < (int64_t)q_tiles * p.heads * p.batch ? w : -1;
@@ -221,9 +221,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     const int first = base, last = base + steps - 1;  // the tile's ring steps
     clear(acc_o);
     CUTE_UNROLL
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      row_max[i] = -INFINITY;
-      row_sum[i] = 0.f;
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
     }
     if (Tr::kPingPong && wg == 1 && steps > 0) named_arrive(kTurnBarrier + 0, kConsumerThreads);
 
@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     };
     auto to_p = [&] {
       CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<T>(acc_s(i));
+      for (int e = 0; e < size(acc_s); ++e) rP(e) = static_cast<T>(acc_s(e));
     };
     auto take_turn = [&] {
       if (Tr::kPingPong) named_sync(kTurnBarrier + wg, kConsumerThreads);
