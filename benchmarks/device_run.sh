@@ -160,9 +160,10 @@ ab-rev)
       > "$OUT/ab_sweep_$kernels.log" 2>&1
     echo "$kernels sweep rc=$?: $(grep -E "configs" "$OUT/ab_sweep_$kernels.log" | tr '\n' ' ')"
     for tool in memcheck racecheck; do
+      log="$OUT/ab_${tool}_$kernels.log"
       timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 \
-        "$BUILD_DIR/sm80_check" sanitize > "$OUT/ab_${tool}_$kernels.log" 2>&1
-      echo "$kernels $tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/ab_${tool}_$kernels.log")"
+        "$BUILD_DIR/sm80_check" sanitize > "$log" 2>&1
+      echo "$kernels $tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log")"
     done
   done
   unset JAX_GNA_SM90_FWD_CTAS GNA_CHECK_KERNELS
