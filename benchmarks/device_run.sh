@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine: build, GPU tests, benchmarks, end-to-end stacks.
 # Usage (on the device, repo root):
-#   bash benchmarks/device_run.sh [build|native|native90|test|cp-test|cp-bench|bench|bench-xla|ab|ab-rev|profile|e2e]...
+#   bash benchmarks/device_run.sh [build|native|native90|test|cp-test|cp-bench|bench|bench-xla|ab|ab-rev|profile|
+#   profile-dense|e2e]...
 # Needs the nvidia-cutlass wheel in .whl/ (the device has no network). Writes logs to $OUT.
 # Build outputs go to .device/ (git-ignored), so a later call on the still-warm machine
 # reuses them.
@@ -185,6 +186,31 @@ profile)
       > "$OUT/ncu_sass.csv" 2>/dev/null
   rm -f "$OUT/ncu.ncu-rep"
   grep -E "^  [a-z_:]+.*\(|Duration|Throughput|Registers|Achieved Occupancy|Issued Warp|No Eligible|Eligible Warps|Stall|L2 Hit|Mem Busy|Max Bandwidth" "$OUT/ncu.log" | head -80
+  ;;
+profile-dense)
+  step profile-dense  # our sm90a forward against cuDNN's on one dense problem (the window is
+  # the whole image, so every step of ours is mask-free): JAX timings of both (and of FLUX-4K
+  # GNA), then one ncu launch of each with stalls per SASS instruction ($OUT/ncu_<who>*)
+  shape="${DENSE_SHAPE:-256 256}"
+  timeout 240 python3 -m jax_gna bench --no-progress --problem flux-4k-gna --shape $shape \
+    --window $shape --impl cuda --baseline cudnn --mode fwd --reps 3 --min-time 0.3 \
+    --json "" 2>&1 | tee "$OUT/bench_dense.log" | tail -6
+  for who in cuda cudnn; do
+    PYTHONPATH="$PWD:$PYTHONPATH" timeout 240 ncu --clock-control none \
+      --kernel-name-base demangled \
+      -k "regex:ws_fwd_kernel|sdpa|fprop|fmha|flash" --launch-skip 1 -c 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+      --section InstructionStats --section MemoryWorkloadAnalysis --section SourceCounters \
+      -o "$OUT/ncu_$who" python3 benchmarks/ncu_probe.py --contestant $who --shape $shape \
+      --window $shape > "$OUT/ncu_${who}_run.log" 2>&1
+    echo "ncu $who rc=$?"
+    ncu --import "$OUT/ncu_$who.ncu-rep" --page details > "$OUT/ncu_$who.log" 2>&1
+    ncu --import "$OUT/ncu_$who.ncu-rep" --page source --csv --print-source sass 2>/dev/null |
+      gzip > "$OUT/ncu_${who}_sass.csv.gz"
+    rm -f "$OUT/ncu_$who.ncu-rep"
+    grep -E "^  [a-zA-Z_].*\(|Duration|Registers Per|Threads|Shared Memory Config|Issued Warp|No Eligible|Eligible Warps|Compute \(SM\) Throughput|Executed Ipc A" "$OUT/ncu_$who.log" | head -14
+  done
   ;;
 e2e)
   step e2e
