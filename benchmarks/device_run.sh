@@ -2,7 +2,7 @@
 # One lease of the GPU machine: build, GPU tests, benchmarks, end-to-end stacks.
 # Usage (on the device, repo root):
 #   bash benchmarks/device_run.sh [build|native|native90|test|cp-test|cp-bench|bench|bench-xla|ab|ab-rev|profile|
-#   profile-dense|e2e]...
+#   profile-dense|window-sweep|e2e]...
 # Needs the nvidia-cutlass wheel in .whl/ (the device has no network). Writes logs to $OUT.
 # Build outputs go to .device/ (git-ignored), so a later call on the still-warm machine
 # reuses them.
@@ -190,20 +190,21 @@ profile)
 profile-dense)
   step profile-dense  # our sm90a forward against cuDNN's on one dense problem (the window is
   # the whole image, so every step of ours is mask-free): JAX timings of both (and of FLUX-4K
-  # GNA), then one ncu launch of each with stalls per SASS instruction ($OUT/ncu_<who>*)
+  # GNA), then one ncu launch of each with stalls per SASS instruction ($OUT/ncu_<who>*).
+  # PROBE (ncu_probe.py's problem arguments) and PROBE_WHO (contestants) profile others.
   shape="${DENSE_SHAPE:-256 256}"
-  timeout 240 python3 -m jax_gna bench --no-progress --problem flux-4k-gna --shape $shape \
-    --window $shape --impl cuda --baseline cudnn --mode fwd --reps 3 --min-time 0.3 \
-    --json "" 2>&1 | tee "$OUT/bench_dense.log" | tail -6
-  for who in cuda cudnn; do
+  [[ -n "${PROBE:-}" ]] || timeout 240 python3 -m jax_gna bench --no-progress \
+    --problem flux-4k-gna --shape $shape --window $shape --impl cuda --baseline cudnn \
+    --mode fwd --reps 3 --min-time 0.3 --json "" 2>&1 | tee "$OUT/bench_dense.log" | tail -6
+  for who in ${PROBE_WHO:-cuda cudnn}; do
     PYTHONPATH="$PWD:$PYTHONPATH" timeout 240 ncu --clock-control none \
       --kernel-name-base demangled \
       -k "regex:ws_fwd_kernel|sdpa|fprop|fmha|flash" --launch-skip 1 -c 1 \
       --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis \
       --section InstructionStats --section MemoryWorkloadAnalysis --section SourceCounters \
-      -o "$OUT/ncu_$who" python3 benchmarks/ncu_probe.py --contestant $who --shape $shape \
-      --window $shape > "$OUT/ncu_${who}_run.log" 2>&1
+      -o "$OUT/ncu_$who" python3 benchmarks/ncu_probe.py --contestant $who \
+      ${PROBE:---shape $shape --window $shape} > "$OUT/ncu_${who}_run.log" 2>&1
     echo "ncu $who rc=$?"
     ncu --import "$OUT/ncu_$who.ncu-rep" --page details > "$OUT/ncu_$who.log" 2>&1
     ncu --import "$OUT/ncu_$who.ncu-rep" --page source --csv --print-source sass 2>/dev/null |
@@ -211,6 +212,12 @@ profile-dense)
     rm -f "$OUT/ncu_$who.ncu-rep"
     grep -E "^  [a-zA-Z_].*\(|Duration|Registers Per|Threads|Shared Memory Config|Issued Warp|No Eligible|Eligible Warps|Compute \(SM\) Throughput|Executed Ipc A" "$OUT/ncu_$who.log" | head -14
   done
+  ;;
+window-sweep)
+  step window-sweep  # the forward's time per Q tile split into steps and the rest
+  PYTHONPATH="$PWD:$PYTHONPATH" timeout 240 python3 benchmarks/window_sweep.py \
+    ${SWEEP:---shape 256 256 --stride 16 16 --windows 48 80 144 208} 2>&1 |
+    tee "$OUT/window_sweep.log" | tail -8
   ;;
 e2e)
   step e2e
