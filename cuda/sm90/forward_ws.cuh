@@ -72,22 +72,35 @@ struct WsFwdTraits {
   using Ring = KvRing<T, kD, kTilesPerStep, kStages, 4 * kConsumers>;
 };
 
+// What the producer hands the consumers with a Q tile (next to its Q buffer): the tile's ring
+// steps and where its output goes; steps < 0 ends the consumers' loop. (Each consumer warp
+// deriving this itself cost ~1270 instructions per tile on the path to the tile's first
+// GEMM, about half of what a tile costs besides its steps.)
+struct FwdTileWork {
+  int steps;
+  int h;
+  int b;
+};
+
 template <class Tr>
 struct WsFwdSmem {
   using T = typename Tr::T;
   alignas(1024) T q[Tr::kQBuffers][Tr::kBlockM * Tr::kD];
   typename Tr::Ring ring;  // K, V and the rows of the steps
   QRow qrows[Tr::kQBuffers][Tr::kBlockM];
-  uint64_t q_full[Tr::kQBuffers];
+  FwdTileWork work[Tr::kQBuffers];
+  uint64_t q_full[Tr::kQBuffers];  // Q and work landed
   uint64_t rows_full[Tr::kQBuffers];   // qrows written (after step 0's loads: see the producer)
-  uint64_t tile_empty[Tr::kQBuffers];  // the consumers have read the buffer's Q and qrows
+  uint64_t tile_empty[Tr::kQBuffers];  // the consumers have read the buffer's Q, qrows, work
 };
 
 // A CTA computes the Q tiles c, c + gridDim.x, c + 2·gridDim.x, ... (c = blockIdx.x) of the
 // flat index over (Q tile, head, batch), Q tile fastest: the launch runs one CTA per tile, or
 // as many as fit the SMs at once (persistent, GNA_SM90_FWD_PERSISTENT). Then the producer
 // loads the next tile's Q (into the other Q buffer) and first K/V steps while the consumers
-// finish the current one, and each CTA pays its set-up once.
+// finish the current one, and each CTA pays its set-up once. Only the producer decodes the
+// flat index and walks the tile geometry; the consumers take each tile from the Q buffers
+// in turn with its FwdTileWork, until one says there is none left.
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     ws_fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
@@ -116,8 +129,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     return w < (int64_t)q_tiles * p.heads * p.batch ? w : -1;
   };
   // The Q tile, head and batch of flat index `w`: false if the tile lies past the end of its
-  // (shorter) dilation group, which both roles then skip. (Declared in the loops, so that
-  // nothing of one tile's stays live into the next.)
+  // (shorter) dilation group, which the producer then skips.
   auto tile_of = [&](int64_t w, Group& G, int qt[kMaxRank], int& h, int64_t& b) {
     const int64_t hb = w / q_tiles;
     h = (int)(hb % p.heads);
@@ -142,6 +154,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   // (base) alike: tile n uses Q buffer n % kQBuffers, the (n / kQBuffers)-th time.
   int n = 0;
   int base = 0;
+  // The consumers read a buffer's work (and Q) only once it is full, and the producer
+  // rewrites it only once they have emptied it.
+  auto hand_over = [&](int qb_i, FwdTileWork w) {
+    if (tid == 0) sm.work[qb_i] = w;
+    producer_commit(&sm.q_full[qb_i]);
+  };
 
   if (tid < 128) {
     // ------------------------------------------------------------------------- producer
@@ -161,14 +179,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
       const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
       const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
-      // The buffer's Q and rows belong to tile n - kQBuffers until its consumers are done.
+      // The buffer's Q, rows and work belong to tile n - kQBuffers until its consumers are
+      // done.
       if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_i], ((n / kQBuffers) + 1) & 1);
       Tensor sQn = sQ(qb_i);
       int ii[kMaxRank];
       sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sQn(r, c); }, qb,
                                           q_stride,
                                           [&](int r) { return G.q_token(p, qt, r, ii); }, tid);
-      producer_commit(&sm.q_full[qb_i]);
+      hand_over(qb_i, {steps, h, (int)b});
       // The Q rows' windows are read only by masked steps and the epilogue: built while step
       // 0's K and V load, they stay off the path to the first GEMM.
       QRow* rows = sm.qrows[qb_i];
@@ -179,6 +198,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       base += steps;
       ++n;
     }
+    const int qb_end = n % kQBuffers;
+    if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_end], ((n / kQBuffers) + 1) & 1);
+    hand_over(qb_end, {-1, 0, 0});
     sm80::cp_async_wait<0>();
     return;
   }
@@ -209,14 +231,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   // Turns: consumer 0 issues first; each consumer hands the turn to the other after issuing.
   const int other = Tr::kConsumers - 1 - wg;
 
-  for (int i = 0; work_item(i) >= 0; ++i) {
-    Group G;
-    int qt[kMaxRank], h;
-    int64_t b;
-    if (!tile_of(work_item(i), G, qt, h, b)) continue;
-    const int steps = (TileBox::seen_by(G, p, qt).total + kPerStep - 1) / kPerStep;
+  for (;; ++n) {
     const int qb_i = n % kQBuffers;
     const uint32_t q_phase = (n / kQBuffers) & 1;
+    Barrier::wait(&sm.q_full[qb_i], q_phase);
+    cutlass::arch::fence_view_async_shared();
+    const FwdTileWork work = sm.work[qb_i];
+    if (work.steps < 0) break;
+    const int steps = work.steps;
     const QRow* rows = sm.qrows[qb_i];
     const int first = base, last = base + steps - 1;  // the tile's ring steps
     clear(acc_o);
@@ -226,9 +248,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       row_sum[r] = 0.f;
     }
     if (Tr::kPingPong && wg == 1 && steps > 0) named_arrive(kTurnBarrier + 0, kConsumerThreads);
-
-    Barrier::wait(&sm.q_full[qb_i], q_phase);
-    cutlass::arch::fence_view_async_shared();
     Tensor tSrQ = thr_s.partition_fragment_A(sQ(qb_i));
     // S(it) and the softmax of ring step it; P·V(it-1) is in flight unless `it` is the
     // tile's first. The caller holds the turn only for the issue.
@@ -310,14 +329,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
 
     // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
     Barrier::wait(&sm.rows_full[qb_i], q_phase);
-    T* ob = out + (b * n_q_tok * p.heads + h) * kD;
-    float* lb = lse + b * n_q_tok * p.heads + h;
+    const int64_t row0 = (int64_t)work.b * n_q_tok * p.heads + work.h;  // (b, token 0, h)
+    T* ob = out + row0 * kD;
+    float* lb = lse + row0;
     sm80::store_out_lse(ro, cOrc, row_max, row_sum, rows, ob, lb, q_stride, p.heads,
                         ctid % 32);
     __syncwarp();
-    if (ctid % 32 == 0) Barrier::arrive(&sm.tile_empty[qb_i]);  // Q and rows read
+    if (ctid % 32 == 0) Barrier::arrive(&sm.tile_empty[qb_i]);  // Q, rows and work read
     base += steps;
-    ++n;
   }
 }
 
