@@ -789,13 +789,17 @@ __device__ __forceinline__ void store_out_lse(RO const& ro, CO const& cOrc,
     const int tok = qrows[get<0>(cOrc(mi, 0))].tok;
     if (tok < 0) continue;
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    T* orow = ob + (int64_t)tok * q_stride;
+    // The columns are the thread's first plus offsets that fold to constants: one address
+    // per row, immediate offsets in the stores (`orow + c` per pair made ptxas extend and add
+    // a 64-bit address for each of them).
+    const int c0 = get<1>(cOrc(mi, 0));
+    T* orow = ob + (int64_t)tok * q_stride + c0;
     CUTE_UNROLL
     for (int ni = 0; ni < size<1>(ro); ni += 2) {
-      const int c = get<1>(cOrc(mi, ni));
+      const int dc = get<1>(cOrc(mi, ni)) - c0;
       // Consecutive value pairs are adjacent columns: store them as one 32-bit word.
       T pair[2] = {static_cast<T>(ro(mi, ni) * inv), static_cast<T>(ro(mi, ni + 1) * inv)};
-      *reinterpret_cast<uint32_t*>(orow + c) = *reinterpret_cast<uint32_t*>(pair);
+      *reinterpret_cast<uint32_t*>(orow + dc) = *reinterpret_cast<uint32_t*>(pair);
     }
     if (lane % 4 == 0)
       lb[(int64_t)tok * heads] = sum > 0.f ? (row_max[mi] + log2f(sum)) * kLn2 : -INFINITY;
