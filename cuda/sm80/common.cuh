@@ -621,6 +621,14 @@ struct FullTiles {
     for (int a = 0; a < kMaxRank; ++a) ok = ok && kt[a] >= lo[a] && kt[a] < hi[a];
     return ok;
   }
+
+  // Every tile of `box` is full.
+  __device__ __forceinline__ bool covers(TileBox const& box) const {
+    bool ok = dense;
+    for (int a = 0; a < kMaxRank; ++a)
+      ok = ok && box.lo[a] >= lo[a] && box.lo[a] + box.cnt[a] <= hi[a];
+    return ok;
+  }
 };
 
 // Gathers a [kRows, kD] tile into shared memory with cp.async (16 B per copy, zero fill for

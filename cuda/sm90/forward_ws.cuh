@@ -88,6 +88,7 @@ struct WsFwdSmem {
   alignas(1024) T q[Tr::kQBuffers][Tr::kBlockM * Tr::kD];
   typename Tr::Ring ring;  // K, V and the rows of the steps
   QRow qrows[Tr::kQBuffers][Tr::kBlockM];
+  sm80::RowTable<Tr::kBlockM> qtable;  // token offsets of a Q tile's rows (tiles inside)
   FwdTileWork work[Tr::kQBuffers];
   uint64_t q_full[Tr::kQBuffers];  // Q and work landed
   uint64_t rows_full[Tr::kQBuffers];   // qrows written (after step 0's loads: see the producer)
@@ -179,20 +180,44 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
       const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
       const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
+      // No step needs the mask (a step past the box's last tile does).
+      const bool no_mask = box.total % kPerStep == 0 && fulls.covers(box);
+      // The producer's work per tile is on the consumers' path between two tiles: rows of a
+      // tile inside the Q frame take their tokens from the CTA's table (16 rows per thread
+      // cost ~800 instructions of divisions by q_token), and tiles without masked steps skip
+      // the windows of their rows.
+      if (n == 0) {
+        sm.qtable.build(G, p, /*kv_side=*/false, tid, 128);
+        named_sync(kProducerBarrier, 128);
+      }
+      const bool q_inside = G.tile_inside(p, qt, /*kv_side=*/false);
+      const int q_base = G.tile_base(p, qt, /*kv_side=*/false);
+      auto table_tok = [&](int r) {
+        const int off = sm.qtable.offset[r];
+        return off < 0 ? -1 : q_base + off;
+      };
+      int ii[kMaxRank];
+      auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
       // The buffer's Q, rows and work belong to tile n - kQBuffers until its consumers are
       // done.
       if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_i], ((n / kQBuffers) + 1) & 1);
       Tensor sQn = sQ(qb_i);
-      int ii[kMaxRank];
-      sm80::gather_rows<kBlockM, kD, 128>([&](int r, int c) { return &sQn(r, c); }, qb,
-                                          q_stride,
-                                          [&](int r) { return G.q_token(p, qt, r, ii); }, tid);
+      auto q_dst = [&](int r, int c) { return &sQn(r, c); };
+      if (q_inside)
+        sm80::gather_rows<kBlockM, kD, 128>(q_dst, qb, q_stride, table_tok, tid);
+      else
+        sm80::gather_rows<kBlockM, kD, 128>(q_dst, qb, q_stride, q_tok, tid);
       hand_over(qb_i, {steps, h, (int)b});
-      // The Q rows' windows are read only by masked steps and the epilogue: built while step
-      // 0's K and V load, they stay off the path to the first GEMM.
+      // The Q rows are read only by masked steps (windows) and the epilogue (tokens): built
+      // while step 0's K and V load, they stay off the path to the first GEMM.
       QRow* rows = sm.qrows[qb_i];
       ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, base, steps, [&] {
-        for (int r = tid; r < kBlockM; r += 128) rows[r] = G.q_row(p, qt, r);
+        for (int r = tid; r < kBlockM; r += 128) {
+          if (no_mask && q_inside)
+            rows[r].tok = table_tok(r);
+          else
+            rows[r] = G.q_row(p, qt, r, /*window=*/!no_mask);
+        }
         Barrier::arrive(&sm.rows_full[qb_i]);
       });
       base += steps;
