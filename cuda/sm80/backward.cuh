@@ -360,9 +360,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     const int base = G.tile_base(p, sj.qt, /*kv_side=*/false);
     const int row0 = sj.chunk * kChunk;  // below kMaxQTokens: kChunk divides it
     auto q_tok = [&](int r) {
-      if (!inside) return G.q_token(p, sj.qt, row0 + r, ii);
-      const int off = sm.qtable.offset[row0 + r];
-      return off < 0 ? -1 : base + off;
+      return inside ? sm.qtable.token(base, row0 + r) : G.q_token(p, sj.qt, row0 + r, ii);
     };
     for (int r = tid; r < kChunk; r += kThreads) {
       int tok;

@@ -486,12 +486,19 @@ struct RowTable {
     }
   }
 
+  // Token of row r of a tile that lies inside its frame (Group::tile_inside) and starts at
+  // token `base` (Group::tile_base); -1 for a padding row.
+  __device__ __forceinline__ int token(int base, int r) const {
+    const int off = offset[r];
+    return off < 0 ? -1 : base + off;
+  }
+
   // Group::k_row(p, kt, r) for a KV tile `kt` that lies inside (Group::tile_inside) and
   // starts at token `base` (Group::tile_base).
   __device__ __forceinline__ KRow k_row(Problem const& p, const int kt[kMaxRank], int base,
                                         int r) const {
     KRow row;
-    row.tok = offset[r] < 0 ? -1 : base + offset[r];
+    row.tok = token(base, r);
     for (int a = 0; a < kMaxRank; ++a) row.jj[a] = kt[a] * (int)p.kv_tile[a] + local[r][a];
     return row;
   }

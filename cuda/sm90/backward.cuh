@@ -273,8 +273,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
       for (int r = tid; r < kBlockN; r += kThreads) {
         QRow row;
         if (fast) {
-          const int off = sm.ntable.offset[chunk * kBlockN + r];
-          row.tok = off < 0 ? -1 : base + off;
+          row.tok = sm.ntable.token(base, chunk * kBlockN + r);
           sm.nrows[slot][r].tok = row.tok;
         } else {
           row = G.q_row(p, qt, chunk * kBlockN + r, /*window=*/!full);

@@ -219,8 +219,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int r = tid; r < kBlockN; r += 128) {
         QRow row;
         if (fast) {
-          const int off = sm.ntable.offset[chunk * kBlockN + r];
-          row.tok = off < 0 ? -1 : base + off;
+          row.tok = sm.ntable.token(base, chunk * kBlockN + r);
           sm.qrows[s][r].tok = row.tok;
         } else {
           row = G.q_row(p, st.qt, chunk * kBlockN + r, /*window=*/!full);
