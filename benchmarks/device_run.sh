@@ -126,29 +126,37 @@ ab)
   for i in $(seq "$n"); do grep -h " error" "$OUT/ab$i.log" | head -5; done
   ;;
 ab-rev)
-  step ab-rev  # the working tree's kernels against a git revision's, in one call: prepare
-  # .ab_base/ with benchmarks/prepare_ab_base.sh REV and carry it. Both harnesses build in
-  # parallel; both are timed twice, alternating (GNA_TIME_KERNELS and AB_ONLY narrow the
-  # kernels and problems timed; AB_DET=1 also times the deterministic backwards); then the new
-  # one is swept (300 random configs and their framed sub-problems) and sanitized for each of
-  # GNA_SWEEP_KERNELS (default "sm90 sm80"). Timings come first so that a long sweep cannot
-  # cost them.
-  [[ -f .ab_base/REV ]] || { echo "no .ab_base/: run benchmarks/prepare_ab_base.sh REV"; exit 1; }
-  base_dir="$PWD/.device/ab_base"
-  export CUTLASS_INCLUDE="${CUTLASS_INCLUDE:-$PWD/.cutlass/include}"  # also for .ab_base's build
+  step ab-rev  # the working tree's kernels against git revisions', in one call: prepare
+  # .ab_base/<rev>/ with benchmarks/prepare_ab_base.sh REV... and carry it. All harnesses
+  # build in parallel; each is timed twice, in turn (GNA_TIME_KERNELS and AB_ONLY narrow the
+  # kernels and problems timed; AB_DET=1 also times the deterministic backwards); then the
+  # working tree's is swept (300 random configs and their framed sub-problems) and sanitized
+  # for each of GNA_SWEEP_KERNELS (default "sm90 sm80"). Timings come first so that a long
+  # sweep cannot cost them.
+  revs=($(ls .ab_base 2>/dev/null))
+  (( ${#revs[@]} )) || { echo "no .ab_base/: run benchmarks/prepare_ab_base.sh REV"; exit 1; }
+  export CUTLASS_INCLUDE="${CUTLASS_INCLUDE:-$PWD/.cutlass/include}"  # also for the bases
   bash tests/native/run_sm80_check.sh none > "$OUT/ab_new_build.log" 2>&1 &
-  BUILD_DIR="$base_dir" bash .ab_base/tests/native/run_sm80_check.sh none \
-    > "$OUT/ab_base_build.log" 2>&1 &
+  for rev in "${revs[@]}"; do
+    BUILD_DIR="$PWD/.device/ab_$rev" bash ".ab_base/$rev/tests/native/run_sm80_check.sh" \
+      none > "$OUT/ab_${rev}_build.log" 2>&1 &
+  done
   wait
-  [[ -x "$BUILD_DIR/sm80_check" && -x "$base_dir/sm80_check" ]] ||
-    { grep -h error "$OUT"/ab_*_build.log | head -20; exit 1; }
+  dirs=("$BUILD_DIR"); names=("working tree")
+  for rev in "${revs[@]}"; do dirs+=("$PWD/.device/ab_$rev"); names+=("base $rev"); done
+  for i in "${!dirs[@]}"; do
+    [[ -x "${dirs[$i]}/sm80_check" ]] ||
+      { echo "${names[$i]}: build failed"; grep -h error "$OUT"/ab_*_build.log | head -20; exit 1; }
+  done
   for round in 1 2; do
-    echo "--- base $(cat .ab_base/REV), round $round"; timed "$base_dir"
-    echo "--- working tree, round $round"; timed "$BUILD_DIR"
+    for i in "${!dirs[@]}"; do
+      echo "--- ${names[$i]}, round $round"; timed "${dirs[$i]}"
+    done
   done
   if [[ "${AB_DET:-0}" == 1 ]]; then  # the deterministic backwards too, once each
-    echo "--- base $(cat .ab_base/REV), deterministic"; GNA_DETERMINISTIC=1 timed "$base_dir"
-    echo "--- working tree, deterministic"; GNA_DETERMINISTIC=1 timed "$BUILD_DIR"
+    for i in "${!dirs[@]}"; do
+      echo "--- ${names[$i]}, deterministic"; GNA_DETERMINISTIC=1 timed "${dirs[$i]}"
+    done
   fi
   # AB_FEW_CTAS=n: the sm90a sweep and sanitizers run once more with the forward's grid capped
   # at n CTAs (JAX_GNA_SM90_FWD_CTAS), so that every CTA computes several Q tiles.
