@@ -63,10 +63,9 @@ struct WsFwdTraits {
   // A CTA launches with the registers of 65536 / (kCtasPerSm · kThreads) per thread (rounded
   // down to a multiple of 8) and setmaxnreg only moves them between the roles. The producer
   // gets enough for its step loop to run without spills (ptxas -v, cuobjdump: 72 spilled
-  // there once the loop over Q tiles held its counters; with one consumer, 18 once the tile
-  // loop held a FwdTilePlan's geometry at 80), the consumers the rest.
-  static constexpr int kProducerRegs = kConsumers == 2 ? 104 : 88;
-  static constexpr int kConsumerRegs = kConsumers == 2 ? 200 : 168;
+  // there once the loop over Q tiles held its counters), the consumers the rest.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 104 : 80;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 200 : 176;
   static constexpr int kLaunchRegs = 65536 / (kCtasPerSm * kThreads) / 8 * 8;
   static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= kThreads * kLaunchRegs,
                 "registers");
@@ -211,14 +210,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       FwdTilePlan const& pl = sm.plans[i % Tr::kPlans];
       if (pl.state == FwdTilePlan::kEnd) break;
       if (pl.state == FwdTilePlan::kSkip) continue;
-      // Copied to registers: read from shared memory where used, the geometry took 2.1x the
-      // loads in the step loop and cost 1.12-1.2x (the compiler reloads it after every store
-      // to shared memory).
-      const Group G = pl.G;
-      const TileBox box = pl.box;
-      const FullTiles fulls = pl.fulls;
-      int qt[kMaxRank];
-      for (int a = 0; a < kMaxRank; ++a) qt[a] = pl.qt[a];
+      // The geometry stays in shared memory (read where used: the producer is short of
+      // registers), the scalars go to registers.
+      Group const& G = pl.G;
+      const int* qt = pl.qt;
       const int h = pl.h, hkv = pl.hkv, steps = pl.steps, q_base = pl.q_base;
       const int64_t b = pl.b;
       const bool q_inside = pl.q_inside, no_mask = pl.no_mask;
@@ -251,7 +246,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       // The Q rows are read only by masked steps (windows) and the epilogue (tokens): built
       // while step 0's K and V load, they stay off the path to the first GEMM.
       QRow* rows = sm.qrows[qb_i];
-      ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, base, steps, [&] {
+      ring.produce(p, G, pl.box, pl.fulls, maps, kb, vb, hkv, b, tid, base, steps, [&] {
         for (int r = tid; r < kBlockM; r += 128) {
           if (no_mask && q_inside)
             rows[r].tok = table_tok(r);
