@@ -57,9 +57,6 @@ struct WsFwdTraits {
   static constexpr bool kPingPong = kPingPong_ && kConsumers == 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kCtasPerSm = 3 - kConsumers;
-  // Q tiles the producer decodes at once (FwdTilePlan; shared memory: 16 KB are left beside
-  // two consumers' buffers at D = 128, 6 KB per CTA beside one consumer's).
-  static constexpr int kPlans = kConsumers == 2 ? 32 : 16;
   // A CTA launches with the registers of 65536 / (kCtasPerSm · kThreads) per thread (rounded
   // down to a multiple of 8) and setmaxnreg only moves them between the roles. The producer
   // gets enough for its step loop to run without spills (ptxas -v, cuobjdump: 72 spilled
@@ -85,24 +82,6 @@ struct FwdTileWork {
   int b;
 };
 
-// A Q tile of the CTA's work, decoded from its flat index with what the producer derives
-// from it. The producer threads decode kPlans tiles at once, one each, so that the decode
-// (Group::init, TileBox::seen_by, FullTiles::of: ~1300 instructions, a dependent chain of
-// divisions by problem sizes) is paid once per kPlans tiles instead of between every two.
-struct FwdTilePlan {
-  enum State : int { kTile, kSkip, kEnd };
-  Group G;
-  TileBox box;       // the KV tiles the Q tile sees
-  FullTiles fulls;   // those it sees in full
-  int qt[kMaxRank];  // the Q tile
-  int h, hkv, b;     // query head, KV head and batch
-  int steps;         // ring steps of the box
-  int q_base;        // Group::tile_base of the Q tile
-  bool q_inside;     // Group::tile_inside: its rows' tokens come from the CTA's RowTable
-  bool no_mask;      // no step needs the element mask
-  State state;       // kSkip: past the end of its (shorter) dilation group; kEnd: no more work
-};
-
 template <class Tr>
 struct WsFwdSmem {
   using T = typename Tr::T;
@@ -111,7 +90,6 @@ struct WsFwdSmem {
   QRow qrows[Tr::kQBuffers][Tr::kBlockM];
   sm80::RowTable<Tr::kBlockM> qtable;  // token offsets of a Q tile's rows (tiles inside)
   FwdTileWork work[Tr::kQBuffers];
-  FwdTilePlan plans[Tr::kPlans];  // the producer's next Q tiles
   uint64_t q_full[Tr::kQBuffers];  // Q and work landed
   uint64_t rows_full[Tr::kQBuffers];   // qrows written (after step 0's loads: see the producer)
   uint64_t tile_empty[Tr::kQBuffers];  // the consumers have read the buffer's Q, qrows, work
@@ -122,9 +100,8 @@ struct WsFwdSmem {
 // as many as fit the SMs at once (persistent, GNA_SM90_FWD_PERSISTENT). Then the producer
 // loads the next tile's Q (into the other Q buffer) and first K/V steps while the consumers
 // finish the current one, and each CTA pays its set-up once. Only the producer decodes the
-// flat index (kPlans tiles at a time: FwdTilePlan) and walks the tile geometry; the consumers
-// take each tile from the Q buffers in turn with its FwdTileWork, until one says there is
-// none left.
+// flat index and walks the tile geometry; the consumers take each tile from the Q buffers
+// in turn with its FwdTileWork, until one says there is none left.
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     ws_fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
@@ -146,31 +123,19 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   const int64_t q_stride = p.heads * kD;
   constexpr int kPerStep = Tr::kTilesPerStep;
 
-  // The CTA's i-th Q tile: flat index blockIdx.x + i · gridDim.x over (Q tile, head, batch).
-  auto plan_tile = [&](int i, FwdTilePlan& pl) {
+  // The CTA's i-th flat index; past the last tile of the grid's work, -1. (Recomputed from
+  // i, so that the producer, short of registers, keeps one loop counter live.)
+  auto work_item = [&](int i) -> int64_t {
     const int64_t w = blockIdx.x + (int64_t)i * gridDim.x;
-    if (w >= (int64_t)q_tiles * p.heads * p.batch) {
-      pl.state = FwdTilePlan::kEnd;
-      return;
-    }
+    return w < (int64_t)q_tiles * p.heads * p.batch ? w : -1;
+  };
+  // The Q tile, head and batch of flat index `w`: false if the tile lies past the end of its
+  // (shorter) dilation group, which the producer then skips.
+  auto tile_of = [&](int64_t w, Group& G, int qt[kMaxRank], int& h, int64_t& b) {
     const int64_t hb = w / q_tiles;
-    pl.h = (int)(hb % p.heads);
-    pl.hkv = pl.h / (int)(p.heads / p.kv_heads);
-    pl.b = (int)(hb / p.heads);
-    Group G;
-    if (!G.init(p, (int)(w % q_tiles), /*kv_side=*/false, pl.qt)) {
-      pl.state = FwdTilePlan::kSkip;
-      return;
-    }
-    pl.state = FwdTilePlan::kTile;
-    pl.G = G;
-    pl.box = TileBox::seen_by(G, p, pl.qt);
-    pl.fulls = FullTiles::of(G, p, pl.qt, Tr::kTileRows);
-    pl.steps = (pl.box.total + kPerStep - 1) / kPerStep;
-    // A step past the box's last tile needs the mask.
-    pl.no_mask = pl.box.total % kPerStep == 0 && pl.fulls.covers(pl.box);
-    pl.q_inside = G.tile_inside(p, pl.qt, /*kv_side=*/false);
-    pl.q_base = G.tile_base(p, pl.qt, /*kv_side=*/false);
+    h = (int)(hb % p.heads);
+    b = hb / p.heads;
+    return G.init(p, (int)(w % q_tiles), /*kv_side=*/false, qt);
   };
 
   if (tid == 0) {
@@ -201,27 +166,22 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     // ------------------------------------------------------------------------- producer
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     ring.setup(p, maps, tid);
-    for (int i = 0;; ++i) {
-      if (i % Tr::kPlans == 0) {
-        named_sync(kProducerBarrier, 128);  // every producer thread has read the last plans
-        if (tid < Tr::kPlans) plan_tile(i + tid, sm.plans[tid]);
-        named_sync(kProducerBarrier, 128);
-      }
-      FwdTilePlan const& pl = sm.plans[i % Tr::kPlans];
-      if (pl.state == FwdTilePlan::kEnd) break;
-      if (pl.state == FwdTilePlan::kSkip) continue;
-      // The geometry stays in shared memory (read where used: the producer is short of
-      // registers), the scalars go to registers.
-      Group const& G = pl.G;
-      const int* qt = pl.qt;
-      const int h = pl.h, hkv = pl.hkv, steps = pl.steps, q_base = pl.q_base;
-      const int64_t b = pl.b;
-      const bool q_inside = pl.q_inside, no_mask = pl.no_mask;
+    for (int i = 0; work_item(i) >= 0; ++i) {
+      Group G;
+      int qt[kMaxRank], h;
+      int64_t b;
+      if (!tile_of(work_item(i), G, qt, h, b)) continue;
+      const TileBox box = TileBox::seen_by(G, p, qt);
+      const int steps = (box.total + kPerStep - 1) / kPerStep;
       const int qb_i = n % kQBuffers;
+      const int hkv = h / (int)(p.heads / p.kv_heads);
       const int64_t n_kv_tok = sm80::kv_tokens_of(p);
       const T* qb = q + (b * n_q_tok * p.heads + h) * kD;
       const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
       const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+      const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
+      // No step needs the mask (a step past the box's last tile does).
+      const bool no_mask = box.total % kPerStep == 0 && fulls.covers(box);
       // The producer's work per tile is on the consumers' path between two tiles: rows of a
       // tile inside the Q frame take their tokens from the CTA's table (16 rows per thread
       // cost ~800 instructions of divisions by q_token), and tiles without masked steps skip
@@ -230,7 +190,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         sm.qtable.build(G, p, /*kv_side=*/false, tid, 128);
         named_sync(kProducerBarrier, 128);
       }
-      auto table_tok = [&](int r) { return sm.qtable.token(q_base, r); };
+      const bool q_inside = G.tile_inside(p, qt, /*kv_side=*/false);
+      const int q_base = G.tile_base(p, qt, /*kv_side=*/false);
+      auto table_tok = [&](int r) {
+        const int off = sm.qtable.offset[r];
+        return off < 0 ? -1 : q_base + off;
+      };
       int ii[kMaxRank];
       auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
       // The buffer's Q, rows and work belong to tile n - kQBuffers until its consumers are
@@ -246,7 +211,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       // The Q rows are read only by masked steps (windows) and the epilogue (tokens): built
       // while step 0's K and V load, they stay off the path to the first GEMM.
       QRow* rows = sm.qrows[qb_i];
-      ring.produce(p, G, pl.box, pl.fulls, maps, kb, vb, hkv, b, tid, base, steps, [&] {
+      ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, base, steps, [&] {
         for (int r = tid; r < kBlockM; r += 128) {
           if (no_mask && q_inside)
             rows[r].tok = table_tok(r);
