@@ -179,8 +179,8 @@ ab-rev)
   ;;
 profile)
   step profile  # ncu of the kernels matching $NCU_KERNELS on one harness problem; NCU_EXTRA
-  # adds sections (e.g. "--section SourceCounters": then $OUT/ncu_sass.csv has the stalls per
-  # SASS instruction)
+  # adds sections (e.g. "--section SourceCounters": then $OUT/ncu_sass.csv.gz has the stalls
+  # per SASS instruction)
   [[ -x "$BUILD_DIR/sm80_check" ]] || bash tests/native/run_sm80_check.sh none > /dev/null 2>&1
   GNA_TIME_ONLY="${NCU_PROBLEM:-FLUX-4K GNA}" timeout 400 ncu --clock-control none \
     --kernel-name-base demangled -k "regex:${NCU_KERNELS:-sm90::(dkdv|ws_dq|fused_bwd)_kernel}" \
@@ -190,8 +190,8 @@ profile)
   echo "ncu rc=$?"
   ncu --import "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu.log" 2>&1
   [[ "${NCU_EXTRA:-}" == *SourceCounters* ]] &&
-    ncu --import "$OUT/ncu.ncu-rep" --page source --csv --print-source sass \
-      > "$OUT/ncu_sass.csv" 2>/dev/null
+    ncu --import "$OUT/ncu.ncu-rep" --page source --csv --print-source sass 2>/dev/null |
+      gzip > "$OUT/ncu_sass.csv.gz"
   rm -f "$OUT/ncu.ncu-rep"
   grep -E "^  [a-z_:]+.*\(|Duration|Throughput|Registers|Achieved Occupancy|Issued Warp|No Eligible|Eligible Warps|Stall|L2 Hit|Mem Busy|Max Bandwidth" "$OUT/ncu.log" | head -80
   ;;
