@@ -146,21 +146,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// 2^x without the MUFU unit, on the FMA pipe: x = j + f with j = round(x) and f in
-// [-0.5, 0.5], 2^f from a degree-3 polynomial (relative error 1.0e-4; coefficients fitted to
-// 2^f on that interval) and j added to its exponent field. Inputs below -127, -inf included,
-// give 0 or a subnormal below 2^-126. A softmax can compute part of its exp2s this way, so
-// that fewer queue for the MUFU (16 results per clock and SM on Hopper, against 128 FMAs).
-__device__ __forceinline__ float poly_exp2(float x) {
-  x = fmaxf(x, -127.f);
-  constexpr float kRound = 12582912.f;  // 1.5 · 2^23: x + kRound is round(x) in its low bits
-  const float t = x + kRound;
-  const float f = x - (t - kRound);
-  const float p = fmaf(fmaf(fmaf(0.05500893f, f, 0.24221098f), f, 0.6932829f), f, 1.f);
-  // The low bits of t hold j (two's complement) and its others vanish times 2^23.
-  return __uint_as_float(__float_as_uint(p) + __float_as_uint(t) * (1u << 23));
-}
-
 // Butterfly over the 4 lanes (a quad) that share an accumulator row.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -727,12 +712,10 @@ __device__ __forceinline__ void stage_row_stats(int tok, int64_t stats, int64_t 
 // exceed it by more than kRescaleSlack, so that most steps leave the output accumulator
 // alone. Exact: the output and the sums share the base, and the epilogue divides one by the
 // other; P is then at most 2^kRescaleSlack, which bf16/f16 and the float32 sums hold as well.
-// kPolyExp2: of every 8 columns of a row, how many take poly_exp2 instead of the MUFU.
 // Returns whether `corr` holds factors to apply (false: all are 1, skip the rescale). The
 // decision is uniform over the warp.
 constexpr float kRescaleSlack = 8.f;
-template <bool kFoldScale, bool kLazyRescale = false, int kPolyExp2 = 0, int kRows, class RS,
-          class CS, class Mask>
+template <bool kFoldScale, bool kLazyRescale = false, int kRows, class RS, class CS, class Mask>
 __device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row_max)[kRows],
                                              float (&row_sum)[kRows], float (&corr)[kRows],
                                              bool full, Mask const& mask, float scale2) {
@@ -760,8 +743,7 @@ __device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row
     float sum = 0.f;
     CUTE_UNROLL
     for (int ni = 0; ni < size<1>(rs); ++ni) {
-      const float x = fmaf(rs(mi, ni), post, -base);
-      rs(mi, ni) = ni % 8 < kPolyExp2 ? poly_exp2(x) : fast_exp2(x);
+      rs(mi, ni) = fast_exp2(fmaf(rs(mi, ni), post, -base));
       sum += rs(mi, ni);
     }
     row_sum[mi] = keep ? row_sum[mi] + sum : row_sum[mi] * corr[mi] + sum;

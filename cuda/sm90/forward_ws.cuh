@@ -33,11 +33,6 @@
 #ifndef GNA_SM90_FWD_SPLIT_SOFTMAX
 #define GNA_SM90_FWD_SPLIT_SOFTMAX 0
 #endif
-// Of every 8 columns of a score row, how many the softmax exponentiates on the FMA pipe
-// (sm80::poly_exp2) instead of the MUFU.
-#ifndef GNA_SM90_FWD_POLY_EXP2
-#define GNA_SM90_FWD_POLY_EXP2 0
-#endif
 
 namespace gna {
 namespace sm90 {
@@ -299,16 +294,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       // One softmax per flag value: ptxas then cannot hoist the wait for P·V(it-1) above the
       // exp2s (it moves it to the top of the block where the masked and full paths meet).
       if (ring.is_full(it))
-        rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0,
-                                   GNA_SM90_FWD_POLY_EXP2>(
+        rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
             rs, cSrc, row_max, row_sum, corr, true, ring.mask(it, rows), scale2);
       else
-        rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0,
-                                   GNA_SM90_FWD_POLY_EXP2>(
+        rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
             rs, cSrc, row_max, row_sum, corr, false, ring.mask(it, rows), scale2);
 #else
-      rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0,
-                                   GNA_SM90_FWD_POLY_EXP2>(
+      rescale = sm80::softmax_step</*kFoldScale=*/true, GNA_SM90_FWD_LAZY_RESCALE != 0>(
           rs, cSrc, row_max, row_sum, corr, ring.is_full(it), ring.mask(it, rows), scale2);
 #endif
     };
