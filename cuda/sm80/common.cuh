@@ -699,6 +699,32 @@ __device__ __forceinline__ void stage_row_stats(int tok, int64_t stats, int64_t 
 
 // ---------------------------------------------------------------- forward softmax and output
 
+// How many interleaved partial results the softmax's row max and row sum keep (a power of
+// two; 1: one serial chain over the row).
+#ifndef GNA_SOFTMAX_CHAINS
+#define GNA_SOFTMAX_CHAINS 1
+#endif
+
+// op(...op(op(at(0), at(1)), at(2))..., at(kN - 1)) for an associative `op`, kept in kChains
+// interleaved partial results that are combined pairwise at the end: kN / kChains dependent
+// steps plus log2(kChains), instead of kN - 1, so that each instruction waits less for the
+// one before it.
+template <int kChains, int kN, class At, class Op>
+__device__ __forceinline__ float chained_reduce(At const& at, Op const& op) {
+  static_assert(kN % kChains == 0 && (kChains & (kChains - 1)) == 0, "kChains divides kN");
+  float part[kChains];
+  CUTE_UNROLL
+  for (int c = 0; c < kChains; ++c) part[c] = at(c);
+  CUTE_UNROLL
+  for (int i = kChains; i < kN; ++i) part[i % kChains] = op(part[i % kChains], at(i));
+  CUTE_UNROLL
+  for (int w = kChains / 2; w >= 1; w /= 2) {
+    CUTE_UNROLL
+    for (int c = 0; c < w; ++c) part[c] = op(part[c], part[c + w]);
+  }
+  return part[0];
+}
+
 // One online-softmax step of a forward over a tile of scores, for the rows this thread
 // holds. `rs` (scores) is a register tensor seen as (rows, cols), as rowcol() gives it for
 // mma.sync and the sm90 kernels' gmma_rowcol for wgmma; `cSrc` maps its elements to (row, col)
@@ -722,6 +748,7 @@ __device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row
   // With kFoldScale, scores go to log2 units as late as possible: a positive scale keeps
   // their order, so the row max is taken on the raw scores and scaled once, and the exp2's
   // argument is one FFMA per score (`post`). Otherwise every score is multiplied first.
+  constexpr int kCols = decltype(size<1>(rs))::value;
   const bool fold = kFoldScale && scale2 > 0.f;
   const float post = fold ? scale2 : 1.f;
   if (!fold) {
@@ -740,21 +767,18 @@ __device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row
     const float base = mx == -INFINITY ? 0.f : mx;
     corr[mi] = keep ? 1.f : fast_exp2(row_max[mi] - base);
     row_max[mi] = mx;
-    float sum = 0.f;
     CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(rs); ++ni) {
-      rs(mi, ni) = fast_exp2(fmaf(rs(mi, ni), post, -base));
-      sum += rs(mi, ni);
-    }
+    for (int ni = 0; ni < kCols; ++ni) rs(mi, ni) = fast_exp2(fmaf(rs(mi, ni), post, -base));
+    const float sum = chained_reduce<GNA_SOFTMAX_CHAINS, kCols>(
+        [&](int ni) { return rs(mi, ni); }, [](float a, float b) { return a + b; });
     row_sum[mi] = keep ? row_sum[mi] + sum : row_sum[mi] * corr[mi] + sum;
   };
   float new_max[kRows];
   bool keep = true;
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
-    float mx = -INFINITY;
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(rs); ++ni) mx = fmaxf(mx, rs(mi, ni));
+    const float mx = chained_reduce<GNA_SOFTMAX_CHAINS, kCols>(
+        [&](int ni) { return rs(mi, ni); }, [](float a, float b) { return fmaxf(a, b); });
     new_max[mi] = fmaxf(row_max[mi], quad_max(mx) * post);
     // -inf + slack is -inf: a row that saw no key keeps its base only while it still sees none.
     if constexpr (kLazyRescale) keep = keep && new_max[mi] <= row_max[mi] + kRescaleSlack;
