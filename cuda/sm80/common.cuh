@@ -699,12 +699,6 @@ __device__ __forceinline__ void stage_row_stats(int tok, int64_t stats, int64_t 
 
 // ---------------------------------------------------------------- forward softmax and output
 
-// How many interleaved partial results the softmax's row max and row sum keep (a power of
-// two; 1: one serial chain over the row).
-#ifndef GNA_SOFTMAX_CHAINS
-#define GNA_SOFTMAX_CHAINS 1
-#endif
-
 // op(...op(op(at(0), at(1)), at(2))..., at(kN - 1)) for an associative `op`, kept in kChains
 // interleaved partial results that are combined pairwise at the end: kN / kChains dependent
 // steps plus log2(kChains), instead of kN - 1, so that each instruction waits less for the
@@ -734,6 +728,9 @@ __device__ __forceinline__ float chained_reduce(At const& at, Op const& op) {
 // tile's P·V is added to it.
 // kFoldScale: see below (on in the sm90a forwards, where it measured 1.02-1.03x; the sm80
 // forward measured 0.99x with it and keeps it off).
+// kChains: the row max and row sum are kept in that many interleaved partial results
+// (chained_reduce). H200, forward: 4 gained 1-3 % in the sm80 kernel (1-D 3.5 %) and cost up
+// to 5-8 % in the sm90a one on the NA and 64-token-tile problems (8 no better), which keeps 1.
 // kLazyRescale: the running max (the exp2 base) moves only when some row of the warp would
 // exceed it by more than kRescaleSlack, so that most steps leave the output accumulator
 // alone. Exact: the output and the sums share the base, and the epilogue divides one by the
@@ -741,7 +738,8 @@ __device__ __forceinline__ float chained_reduce(At const& at, Op const& op) {
 // Returns whether `corr` holds factors to apply (false: all are 1, skip the rescale). The
 // decision is uniform over the warp.
 constexpr float kRescaleSlack = 8.f;
-template <bool kFoldScale, bool kLazyRescale = false, int kRows, class RS, class CS, class Mask>
+template <bool kFoldScale, bool kLazyRescale = false, int kChains = 1, int kRows, class RS,
+          class CS, class Mask>
 __device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row_max)[kRows],
                                              float (&row_sum)[kRows], float (&corr)[kRows],
                                              bool full, Mask const& mask, float scale2) {
@@ -769,7 +767,7 @@ __device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row
     row_max[mi] = mx;
     CUTE_UNROLL
     for (int ni = 0; ni < kCols; ++ni) rs(mi, ni) = fast_exp2(fmaf(rs(mi, ni), post, -base));
-    const float sum = chained_reduce<GNA_SOFTMAX_CHAINS, kCols>(
+    const float sum = chained_reduce<kChains, kCols>(
         [&](int ni) { return rs(mi, ni); }, [](float a, float b) { return a + b; });
     row_sum[mi] = keep ? row_sum[mi] + sum : row_sum[mi] * corr[mi] + sum;
   };
@@ -777,7 +775,7 @@ __device__ __forceinline__ bool softmax_step(RS& rs, CS const& cSrc, float (&row
   bool keep = true;
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
-    const float mx = chained_reduce<GNA_SOFTMAX_CHAINS, kCols>(
+    const float mx = chained_reduce<kChains, kCols>(
         [&](int ni) { return rs(mi, ni); }, [](float a, float b) { return fmaxf(a, b); });
     new_max[mi] = fmaxf(row_max[mi], quad_max(mx) * post);
     // -inf + slack is -inf: a row that saw no key keeps its base only while it still sees none.
@@ -804,12 +802,13 @@ __device__ __forceinline__ void rescale_rows(RO& ro, const float (&corr)[kRows])
 }
 
 // softmax_step with the output accumulator `ro` rescaled at once.
-template <bool kFoldScale, int kRows, class RS, class RO, class CS, class Mask>
+template <bool kFoldScale, int kChains, int kRows, class RS, class RO, class CS, class Mask>
 __device__ __forceinline__ void online_softmax(RS& rs, RO& ro, CS const& cSrc,
                                                float (&row_max)[kRows], float (&row_sum)[kRows],
                                                bool full, Mask const& mask, float scale2) {
   float corr[kRows];
-  softmax_step<kFoldScale>(rs, cSrc, row_max, row_sum, corr, full, mask, scale2);
+  softmax_step<kFoldScale, /*kLazyRescale=*/false, kChains>(rs, cSrc, row_max, row_sum, corr,
+                                                             full, mask, scale2);
   rescale_rows(ro, corr);
 }
 

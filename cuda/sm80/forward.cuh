@@ -146,8 +146,8 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     clear(acc_s);
     gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK(it % kStages), tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-    online_softmax</*kFoldScale=*/false>(rs, ro, cSrc, row_max, row_sum, full,
-                                         RowsMask{sm.qrows, krows}, scale2);
+    online_softmax</*kFoldScale=*/false, /*kChains=*/4>(
+        rs, ro, cSrc, row_max, row_sum, full, RowsMask{sm.qrows, krows}, scale2);
     Tensor rP = to_operand_a<T>(acc_s);
     gemm_rs<typename Tr::LdsmT>(mma, acc_o, rP, sVt(it % kStages), tid);
   }
