@@ -20,6 +20,29 @@ step() { echo "=== $1 ($(date +%T))"; }
 timed() {
   GNA_TIME_ONLY="${AB_ONLY:-}" timeout 120 "$1/sm80_check" time 2>&1 | sed -n '/^problem/,$p'
 }
+# The random sweep (300 configs and their framed sub-problems) and compute-sanitizer memcheck
+# and racecheck of the harness in directory $1, for each of GNA_SWEEP_KERNELS (default
+# "sm90 sm80"); AB_FEW_CTAS=n runs the sm90a ones once more with the forward's grid capped at
+# n CTAs (JAX_GNA_SM90_FWD_CTAS), so that every CTA computes several Q tiles. Logs are
+# $OUT/ab_*_<kernels>_$2.log.
+sweep() {
+  local sweeps="${GNA_SWEEP_KERNELS:-sm90 sm80}" kernels cap tool log
+  [[ -n "${AB_FEW_CTAS:-}" && " $sweeps " == *" sm90 "* ]] && sweeps+=" sm90-few"
+  for kernels in $sweeps; do
+    cap=$([[ $kernels == sm90-few ]] && echo "$AB_FEW_CTAS")
+    export JAX_GNA_SM90_FWD_CTAS=$cap GNA_CHECK_KERNELS=${kernels%-few}
+    log="$OUT/ab_sweep_${kernels}_$2.log"
+    timeout 200 "$1/sm80_check" check 300 "${AB_SEED:-2026}" > "$log" 2>&1
+    echo "$2 $kernels sweep rc=$?: $(grep -E "configs" "$log" | tr '\n' ' ')"
+    for tool in memcheck racecheck; do
+      log="$OUT/ab_${tool}_${kernels}_$2.log"
+      timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 "$1/sm80_check" sanitize \
+        > "$log" 2>&1
+      echo "$2 $kernels $tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log")"
+    done
+  done
+  unset JAX_GNA_SM90_FWD_CTAS GNA_CHECK_KERNELS
+}
 for what in "$@"; do case "$what" in
 build)
   step build
@@ -103,7 +126,7 @@ ab)
   # sm90a backward's are reused, and AB_REUSE_SM90_FORWARD=1 reuses the other sm90a ones.
   # Each build is timed AB_ROUNDS times (default 1), in turn; AB_DET=1 also times the
   # deterministic backwards once. AB_ONLY and GNA_TIME_KERNELS (e.g. sm90fwd) narrow the
-  # problems and kernels timed.
+  # problems and kernels timed; AB_SWEEP=1 then sweeps and sanitizes every variant (sweep).
   [[ -x "$BUILD_DIR/sm80_check" ]] || bash tests/native/run_sm80_check.sh none > "$OUT/ab.log" 2>&1
   dirs=("$BUILD_DIR"); names=("default build"); n=0
   for flags in ${AB:-}; do
@@ -124,6 +147,10 @@ ab)
     done
   done
   for i in $(seq "$n"); do grep -h " error" "$OUT/ab$i.log" | head -5; done
+  # AB_SWEEP=1: each variant is swept and sanitized as ab-rev does the working tree.
+  if [[ "${AB_SWEEP:-0}" == 1 ]]; then
+    for i in $(seq "$n"); do sweep "${dirs[$i]}" "ab$i"; done
+  fi
   ;;
 ab-rev)
   step ab-rev  # the working tree's kernels against git revisions', in one call: prepare
@@ -131,8 +158,8 @@ ab-rev)
   # build in parallel; each is timed twice, in turn (GNA_TIME_KERNELS and AB_ONLY narrow the
   # kernels and problems timed; AB_DET=1 also times the deterministic backwards); then the
   # working tree's is swept (300 random configs and their framed sub-problems) and sanitized
-  # for each of GNA_SWEEP_KERNELS (default "sm90 sm80"). Timings come first so that a long
-  # sweep cannot cost them.
+  # for each of GNA_SWEEP_KERNELS (default "sm90 sm80"; sweep). Timings come first so that a
+  # long sweep cannot cost them.
   revs=($(ls .ab_base 2>/dev/null))
   (( ${#revs[@]} )) || { echo "no .ab_base/: run benchmarks/prepare_ab_base.sh REV"; exit 1; }
   export CUTLASS_INCLUDE="${CUTLASS_INCLUDE:-$PWD/.cutlass/include}"  # also for the bases
@@ -158,24 +185,7 @@ ab-rev)
       echo "--- ${names[$i]}, deterministic"; GNA_DETERMINISTIC=1 timed "${dirs[$i]}"
     done
   fi
-  # AB_FEW_CTAS=n: the sm90a sweep and sanitizers run once more with the forward's grid capped
-  # at n CTAs (JAX_GNA_SM90_FWD_CTAS), so that every CTA computes several Q tiles.
-  sweeps="${GNA_SWEEP_KERNELS:-sm90 sm80}"
-  [[ -n "${AB_FEW_CTAS:-}" && " $sweeps " == *" sm90 "* ]] && sweeps+=" sm90-few"
-  for kernels in $sweeps; do
-    cap=$([[ $kernels == sm90-few ]] && echo "$AB_FEW_CTAS")
-    export JAX_GNA_SM90_FWD_CTAS=$cap GNA_CHECK_KERNELS=${kernels%-few}
-    timeout 200 "$BUILD_DIR/sm80_check" check 300 "${AB_SEED:-2026}" \
-      > "$OUT/ab_sweep_$kernels.log" 2>&1
-    echo "$kernels sweep rc=$?: $(grep -E "configs" "$OUT/ab_sweep_$kernels.log" | tr '\n' ' ')"
-    for tool in memcheck racecheck; do
-      log="$OUT/ab_${tool}_$kernels.log"
-      timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 \
-        "$BUILD_DIR/sm80_check" sanitize > "$log" 2>&1
-      echo "$kernels $tool rc=$?: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log")"
-    done
-  done
-  unset JAX_GNA_SM90_FWD_CTAS GNA_CHECK_KERNELS
+  sweep "$BUILD_DIR" new
   ;;
 profile)
   step profile  # ncu of the kernels matching $NCU_KERNELS on one harness problem; NCU_EXTRA
