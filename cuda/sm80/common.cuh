@@ -705,7 +705,8 @@ __device__ __forceinline__ void stage_row_stats(int tok, int64_t stats, int64_t 
 // one before it.
 template <int kChains, int kN, class At, class Op>
 __device__ __forceinline__ float chained_reduce(At const& at, Op const& op) {
-  static_assert(kN % kChains == 0 && (kChains & (kChains - 1)) == 0, "kChains is a power of two that divides kN");
+  static_assert(kN % kChains == 0 && (kChains & (kChains - 1)) == 0,
+                "kChains is a power of two that divides kN");
   float part[kChains];
   CUTE_UNROLL
   for (int c = 0; c < kChains; ++c) part[c] = at(c);

@@ -192,10 +192,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       }
       const bool q_inside = G.tile_inside(p, qt, /*kv_side=*/false);
       const int q_base = G.tile_base(p, qt, /*kv_side=*/false);
-      auto table_tok = [&](int r) {
-        const int off = sm.qtable.offset[r];
-        return off < 0 ? -1 : q_base + off;
-      };
+      auto table_tok = [&](int r) { return sm.qtable.token(q_base, r); };
       int ii[kMaxRank];
       auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
       // The buffer's Q, rows and work belong to tile n - kQBuffers until its consumers are
