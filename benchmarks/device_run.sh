@@ -24,9 +24,10 @@ timed() {
 # and racecheck of the harness in directory $1, for each of GNA_SWEEP_KERNELS (default
 # "sm90 sm80"); AB_FEW_CTAS=n runs the sm90a ones once more with the forward's grid capped at
 # n CTAs (JAX_GNA_SM90_FWD_CTAS), so that every CTA computes several Q tiles. Logs are
-# $OUT/ab_*_<kernels>_$2.log.
+# $OUT/ab_*_<kernels>_$2.log. GNA_SWEEP_KERNELS=none skips it (timings alone).
 sweep() {
   local sweeps="${GNA_SWEEP_KERNELS:-sm90 sm80}" kernels cap tool log
+  [[ $sweeps == none ]] && return
   [[ -n "${AB_FEW_CTAS:-}" && " $sweeps " == *" sm90 "* ]] && sweeps+=" sm90-few"
   for kernels in $sweeps; do
     cap=$([[ $kernels == sm90-few ]] && echo "$AB_FEW_CTAS")
