@@ -44,11 +44,12 @@ struct KvRing {
   uint64_t k_full[kStages], v_full[kStages];    // producer → consumers
   uint64_t k_empty[kStages], v_empty[kStages];  // consumers → producer
 
-  // By one thread, before the CTA barrier that precedes the roles.
-  __device__ __forceinline__ void init() {
+  // By one thread, before the CTA barrier that precedes the roles; `producers` threads run
+  // produce (128, or 32 where it passes boxes_only).
+  __device__ __forceinline__ void init(int producers = 128) {
     for (int s = 0; s < kStages; ++s) {
-      Barrier::init(&k_full[s], 2 * 128);  // two arrivals per producer thread
-      Barrier::init(&v_full[s], 2 * 128);
+      Barrier::init(&k_full[s], 2 * producers);  // two arrivals per producer thread
+      Barrier::init(&v_full[s], 2 * producers);
       Barrier::init(&k_empty[s], kConsumerWarps);
       Barrier::init(&v_empty[s], kConsumerWarps);
     }
@@ -102,7 +103,11 @@ struct KvRing {
   // for the buffers, phases and row slots (the consumers pass the same indices).
   // `after_first` runs once step 0's loads are issued (or at once without steps): work the
   // consumers do not need before their first step goes there, off its critical path.
-  template <class AfterFirst>
+  // kBoxesOnly: every KV tile of the problem is a TMA box (maps.on and
+  // Group::kv_tiles_inside), so nothing is gathered, the producer may be one warp (tid < 32,
+  // init(32)), and a step's slots past the end of the box load the box's first tiles (the
+  // walk wraps) as boxes too: their columns are masked, and the data are finite inputs.
+  template <bool kBoxesOnly = false, class AfterFirst>
   __device__ __forceinline__ void produce(Problem const& p, Group const& G, TileBox const& box,
                           FullTiles const& fulls, KvTensorMaps const& maps, const T* kb,
                           const T* vb, int hkv, int64_t b, int tid, int base, int steps,
@@ -143,10 +148,10 @@ struct KvRing {
         for (int a = 0; a < kMaxRank; ++a) plan_kt[t][a] = walk[a];
         box.next(walk);
         all_full = all_full && in_box && fulls.contains(plan_kt[t]);
-        if (maps.on && in_box && G.tile_inside(p, plan_kt[t], /*kv_side=*/true))
+        if (kBoxesOnly || (maps.on && in_box && G.tile_inside(p, plan_kt[t], /*kv_side=*/true)))
           plan_tma |= 1 << t;
       }
-      if (tid == 127) {
+      if (tid == (kBoxesOnly ? 31 : 127)) {
         full[slot] = all_full;
         // Only masked steps read their origins.
         CUTE_UNROLL
@@ -159,7 +164,7 @@ struct KvRing {
         }
       }
       // Only gathers read the rows (the masks come from the origins).
-      if (plan_tma == (1 << kPerStep) - 1) return;
+      if (kBoxesOnly || plan_tma == (1 << kPerStep) - 1) return;
       KRow* step_rows = krows[slot];
       for (int r = tid; r < kRows; r += 128) {
         const int t = r / kTileRows;
@@ -187,7 +192,7 @@ struct KvRing {
       // that slot after the last step's wait here.)
       if (jr >= kStages) Barrier::wait(&k_empty[s], free_phase);
       // Gathers read rows that other producer threads wrote.
-      if (cur_tma != (1 << kPerStep) - 1) named_sync(kProducerBarrier, 128);
+      if (!kBoxesOnly && cur_tma != (1 << kPerStep) - 1) named_sync(kProducerBarrier, 128);
       const KRow* step_rows = krows[jr % kRowSlots];
       // Tiles of step j into buffer `dst` ((row, col) -> address): TMA boxes issued by thread
       // 0 (the barrier expects their bytes), row gathers by every producer thread.
@@ -208,7 +213,7 @@ struct KvRing {
         }
         CUTE_UNROLL
         for (int t = 0; t < kPerStep; ++t) {
-          if (cur_tma >> t & 1) continue;
+          if (kBoxesOnly || cur_tma >> t & 1) continue;
           const int r0 = t * kTileRows;
           sm80::gather_rows<kTileRows, kD, 128>([&](int r, int c) { return dst(r0 + r, c); },
                                                 base, kv_stride,
