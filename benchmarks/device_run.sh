@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine: build, GPU tests, benchmarks, end-to-end stacks.
 # Usage (on the device, repo root):
-#   bash benchmarks/device_run.sh [build|native|native90|test|cp-test|cp-bench|bench|bench-xla|ab|ab-rev|profile|
-#   profile-dense|window-sweep|e2e]...
+#   bash benchmarks/device_run.sh [build|native|native90|test|cp-test|cp-bench|bench|bench-xla|
+#   ab|env-ab|ab-rev|profile|profile-dense|window-sweep|e2e]...
 # Needs the nvidia-cutlass wheel in .whl/ (the device has no network). Writes logs to $OUT.
 # Build outputs go to .device/ (git-ignored), so a later call on the still-warm machine
 # reuses them.
@@ -69,11 +69,13 @@ cp-bench)
     --devices 2 --json "$OUT/cp_bench.json" 2>&1 | tee "$OUT/cp_bench.log" | tail -8
   ;;
 bench)
-  step bench  # BENCH_MODES narrows the modes (default "fwd fwd+bwd bwd")
+  step bench  # BENCH_MODES narrows the modes (default "fwd fwd+bwd bwd"); BENCH_TAG suffixes
+  # the output files (runs under different settings in one call)
   timeout 300 python3 -m jax_gna bench --no-progress \
     --problem flux-4k-gna hunyuan-gna flux-4k-na hunyuan-na 1d-32k-gna 1d-32k-na \
     --impl cuda --baseline cudnn --mode ${BENCH_MODES:-fwd fwd+bwd bwd} --reps 3 --min-time 0.3 \
-    --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log" | tail -20
+    --json "$OUT/bench_cuda${BENCH_TAG:-}.json" 2>&1 | tee "$OUT/bench_cuda${BENCH_TAG:-}.log" |
+    tail -20
   ;;
 bench-xla)
   step bench-xla
@@ -151,6 +153,27 @@ ab)
   # AB_SWEEP=1: each variant is swept and sanitized as ab-rev does the working tree.
   if [[ "${AB_SWEEP:-0}" == 1 ]]; then
     for i in $(seq "$n"); do sweep "${dirs[$i]}" "ab$i"; done
+  fi
+  ;;
+env-ab)
+  step env-ab  # one build's harness timed under each of ENV_AB's run-time settings in turn,
+  # e.g. ENV_AB="JAX_GNA_X=0 JAX_GNA_X=1" (commas join the variables of one setting), for
+  # AB_ROUNDS rounds (GNA_TIME_KERNELS, AB_ONLY and GNA_TIME_REPS narrow and steady them);
+  # AB_SWEEP=1 then sweeps and sanitizes under each setting (sweep).
+  [[ -x "$BUILD_DIR/sm80_check" ]] || bash tests/native/run_sm80_check.sh none \
+    > "$OUT/env_ab_build.log" 2>&1 || { tail -30 "$OUT/env_ab_build.log"; exit 1; }
+  for round in $(seq "${AB_ROUNDS:-1}"); do
+    for setting in ${ENV_AB:-}; do
+      echo "--- ${setting//,/ }, round $round"
+      (export ${setting//,/ }; timed "$BUILD_DIR")
+    done
+  done
+  if [[ "${AB_SWEEP:-0}" == 1 ]]; then
+    i=0
+    for setting in ${ENV_AB:-}; do
+      i=$((i + 1)); echo "--- env$i: ${setting//,/ }"
+      (export ${setting//,/ }; sweep "$BUILD_DIR" "env$i")
+    done
   fi
   ;;
 ab-rev)

@@ -85,6 +85,16 @@ GNA_HD void window_bounds(NoDeduce<I> ii, NoDeduce<I> group_len, NoDeduce<I> ker
   }
 }
 
+// Whether every KV tile of `kv_tile` group indices, in every dilation group of the axis, lies
+// inside the K/V frame and the global axis: the groups have one length, which is a whole
+// number of tiles, and the frame does not reach outside the axis (offsets are multiples of
+// the dilation).
+GNA_HD bool kv_tiles_inside(const Axis& ax, int64_t kv_tile) {
+  const int64_t d = ax.dilation;
+  return ax.kv_length % d == 0 && ax.length % d == 0 && ax.kv_length / d % kv_tile == 0 &&
+         ax.kv_offset >= 0 && ax.kv_offset + ax.kv_length <= ax.length;
+}
+
 // Whether group index `ii` sees group index `jj` (both inside a group of `group_len`).
 GNA_HD bool in_window(int64_t ii, int64_t jj, int64_t group_len, int64_t kernel,
                       int64_t stride, bool causal) {

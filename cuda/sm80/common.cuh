@@ -437,21 +437,6 @@ struct Group {
     return ok;
   }
 
-  // Whether every KV tile of every dilation group lies inside its frame and the global axis
-  // (tile_inside, kv_side): per axis, the groups have one length, which is a whole number of
-  // KV tiles, and the K/V frame does not reach outside the axis.
-  static __device__ __forceinline__ bool kv_tiles_inside(Problem const& p) {
-    bool ok = true;
-    for (int a = 0; a < kMaxRank; ++a) {
-      const Axis& ax = p.axes[a];
-      const int d = (int)ax.dilation;
-      const int len = (int)ax.kv_length / d, off = (int)ax.kv_offset / d;
-      ok = ok && ax.kv_length % d == 0 && ax.length % d == 0 && len % kvdim(p, a) == 0 &&
-           off >= 0 && off + len <= (int)ax.length / d;
-    }
-    return ok;
-  }
-
   // Row `r` of Q tile `coord`. Without `window` (a Q tile that sees the KV tiles in question
   // in full, so the mask is never evaluated) the window is the whole K/V frame, which skips
   // the window arithmetic (divisions).

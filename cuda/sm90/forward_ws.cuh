@@ -21,8 +21,6 @@
 
 #include <cutlass/arch/reg_reconfig.h>
 
-#include <type_traits>
-
 #include "kv_ring.cuh"
 
 // The softmax moves its exp2 base only when a row outgrows it by 2^8 (sm80::softmax_step's
@@ -34,12 +32,6 @@
 // the SASS (intra-warpgroup overlap); measured 0.94-1.0x on the block-sparse problems alone.
 #ifndef GNA_SM90_FWD_SPLIT_SOFTMAX
 #define GNA_SM90_FWD_SPLIT_SOFTMAX 0
-#endif
-// 1: where every KV tile is a TMA box, one producer warp fills the K/V ring and the other
-// three only gather each Q tile and write its rows (they would otherwise repeat the ring's
-// bookkeeping and barrier waits of every step, on the schedulers the consumer warps use).
-#ifndef GNA_SM90_FWD_KV_WARP
-#define GNA_SM90_FWD_KV_WARP 0
 #endif
 
 namespace gna {
@@ -103,6 +95,11 @@ struct WsFwdSmem {
   uint64_t tile_empty[Tr::kQBuffers];  // the consumers have read the buffer's Q, qrows, work
 };
 
+// With kKvWarp (launch.cuh runs it where every KV tile is a TMA box), one producer warp fills
+// the K/V ring and the other three only gather each Q tile and write its rows, so they run
+// ahead to the next tile instead of repeating the ring's bookkeeping and barrier waits of
+// every step on the schedulers the consumer warps use.
+//
 // A CTA computes the Q tiles c, c + gridDim.x, c + 2·gridDim.x, ... (c = blockIdx.x) of the
 // flat index over (Q tile, head, batch), Q tile fastest: the launch runs one CTA per tile, or
 // as many as fit the SMs at once (persistent, GNA_SM90_FWD_PERSISTENT). Then the producer
@@ -110,7 +107,7 @@ struct WsFwdSmem {
 // finish the current one, and each CTA pays its set-up once. Only the producer decodes the
 // flat index and walks the tile geometry; the consumers take each tile from the Q buffers
 // in turn with its FwdTileWork, until one says there is none left.
-template <class Tr>
+template <class Tr, bool kKvWarp>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     ws_fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                   const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
@@ -146,16 +143,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     return G.init(p, (int)(w % q_tiles), /*kv_side=*/false, qt);
   };
 
-  // Every KV tile is a TMA box: one producer warp runs the ring (KvRing::produce).
-  const bool kv_warp =
-      GNA_SM90_FWD_KV_WARP != 0 && maps.on && Group::kv_tiles_inside(p);
   if (tid == 0) {
     for (int i = 0; i < kQBuffers; ++i) {
       Barrier::init(&sm.q_full[i], 2 * 128);
       Barrier::init(&sm.rows_full[i], 128);
       Barrier::init(&sm.tile_empty[i], 4 * Tr::kConsumers);  // one arrival per consumer warp
     }
-    sm.ring.init(kv_warp ? 32 : 128);
+    sm.ring.init(kKvWarp ? 32 : 128);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();  // the last CTA-wide barrier: the roles never meet again
@@ -177,80 +171,71 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     // ------------------------------------------------------------------------- producer
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     ring.setup(p, maps, tid);
-    // Compiled once per value of kv_warp, so that neither tile loop carries the other's
-    // paths (in the producer's 104 registers, one loop with both spilled in its step loop).
-    auto produce_tiles = [&](auto kv_warp_c) {
-      constexpr bool kKvWarp = decltype(kv_warp_c)::value;
-      for (int i = 0; work_item(i) >= 0; ++i) {
-        Group G;
-        int qt[kMaxRank], h;
-        int64_t b;
-        if (!tile_of(work_item(i), G, qt, h, b)) continue;
-        const TileBox box = TileBox::seen_by(G, p, qt);
-        const int steps = (box.total + kPerStep - 1) / kPerStep;
-        const int qb_i = n % kQBuffers;
-        const int hkv = h / (int)(p.heads / p.kv_heads);
-        const int64_t n_kv_tok = sm80::kv_tokens_of(p);
-        const T* qb = q + (b * n_q_tok * p.heads + h) * kD;
-        const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
-        const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
-        const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
-        // No step needs the mask (a step past the box's last tile does).
-        const bool no_mask = box.total % kPerStep == 0 && fulls.covers(box);
-        // The producer's work per tile is on the consumers' path between two tiles: rows of a
-        // tile inside the Q frame take their tokens from the CTA's table (16 rows per thread
-        // cost ~800 instructions of divisions by q_token), and tiles without masked steps skip
-        // the windows of their rows.
-        if (n == 0) {
-          sm.qtable.build(G, p, /*kv_side=*/false, tid, 128);
-          named_sync(kProducerBarrier, 128);
-        }
-        const bool q_inside = G.tile_inside(p, qt, /*kv_side=*/false);
-        const int q_base = G.tile_base(p, qt, /*kv_side=*/false);
-        auto table_tok = [&](int r) { return sm.qtable.token(q_base, r); };
-        int ii[kMaxRank];
-        auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
-        // The buffer's Q, rows and work belong to tile n - kQBuffers until its consumers are
-        // done.
-        if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_i], ((n / kQBuffers) + 1) & 1);
-        Tensor sQn = sQ(qb_i);
-        auto q_dst = [&](int r, int c) { return &sQn(r, c); };
-        if (q_inside)
-          sm80::gather_rows<kBlockM, kD, 128>(q_dst, qb, q_stride, table_tok, tid);
-        else
-          sm80::gather_rows<kBlockM, kD, 128>(q_dst, qb, q_stride, q_tok, tid);
-        hand_over(qb_i, {steps, h, (int)b});
-        // The Q rows are read only by masked steps (windows) and the epilogue (tokens): built
-        // while step 0's K and V load, they stay off the path to the first GEMM.
-        QRow* rows = sm.qrows[qb_i];
-        // With kKvWarp the three warps that do not run the ring write every row.
-        auto write_rows = [&] {
-          constexpr int kFirst = kKvWarp ? 32 : 0;
-          for (int r = tid - kFirst; r < kBlockM; r += 128 - kFirst) {  // tid >= kFirst
-            if (no_mask && q_inside)
-              rows[r].tok = table_tok(r);
-            else
-              rows[r] = G.q_row(p, qt, r, /*window=*/!no_mask);
-          }
-          Barrier::arrive(&sm.rows_full[qb_i]);
-        };
-        if constexpr (!kKvWarp)
-          ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, base, steps, write_rows);
-        else if (tid >= 32)
-          write_rows();  // then on to the next tile's Q
-        else {
-          Barrier::arrive(&sm.rows_full[qb_i]);
-          ring.template produce</*kBoxesOnly=*/true>(p, G, box, fulls, maps, kb, vb, hkv, b, tid,
-                                                      base, steps, [] {});
-        }
-        base += steps;
-        ++n;
+    for (int i = 0; work_item(i) >= 0; ++i) {
+      Group G;
+      int qt[kMaxRank], h;
+      int64_t b;
+      if (!tile_of(work_item(i), G, qt, h, b)) continue;
+      const TileBox box = TileBox::seen_by(G, p, qt);
+      const int steps = (box.total + kPerStep - 1) / kPerStep;
+      const int qb_i = n % kQBuffers;
+      const int hkv = h / (int)(p.heads / p.kv_heads);
+      const int64_t n_kv_tok = sm80::kv_tokens_of(p);
+      const T* qb = q + (b * n_q_tok * p.heads + h) * kD;
+      const T* kb = k + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+      const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
+      const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
+      // No step needs the mask (a step past the box's last tile does).
+      const bool no_mask = box.total % kPerStep == 0 && fulls.covers(box);
+      // The producer's work per tile is on the consumers' path between two tiles: rows of a
+      // tile inside the Q frame take their tokens from the CTA's table (16 rows per thread
+      // cost ~800 instructions of divisions by q_token), and tiles without masked steps skip
+      // the windows of their rows.
+      if (n == 0) {
+        sm.qtable.build(G, p, /*kv_side=*/false, tid, 128);
+        named_sync(kProducerBarrier, 128);
       }
-    };
-    if (kv_warp)
-      produce_tiles(std::true_type{});
-    else
-      produce_tiles(std::false_type{});
+      const bool q_inside = G.tile_inside(p, qt, /*kv_side=*/false);
+      const int q_base = G.tile_base(p, qt, /*kv_side=*/false);
+      auto table_tok = [&](int r) { return sm.qtable.token(q_base, r); };
+      int ii[kMaxRank];
+      auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
+      // The buffer's Q, rows and work belong to tile n - kQBuffers until its consumers are
+      // done.
+      if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_i], ((n / kQBuffers) + 1) & 1);
+      Tensor sQn = sQ(qb_i);
+      auto q_dst = [&](int r, int c) { return &sQn(r, c); };
+      if (q_inside)
+        sm80::gather_rows<kBlockM, kD, 128>(q_dst, qb, q_stride, table_tok, tid);
+      else
+        sm80::gather_rows<kBlockM, kD, 128>(q_dst, qb, q_stride, q_tok, tid);
+      hand_over(qb_i, {steps, h, (int)b});
+      // The Q rows are read only by masked steps (windows) and the epilogue (tokens): built
+      // while step 0's K and V load, they stay off the path to the first GEMM.
+      QRow* rows = sm.qrows[qb_i];
+      // With kKvWarp, the three warps that do not run the ring write every row.
+      auto write_rows = [&] {
+        constexpr int kFirst = kKvWarp ? 32 : 0;
+        for (int r = tid - kFirst; r < kBlockM; r += 128 - kFirst) {  // tid >= kFirst
+          if (no_mask && q_inside)
+            rows[r].tok = table_tok(r);
+          else
+            rows[r] = G.q_row(p, qt, r, /*window=*/!no_mask);
+        }
+        Barrier::arrive(&sm.rows_full[qb_i]);
+      };
+      if constexpr (!kKvWarp) {
+        ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, base, steps, write_rows);
+      } else if (tid >= 32) {
+        write_rows();  // then on to the next tile's Q
+      } else {
+        Barrier::arrive(&sm.rows_full[qb_i]);
+        ring.template produce</*kBoxesOnly=*/true>(p, G, box, fulls, maps, kb, vb, hkv, b, tid,
+                                                    base, steps, [] {});
+      }
+      base += steps;
+      ++n;
+    }
     const int qb_end = n % kQBuffers;
     if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_end], ((n / kQBuffers) + 1) & 1);
     hand_over(qb_end, {-1, 0, 0});

@@ -103,8 +103,8 @@ struct KvRing {
   // for the buffers, phases and row slots (the consumers pass the same indices).
   // `after_first` runs once step 0's loads are issued (or at once without steps): work the
   // consumers do not need before their first step goes there, off its critical path.
-  // kBoxesOnly: every KV tile of the problem is a TMA box (maps.on and
-  // Group::kv_tiles_inside), so nothing is gathered, the producer may be one warp (tid < 32,
+  // kBoxesOnly: every KV tile of the problem is a TMA box (maps.on and kv_tiles_inside on
+  // every axis, gna_geometry.h), so nothing is gathered, the producer may be one warp (tid < 32,
   // init(32)), and a step's slots past the end of the box load the box's first tiles (the
   // walk wraps) as boxes too: their columns are masked, and the data are finite inputs.
   template <bool kBoxesOnly = false, class AfterFirst>

@@ -38,6 +38,14 @@ constexpr bool fits_smem_per_sm(size_t bytes, int ctas) {
 #define GNA_SM90_FWD_PERSISTENT 1
 #endif
 
+// Where every KV tile is a TMA box, which forward kernels run the K/V ring in one producer
+// warp (ws_fwd_kernel's kKvWarp): 0 none, 1 the one-consumer kernel (Q tiles of up to 64
+// tokens), 2 both. JAX_GNA_SM90_FWD_KV_WARP overrides it at run time, for A/B runs of one
+// build.
+#ifndef GNA_SM90_FWD_KV_WARP
+#define GNA_SM90_FWD_KV_WARP 1
+#endif
+
 // The warp-specialised forward (forward_ws.cuh) with kConsumers warpgroups of 64 Q rows.
 template <class T, int kD, int kConsumers, int kStages, bool kPingPong>
 std::string run_ws_forward(const Problem& p, const void* q, const void* k, const void* v,
@@ -45,11 +53,6 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
   using Tr = WsFwdTraits<T, kD, kConsumers, kStages, kPingPong>;
   static_assert(Tr::kTileRows == kKvTokens && Tr::kBlockM <= kMaxQTokens, "tile limits");
   static_assert(fits_smem_per_sm(sizeof(WsFwdSmem<Tr>), Tr::kCtasPerSm), "shared memory");
-  auto kernel = ws_fwd_kernel<Tr>;
-  const int smem = (int)sizeof(WsFwdSmem<Tr>);
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return sm80::cuda_error("cudaFuncSetAttribute(sm90 ws forward)", err);
   KvTensorMaps maps;
   maps.on = 0;
   if (GNA_SM90_FWD_TMA)
@@ -57,6 +60,17 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
                    std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                           : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
                    (int)sizeof(T), Tr::kTileRows, &maps);
+  int kv_warp_policy = GNA_SM90_FWD_KV_WARP;
+  if (const char* env = std::getenv("JAX_GNA_SM90_FWD_KV_WARP")) kv_warp_policy = std::atoi(env);
+  bool boxes_only = maps.on != 0;
+  for (int a = 0; a < kMaxRank; ++a)
+    boxes_only = boxes_only && kv_tiles_inside(p.axes[a], p.kv_tile[a]);
+  const bool kv_warp = boxes_only && kv_warp_policy >= kConsumers;
+  auto kernel = kv_warp ? ws_fwd_kernel<Tr, true> : ws_fwd_kernel<Tr, false>;
+  const int smem = (int)sizeof(WsFwdSmem<Tr>);
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return sm80::cuda_error("cudaFuncSetAttribute(sm90 ws forward)", err);
   const int64_t q_tiles = sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false);
   // CTAs stride over the tiles, so any grid size is correct (grid x is below 2^31).
   int64_t most = GNA_SM90_FWD_PERSISTENT ? sm80::sm_count() * Tr::kCtasPerSm : INT32_MAX;

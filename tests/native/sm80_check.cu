@@ -721,6 +721,11 @@ static int timing() {
   auto timed = [&](const char* name) {
     return kernels == nullptr || std::string(kernels).find(name) != std::string::npos;
   };
+  // GNA_TIME_REPS=n: the median of n launches per kernel (default 7 forward, 5 backward); A/B
+  // runs of builds whose times differ by a few per cent want more.
+  const char* reps_env = std::getenv("GNA_TIME_REPS");
+  const int reps = reps_env != nullptr ? std::max(1, std::atoi(reps_env)) : 0;
+  const int fwd_reps = reps > 0 ? reps : 7, bwd_reps = reps > 0 ? reps : 5;
   for (auto& c : cases) {
     if (only != nullptr && std::string(c.name).find(only) == std::string::npos) continue;
     const Problem& p = c.p;
@@ -765,22 +770,22 @@ static int timing() {
     };
     const double flops = 4.0 * p.batch * p.heads * p.head_dim * neighbourhood_sum(p);
     fwd();  // out and lse for the backwards, whichever kernels are timed
-    const double f = timed("sm80fwd") ? time_ms(fwd, 7) : 0;
-    const double bw = timed("sm80bwd") ? time_ms(bwd, 5) : 0;
+    const double f = timed("sm80fwd") ? time_ms(fwd, fwd_reps) : 0;
+    const double bw = timed("sm80bwd") ? time_ms(bwd, bwd_reps) : 0;
     double f90 = 0, b90 = 0;  // sm90a kernels, where built and supported
 #ifdef GNA_CHECK_SM90
     if (gna::sm90_supports(p, t).empty() && timed("sm90fwd")) {
       f90 = time_ms([&] {
         ok_or_die(gna::sm90_forward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr, 0),
                   "sm90 fwd");
-      }, 7);
+      }, fwd_reps);
     }
     if (gna::sm90_supports(p, t).empty() && timed("sm90bwd")) {
       b90 = time_ms([&] {
         ok_or_die(gna::sm90_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr,
                                      (const float*)lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
                   "sm90 bwd");
-      }, 5);
+      }, bwd_reps);
     }
 #endif
     char tiles[64];
