@@ -43,7 +43,7 @@ constexpr bool fits_smem_per_sm(size_t bytes, int ctas) {
 // tokens), 2 both. JAX_GNA_SM90_FWD_KV_WARP overrides it at run time, for A/B runs of one
 // build.
 #ifndef GNA_SM90_FWD_KV_WARP
-#define GNA_SM90_FWD_KV_WARP 1
+#define GNA_SM90_FWD_KV_WARP 2
 #endif
 
 // The warp-specialised forward (forward_ws.cuh) with kConsumers warpgroups of 64 Q rows.
