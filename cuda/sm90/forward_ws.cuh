@@ -211,9 +211,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         sm80::gather_rows<kBlockM, kD, 128>(q_dst, qb, q_stride, q_tok, tid);
       hand_over(qb_i, {steps, h, (int)b});
       // The Q rows are read only by masked steps (windows) and the epilogue (tokens): built
-      // while step 0's K and V load, they stay off the path to the first GEMM.
+      // while step 0's K and V load (with kKvWarp, by the three warps that do not run the
+      // ring, at once), they stay off the path to the first GEMM.
       QRow* rows = sm.qrows[qb_i];
-      // With kKvWarp, the three warps that do not run the ring write every row.
       auto write_rows = [&] {
         constexpr int kFirst = kKvWarp ? 32 : 0;
         for (int r = tid - kFirst; r < kBlockM; r += 128 - kFirst) {  // tid >= kFirst

@@ -45,7 +45,7 @@ struct KvRing {
   uint64_t k_empty[kStages], v_empty[kStages];  // consumers → producer
 
   // By one thread, before the CTA barrier that precedes the roles; `producers` threads run
-  // produce (128, or 32 where it passes boxes_only).
+  // produce (128, or one warp with kBoxesOnly).
   __device__ __forceinline__ void init(int producers = 128) {
     for (int s = 0; s < kStages; ++s) {
       Barrier::init(&k_full[s], 2 * producers);  // two arrivals per producer thread
@@ -104,9 +104,10 @@ struct KvRing {
   // `after_first` runs once step 0's loads are issued (or at once without steps): work the
   // consumers do not need before their first step goes there, off its critical path.
   // kBoxesOnly: every KV tile of the problem is a TMA box (maps.on and kv_tiles_inside on
-  // every axis, gna_geometry.h), so nothing is gathered, the producer may be one warp (tid < 32,
-  // init(32)), and a step's slots past the end of the box load the box's first tiles (the
-  // walk wraps) as boxes too: their columns are masked, and the data are finite inputs.
+  // every axis, gna_geometry.h). Nothing is gathered, so the producer may be one warp
+  // (tid < 32, init(32)), and a step's slots past the end of the box load the box's first
+  // tiles (the walk wraps) as boxes too instead of zeros: the mask gives their columns
+  // weight 0, which leaves O exact for finite inputs.
   template <bool kBoxesOnly = false, class AfterFirst>
   __device__ __forceinline__ void produce(Problem const& p, Group const& G, TileBox const& box,
                           FullTiles const& fulls, KvTensorMaps const& maps, const T* kb,
