@@ -136,6 +136,47 @@ def test_forward_on_few_ctas_matches_reference(monkeypatch, tiles):
                                 atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("shape,kernel,stride,causal,tiles", [
+    # Pairs along axis 0 with one leftover tile per line (its own launch); causal axis 1.
+    ((40, 32), (12, 8), (16, 8), (False, True), None),
+    ((1024,), (384,), (256,), (False,), None),  # 128-row Q tiles, every tile paired
+    ((18, 16, 16), (6, 8, 8), (8, 8, 8), (False, False, False), None),  # 3-D, leftovers
+    ((32, 32), (16, 16), (16, 16), (False, False), ((8, 8), (8, 8))),  # one consumer
+])
+@pytest.mark.parametrize("ctas", [None, "4"])
+def test_paired_q_tiles_match_reference(monkeypatch, shape, kernel, stride, causal, tiles, ctas):
+    """Where pairs of Q tiles see the same KV box and every KV tile is a TMA box, the sm90a
+    forward runs the pairs on clusters of two CTAs that multicast K and V to each other
+    (cuda/sm90/tile_pairs.h). Its output matches the float64 reference and is bitwise the
+    output without clusters (JAX_GNA_SM90_FWD_MULTICAST=0); with the grid capped at 4 CTAs
+    each cluster computes many pairs."""
+    if ctas:
+        monkeypatch.setenv("JAX_GNA_SM90_FWD_CTAS", ctas)
+    cfg = jax_gna.GNAConfig(kernel_size=kernel, stride=stride, is_causal=causal)
+    d = 128
+    q, k, v = _inputs(shape, 2, 1, d, "bfloat16", seed=11)
+    q_tile, kv_tile = tiles or (None, None)
+
+    def run():
+        out, lse = jax_gna.attention(q, k, v, cfg, implementation="cuda", return_lse=True,
+                                     q_tile_shape=q_tile, kv_tile_shape=kv_tile)
+        return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+
+    out, lse = run()
+    monkeypatch.setenv("JAX_GNA_SM90_FWD_MULTICAST", "0")
+    out_single, lse_single = run()
+    np.testing.assert_array_equal(out, out_single)
+    np.testing.assert_array_equal(lse, lse_single)
+    mask = battery.brute_mask(shape, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
+    n = int(np.prod(shape))
+    f64 = [np.asarray(x, np.float64).reshape(2, n, x.shape[-2], d) for x in (q, k, v)]
+    want_out, want_lse = battery.np_attention(*f64, mask, d ** -0.5)
+    chex.assert_trees_all_close(out.astype(np.float64).reshape(want_out.shape), want_out,
+                                atol=2e-2, rtol=2e-2)
+    chex.assert_trees_all_close(lse.astype(np.float64).reshape(want_lse.shape), want_lse,
+                                atol=1e-2, rtol=1e-2)
+
+
 _KERNELS_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp, jax_gna
 from jax_gna import native

@@ -22,6 +22,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "kv_ring.cuh"
+#include "tile_pairs.h"
 
 // The softmax moves its exp2 base only when a row outgrows it by 2^8 (sm80::softmax_step's
 // kLazyRescale); 0 rescales the output at every step, for A/B runs.
@@ -69,7 +70,8 @@ struct WsFwdTraits {
   using MmaS = MmaSS<T, kConsumers, kBlockN, kD>;  // S = Q·K^T
   using MmaO = MmaRS<T, kConsumers, kD, kBlockN>;  // O += P·V
   using SmemQ = SmemKMajor<T, kBlockM, kD>;
-  using Ring = KvRing<T, kD, kTilesPerStep, kStages, 4 * kConsumers>;
+  template <int kCluster>
+  using RingOf = KvRing<T, kD, kTilesPerStep, kStages, 4 * kConsumers, kCluster>;
 };
 
 // What the producer hands the consumers with a Q tile (next to its Q buffer): the tile's ring
@@ -82,11 +84,11 @@ struct FwdTileWork {
   int b;
 };
 
-template <class Tr>
+template <class Tr, int kCluster = 1>
 struct WsFwdSmem {
   using T = typename Tr::T;
   alignas(1024) T q[Tr::kQBuffers][Tr::kBlockM * Tr::kD];
-  typename Tr::Ring ring;  // K, V and the rows of the steps
+  typename Tr::template RingOf<kCluster> ring;  // K, V and the rows of the steps
   QRow qrows[Tr::kQBuffers][Tr::kBlockM];
   sm80::RowTable<Tr::kBlockM> qtable;  // token offsets of a Q tile's rows (tiles inside)
   FwdTileWork work[Tr::kQBuffers];
@@ -101,18 +103,26 @@ struct WsFwdSmem {
 // every step on the schedulers the consumer warps use.
 //
 // A CTA computes the Q tiles c, c + gridDim.x, c + 2·gridDim.x, ... (c = blockIdx.x) of the
-// flat index over (Q tile, head, batch), Q tile fastest: the launch runs one CTA per tile, or
+// flat index over (Q tile, head, batch), Q tile fastest, where the x-th of the `items` Q tiles
+// of a (head, batch) is `order.tile(x)` in the walk order (tile_pairs.h): the launch runs one
+// CTA per tile, or
 // as many as fit the SMs at once (persistent, GNA_SM90_FWD_PERSISTENT). Then the producer
 // loads the next tile's Q (into the other Q buffer) and first K/V steps while the consumers
 // finish the current one, and each CTA pays its set-up once. Only the producer decodes the
 // flat index and walks the tile geometry; the consumers take each tile from the Q buffers
 // in turn with its FwdTileWork, until one says there is none left.
-template <class Tr, bool kKvWarp>
+//
+// kCluster = 2 (with kKvWarp only): the grid is clusters of two CTAs, with an even grid size
+// and items, so that the CTAs of a cluster take the two tiles of a pair (order kPairs) in
+// step. Both walk the same KV box, and each loads half of every step for both (kv_ring.cuh).
+template <class Tr, bool kKvWarp, int kCluster>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     ws_fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                   const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                   typename Tr::T* __restrict__ out, float* __restrict__ lse,
-                  const __grid_constant__ KvTensorMaps maps, const int q_tiles) {
+                  const __grid_constant__ KvTensorMaps maps, const int items,
+                  const TileOrder order) {
+  static_assert(kCluster == 1 || kKvWarp, "clusters multicast TMA boxes only");
   using T = typename Tr::T;
   using Barrier = cutlass::arch::ClusterBarrier;
   constexpr int kD = Tr::kD;
@@ -122,7 +132,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   constexpr int kQBuffers = Tr::kQBuffers;
   constexpr int kConsumerThreads = 128 * Tr::kConsumers;
   extern __shared__ __align__(1024) char smem_raw[];
-  auto& sm = *reinterpret_cast<WsFwdSmem<Tr>*>(smem_raw);
+  auto& sm = *reinterpret_cast<WsFwdSmem<Tr, kCluster>*>(smem_raw);
   const int tid = threadIdx.x;
   const int64_t n_q_tok = sm80::q_tokens_of(p);
   const int64_t q_stride = p.heads * kD;
@@ -132,15 +142,23 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   // i, so that the producer, short of registers, keeps one loop counter live.)
   auto work_item = [&](int i) -> int64_t {
     const int64_t w = blockIdx.x + (int64_t)i * gridDim.x;
-    return w < (int64_t)q_tiles * p.heads * p.batch ? w : -1;
+    return w < (int64_t)items * p.heads * p.batch ? w : -1;
   };
   // The Q tile, head and batch of flat index `w`: false if the tile lies past the end of its
   // (shorter) dilation group, which the producer then skips.
   auto tile_of = [&](int64_t w, Group& G, int qt[kMaxRank], int& h, int64_t& b) {
-    const int64_t hb = w / q_tiles;
+    const int64_t hb = w / items;
     h = (int)(hb % p.heads);
     b = hb / p.heads;
-    return G.init(p, (int)(w % q_tiles), /*kv_side=*/false, qt);
+    // The order's kind as the launch pairs it with the kernel (only gathering kernels run
+    // kAll alone): the producer's per-tile path is short of registers.
+    const int x = (int)(w % items);
+    int t = x;
+    if constexpr (kCluster == 2)
+      t = order.pair_tile(x);
+    else if constexpr (kKvWarp)
+      t = order.kind == TileOrder::kLeftovers ? order.leftover_tile(x) : x;
+    return G.init(p, t, /*kv_side=*/false, qt);
   };
 
   if (tid == 0) {
@@ -152,7 +170,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     sm.ring.init(kKvWarp ? 32 : 128);
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();  // the last CTA-wide barrier: the roles never meet again
+  // The last CTA-wide barrier: the roles never meet again. In a cluster, the other CTA's
+  // multicasts and arrivals reach this CTA's barriers only once they are initialised.
+  if constexpr (kCluster == 1)
+    __syncthreads();
+  else
+    cute::cluster_sync();
 
   auto sQ = [&](int i) { return make_tensor(make_smem_ptr(sm.q[i]), typename Tr::SmemQ{}); };
   auto& ring = sm.ring;
@@ -240,6 +263,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_end], ((n / kQBuffers) + 1) & 1);
     hand_over(qb_end, {-1, 0, 0});
     sm80::cp_async_wait<0>();
+    if constexpr (kCluster > 1)
+      if (tid < 32) ring.drain(base);
     return;
   }
 

@@ -9,6 +9,8 @@
 // and V of a step separately and release each once read (one arrival per warp).
 #pragma once
 
+#include <cute/arch/cluster_sm90.hpp>
+
 #include "pipeline.cuh"
 #include "tensor_maps.h"
 #include "wgmma.cuh"
@@ -18,8 +20,13 @@ namespace sm90 {
 
 using namespace cute;
 
-template <class T, int kD, int kPerStep, int kStages, int kConsumerWarps>
+// kCluster = 2: the ring of each CTA of a cluster of two that compute Q tiles with the same
+// KV boxes (tile_pairs.h). Each CTA loads half of every step's TMA boxes and multicasts them
+// to both rings, so a buffer is free only once the consumers of both CTAs have released it:
+// they arrive on the empty barriers of both.
+template <class T, int kD, int kPerStep, int kStages, int kConsumerWarps, int kCluster = 1>
 struct KvRing {
+  static_assert(kCluster == 1 || kCluster == 2, "clusters of one or two CTAs");
   using Barrier = cutlass::arch::ClusterBarrier;
   static constexpr int kTileRows = 64;  // K/V rows of one KV tile of the box
   static constexpr int kRows = kTileRows * kPerStep;
@@ -50,8 +57,8 @@ struct KvRing {
     for (int s = 0; s < kStages; ++s) {
       Barrier::init(&k_full[s], 2 * producers);  // two arrivals per producer thread
       Barrier::init(&v_full[s], 2 * producers);
-      Barrier::init(&k_empty[s], kConsumerWarps);
-      Barrier::init(&v_empty[s], kConsumerWarps);
+      Barrier::init(&k_empty[s], kConsumerWarps * kCluster);
+      Barrier::init(&v_empty[s], kConsumerWarps * kCluster);
     }
   }
 
@@ -73,13 +80,16 @@ struct KvRing {
     cutlass::arch::fence_view_async_shared();
   }
   // K(it) and the step's rows (or V(it)) are no longer read by this warp.
-  __device__ __forceinline__ void release_k(int it) {
+  __device__ __forceinline__ void release_k(int it) { release(&k_empty[it % kStages]); }
+  __device__ __forceinline__ void release_v(int it) { release(&v_empty[it % kStages]); }
+  __device__ __forceinline__ static void release(uint64_t* empty) {
     __syncwarp();
-    if (threadIdx.x % 32 == 0) Barrier::arrive(&k_empty[it % kStages]);
-  }
-  __device__ __forceinline__ void release_v(int it) {
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) Barrier::arrive(&v_empty[it % kStages]);
+    const int lane = threadIdx.x % 32;
+    if constexpr (kCluster == 1) {
+      if (lane == 0) Barrier::arrive(empty);
+    } else if (lane < kCluster) {
+      Barrier::arrive(empty, /*cta_id=*/lane, /*pred=*/1);  // lane r: CTA r's barrier
+    }
   }
   __device__ __forceinline__ bool is_full(int it) const { return full[it % kRowSlots] != 0; }
   // The element mask of step `it` for Q rows `qrows` (read only where the step is not full).
@@ -113,6 +123,7 @@ struct KvRing {
                           FullTiles const& fulls, KvTensorMaps const& maps, const T* kb,
                           const T* vb, int hkv, int64_t b, int tid, int base, int steps,
                           AfterFirst&& after_first) {
+    static_assert(kCluster == 1 || kBoxesOnly, "multicast rings load TMA boxes only");
     if (steps == 0) after_first();
     const int64_t kv_stride = p.kv_heads * kD;
     // The producer's own bookkeeping is on the critical path of every step (the consumers
@@ -135,6 +146,7 @@ struct KvRing {
     // the bits of the tiles loaded as TMA boxes.
     int plan_kt[kPerStep][kMaxRank], cur_kt[kPerStep][kMaxRank];
     int plan_tma = 0, cur_tma = 0;
+    const int rank = kCluster == 1 ? 0 : (int)cute::block_rank_in_cluster();
     // Plans step j: its tiles, flags and row tables. Step j+1's are written right after K(j)
     // is issued, while the producer waits for V's buffer, so that they are ready when
     // K(j+1)'s buffer frees up (built just before each gather, they cost 1.12x in the
@@ -207,9 +219,18 @@ struct KvRing {
             int x[kMaxRank];
             for (int a = 0; a < kMaxRank; ++a) x[a] = origin[a] + cur_kt[t][a] * pitch[a];
             CUTE_UNROLL
-            for (int c = 0; c < kD; c += 64)
-              SM90_TMA_LOAD_5D::copy(map, bar, kEvictNormal, dst(t * kTileRows, c), c, hkv,
-                                     x[2], x[1], x[0]);
+            for (int c = 0; c < kD; c += 64) {
+              if constexpr (kCluster == 1) {
+                SM90_TMA_LOAD_5D::copy(map, bar, kEvictNormal, dst(t * kTileRows, c), c, hkv,
+                                       x[2], x[1], x[0]);
+              } else if ((t * (kD / 64) + c / 64) % kCluster == rank) {
+                // This CTA's share of the step's boxes, into both CTAs' buffers (same offsets)
+                // with the completion counted on both CTAs' barriers.
+                SM90_TMA_LOAD_MULTICAST_5D::copy(map, bar, (1 << kCluster) - 1, kEvictNormal,
+                                                 dst(t * kTileRows, c), c, hkv, x[2], x[1],
+                                                 x[0]);
+              }
+            }
           }
         }
         CUTE_UNROLL
@@ -230,6 +251,18 @@ struct KvRing {
       Tensor vt_s = sVt(s);
       load(&maps.v, vb, &v_full[s], [&](int r, int c) { return &vt_s(c, r); });
       if (j == 0) after_first();
+    }
+  }
+
+  // With kCluster = 2, by the producer after its last step (`steps` ring steps in all): waits
+  // until the consumers of both CTAs have released every buffer, so that no arrival from
+  // the other CTA is still on its way to this one's barriers when it exits. (Every multicast
+  // of the other CTA into this one's buffers has landed by then: this CTA's consumers waited
+  // for all of them.)
+  __device__ __forceinline__ void drain(int steps) {
+    for (int jr = steps - kStages > 0 ? steps - kStages : 0; jr < steps; ++jr) {
+      Barrier::wait(&k_empty[jr % kStages], (jr / kStages) & 1);
+      Barrier::wait(&v_empty[jr % kStages], (jr / kStages) & 1);
     }
   }
 };

@@ -46,6 +46,61 @@ constexpr bool fits_smem_per_sm(size_t bytes, int ctas) {
 #define GNA_SM90_FWD_KV_WARP 2
 #endif
 
+// Where every KV tile is a TMA box and pairs of Q tiles see the same KV box (tile_pairs.h),
+// whether clusters of two CTAs compute the pairs and multicast K and V (1) or not (0).
+// JAX_GNA_SM90_FWD_MULTICAST overrides it at run time.
+#ifndef GNA_SM90_FWD_MULTICAST
+#define GNA_SM90_FWD_MULTICAST 1
+#endif
+
+// One launch of ws_fwd_kernel<Tr, kKvWarp, kCluster> over the `items` Q tiles per (head,
+// batch) of `order`: one CTA per tile, or persistent CTAs (as many as the SMs hold at once).
+template <class Tr, bool kKvWarp, int kCluster>
+std::string launch_ws_forward(const Problem& p, const void* q, const void* k, const void* v,
+                              void* out, float* lse, const KvTensorMaps& maps, int items,
+                              TileOrder order, cudaStream_t stream) {
+  using T = typename Tr::T;
+  auto kernel = ws_fwd_kernel<Tr, kKvWarp, kCluster>;
+  const int smem = (int)sizeof(WsFwdSmem<Tr, kCluster>);
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return sm80::cuda_error("cudaFuncSetAttribute(sm90 ws forward)", err);
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = kCluster;
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  config.blockDim = dim3(Tr::kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = cluster;
+  config.numAttrs = kCluster > 1 ? 1 : 0;
+  // CTAs stride over the tiles, so any grid size is correct (grid x is below 2^31; with
+  // clusters, even, so that the two CTAs of a cluster take the two tiles of each pair).
+  int64_t most = GNA_SM90_FWD_PERSISTENT ? sm80::sm_count() * Tr::kCtasPerSm : INT32_MAX;
+  if (GNA_SM90_FWD_PERSISTENT && kCluster > 1) {
+    int clusters = 0;
+    config.gridDim = dim3((unsigned)(most / kCluster * kCluster));
+    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+    if (err != cudaSuccess)
+      return sm80::cuda_error("cudaOccupancyMaxActiveClusters(sm90 ws forward)", err);
+    if (clusters > 0) most = std::min<int64_t>(most, (int64_t)clusters * kCluster);
+  }
+  // JAX_GNA_SM90_FWD_CTAS=n caps the grid at n CTAs, so that the small problems of the tests
+  // and the sanitizers give every CTA several tiles.
+  if (const char* cap = std::getenv("JAX_GNA_SM90_FWD_CTAS"))
+    if (std::atoi(cap) > 0) most = std::min<int64_t>(most, std::atoi(cap));
+  most = std::max<int64_t>(most / kCluster * kCluster, kCluster);
+  const int64_t ctas = std::min<int64_t>((int64_t)items * p.heads * p.batch, most);
+  config.gridDim = dim3((unsigned)ctas);
+  err = cudaLaunchKernelEx(&config, kernel, p, static_cast<const T*>(q),
+                           static_cast<const T*>(k), static_cast<const T*>(v),
+                           static_cast<T*>(out), lse, maps, items, order);
+  if (err != cudaSuccess) return sm80::cuda_error("sm90 ws forward kernel launch", err);
+  return sm80::cuda_error("sm90 ws forward kernel launch", cudaGetLastError());
+}
+
 // The warp-specialised forward (forward_ws.cuh) with kConsumers warpgroups of 64 Q rows.
 template <class T, int kD, int kConsumers, int kStages, bool kPingPong>
 std::string run_ws_forward(const Problem& p, const void* q, const void* k, const void* v,
@@ -53,6 +108,7 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
   using Tr = WsFwdTraits<T, kD, kConsumers, kStages, kPingPong>;
   static_assert(Tr::kTileRows == kKvTokens && Tr::kBlockM <= kMaxQTokens, "tile limits");
   static_assert(fits_smem_per_sm(sizeof(WsFwdSmem<Tr>), Tr::kCtasPerSm), "shared memory");
+  static_assert(sizeof(WsFwdSmem<Tr, 2>) == sizeof(WsFwdSmem<Tr>), "same layout");
   KvTensorMaps maps;
   maps.on = 0;
   if (GNA_SM90_FWD_TMA)
@@ -62,27 +118,27 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
                    (int)sizeof(T), Tr::kTileRows, &maps);
   int kv_warp_policy = GNA_SM90_FWD_KV_WARP;
   if (const char* env = std::getenv("JAX_GNA_SM90_FWD_KV_WARP")) kv_warp_policy = std::atoi(env);
+  int multicast_policy = GNA_SM90_FWD_MULTICAST;
+  if (const char* env = std::getenv("JAX_GNA_SM90_FWD_MULTICAST"))
+    multicast_policy = std::atoi(env);
   bool boxes_only = maps.on != 0;
   for (int a = 0; a < kMaxRank; ++a)
     boxes_only = boxes_only && kv_tiles_inside(p.axes[a], p.kv_tile[a]);
   const bool kv_warp = boxes_only && kv_warp_policy >= kConsumers;
-  auto kernel = kv_warp ? ws_fwd_kernel<Tr, true> : ws_fwd_kernel<Tr, false>;
-  const int smem = (int)sizeof(WsFwdSmem<Tr>);
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return sm80::cuda_error("cudaFuncSetAttribute(sm90 ws forward)", err);
-  const int64_t q_tiles = sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false);
-  // CTAs stride over the tiles, so any grid size is correct (grid x is below 2^31).
-  int64_t most = GNA_SM90_FWD_PERSISTENT ? sm80::sm_count() * Tr::kCtasPerSm : INT32_MAX;
-  // JAX_GNA_SM90_FWD_CTAS=n caps the grid at n CTAs, so that the small problems of the tests
-  // and the sanitizers give every CTA several tiles.
-  if (const char* cap = std::getenv("JAX_GNA_SM90_FWD_CTAS"))
-    if (std::atoi(cap) > 0) most = std::min<int64_t>(most, std::atoi(cap));
-  const int64_t ctas = std::min<int64_t>(q_tiles * p.heads * p.batch, most);
-  kernel<<<(unsigned)ctas, Tr::kThreads, smem, stream>>>(
-      p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-      static_cast<T*>(out), lse, maps, (int)q_tiles);
-  return sm80::cuda_error("sm90 ws forward kernel launch", cudaGetLastError());
+  const int q_tiles = (int)sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false);
+  const TileOrder all{TileOrder::kAll, 0, 1};
+  if (!kv_warp)
+    return launch_ws_forward<Tr, false, 1>(p, q, k, v, out, lse, maps, q_tiles, all, stream);
+  const TileOrder pairs = multicast_policy ? find_tile_pairs(p) : all;
+  if (pairs.kind != TileOrder::kPairs)
+    return launch_ws_forward<Tr, true, 1>(p, q, k, v, out, lse, maps, q_tiles, all, stream);
+  std::string error = launch_ws_forward<Tr, true, 2>(p, q, k, v, out, lse, maps,
+                                                     pairs.paired(q_tiles), pairs, stream);
+  if (!error.empty() || pairs.leftovers(q_tiles) == 0) return error;
+  TileOrder leftovers = pairs;
+  leftovers.kind = TileOrder::kLeftovers;
+  return launch_ws_forward<Tr, true, 1>(p, q, k, v, out, lse, maps, pairs.leftovers(q_tiles),
+                                        leftovers, stream);
 }
 
 // Whether the consumers of 128-token Q tiles take turns to issue (ping-pong): 0.97-0.98x of

@@ -2,7 +2,7 @@
 //
 //   sm80_check check [n_configs] [seed]   random sweep: out, lse, dq, dk, dv + determinism;
 //                                         every third config also runs a framed sub-problem
-//   sm80_check sanitize                   one small 2-D, one 3-D and one framed 2-D case
+//   sm80_check sanitize                   small 2-D, 3-D, framed 2-D and paired-tile cases
 //                                         (compute-sanitizer)
 //   sm80_check time                       the six DESIGN.md §4 problems, bf16, D = 128
 //                                         (sm80 forward and backward, and the sm90a ones
@@ -655,10 +655,16 @@ static int sanitize() {
   // A 3-D case at head dim 64, which the sm90a kernels also cover (GQA, dilation, causal).
   Problem p3b = make_problem(3, {{6, 3, 2, 1, false}, {7, 4, 1, 2, true}, {9, 3, 3, 1, false}},
                              1, 2, 1, 64);
+  // Q tiles in pairs that see the same KV boxes, every KV tile a TMA box: the sm90a forward
+  // runs them in clusters of two CTAs that multicast K and V (sm90/tile_pairs.h). 2-D: pairs
+  // along axis 0 and one leftover tile per line, in a second launch; 1-D: 128-row Q tiles,
+  // D = 128, no leftovers.
+  Problem pm2 = make_problem(2, {{40, 12, 16, 1, false}, {32, 8, 8, 1, true}}, 1, 2, 1, 64);
+  Problem pm1 = make_problem(1, {{1024, 384, 256, 1, false}}, 1, 2, 2, 128);
   int bad = 0;
   Problem p2n = p2, p3bn = p3b;  // the sm90a backward's dq reductions
   p2n.deterministic = p3bn.deterministic = false;
-  for (auto* p : {&p2, &p3, &p3b, &p2n, &p3bn}) {
+  for (auto* p : {&p2, &p3, &p3b, &p2n, &p3bn, &pm2, &pm1}) {
     Errors e = run_one(*p, DType::kBFloat16, g, true);
     const bool ok = e.out < 2e-2 && e.dq < 4e-2 && e.dk < 4e-2 && e.dv < 4e-2 &&
                     (e.deterministic || !p->deterministic);
