@@ -138,21 +138,24 @@ def test_forward_on_few_ctas_matches_reference(monkeypatch, tiles):
 
 @pytest.mark.parametrize("shape,kernel,stride,causal,tiles", [
     # Pairs along axis 0 with one leftover tile per line (its own launch); causal axis 1.
-    ((40, 32), (12, 8), (16, 8), (False, True), None),
+    ((40, 32), (16, 8), (16, 8), (False, True), None),
     ((1024,), (384,), (256,), (False,), None),  # 128-row Q tiles, every tile paired
-    ((18, 16, 16), (6, 8, 8), (8, 8, 8), (False, False, False), None),  # 3-D, leftovers
+    ((18, 16, 16), (8, 8, 8), (8, 8, 8), (False, False, False), None),  # 3-D, leftovers
     ((32, 32), (16, 16), (16, 16), (False, False), ((8, 8), (8, 8))),  # one consumer
 ])
 @pytest.mark.parametrize("ctas", [None, "4"])
 def test_paired_q_tiles_match_reference(monkeypatch, shape, kernel, stride, causal, tiles, ctas):
     """Where pairs of Q tiles see the same KV box and every KV tile is a TMA box, the sm90a
     forward runs the pairs on clusters of two CTAs that multicast K and V to each other
-    (cuda/sm90/tile_pairs.h). Its output matches the float64 reference and is bitwise the
-    output without clusters (JAX_GNA_SM90_FWD_MULTICAST=0); with the grid capped at 4 CTAs
-    each cluster computes many pairs."""
+    (cuda/sm90/tile_pairs.h; JAX_GNA_SM90_FWD_MULTICAST=2 does so for these small boxes too).
+    Its output matches the float64 reference and is bitwise the output without clusters
+    (JAX_GNA_SM90_FWD_MULTICAST=0); with the grid capped at 4 CTAs each cluster computes many
+    pairs."""
+    monkeypatch.setenv("JAX_GNA_SM90_FWD_MULTICAST", "2")
     if ctas:
         monkeypatch.setenv("JAX_GNA_SM90_FWD_CTAS", ctas)
-    cfg = jax_gna.GNAConfig(kernel_size=kernel, stride=stride, is_causal=causal)
+    cfg = jax_gna.GNAConfig(kernel_size=kernel, stride=stride, dilation=(1,) * len(shape),
+                            is_causal=causal)
     d = 128
     q, k, v = _inputs(shape, 2, 1, d, "bfloat16", seed=11)
     q_tile, kv_tile = tiles or (None, None)

@@ -38,10 +38,18 @@ struct TileOrder {
 };
 
 // The pair axis for the Q tiles of `p`: the axis with the most pairs (2j, 2j+1) along it
-// whose KV ranges agree for every j; {kAll} if none. Only problems without dilation pair
-// (every Q tile is then in group 0, and no tile of a CTA's order is skipped). Host code.
-inline TileOrder find_tile_pairs(const Problem& p) {
+// whose KV ranges agree for every j; {kAll} if none, or if the first Q tile sees fewer than
+// `min_kv_tiles` KV tiles. Only problems without dilation pair (every Q tile is then in
+// group 0, and no tile of a CTA's order is skipped). Host code.
+inline TileOrder find_tile_pairs(const Problem& p, int64_t min_kv_tiles) {
   TileOrder best{TileOrder::kAll, 0, 1};
+  int64_t kv_tiles = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    int64_t lo, hi;
+    group_tiling(p.axes[a], 0, p.q_tile[a], p.kv_tile[a]).kv_range(0, &lo, &hi);
+    kv_tiles *= hi - lo;
+  }
+  if (kv_tiles < min_kv_tiles) return best;
   int64_t n[kMaxRank], kernel[kMaxRank], len[kMaxRank], step[kMaxRank];
   for (int a = 0; a < kMaxRank; ++a) {
     if (p.axes[a].dilation != 1) return best;

@@ -659,8 +659,9 @@ static int sanitize() {
   // runs them in clusters of two CTAs that multicast K and V (sm90/tile_pairs.h). 2-D: pairs
   // along axis 0 and one leftover tile per line, in a second launch; 1-D: 128-row Q tiles,
   // D = 128, no leftovers.
-  Problem pm2 = make_problem(2, {{40, 12, 16, 1, false}, {32, 8, 8, 1, true}}, 1, 2, 1, 64);
+  Problem pm2 = make_problem(2, {{40, 16, 16, 1, false}, {32, 8, 8, 1, true}}, 1, 2, 1, 64);
   Problem pm1 = make_problem(1, {{1024, 384, 256, 1, false}}, 1, 2, 2, 128);
+  setenv("JAX_GNA_SM90_FWD_MULTICAST", "2", /*overwrite=*/0);  // clusters for small boxes too
   int bad = 0;
   Problem p2n = p2, p3bn = p3b;  // the sm90a backward's dq reductions
   p2n.deterministic = p3bn.deterministic = false;
