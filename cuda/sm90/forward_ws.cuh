@@ -5,7 +5,9 @@
 // - Warpgroup 0, the producer, keeps few registers (setmaxnreg.dec) and does all data
 //   movement: Q (double-buffered across tiles) and its row table by cp.async, then K, V and
 //   the row tables of every step into the ring of kv_ring.cuh (TMA boxes for tiles inside
-//   the frame, row gathers for the others; one mbarrier per buffer announces them).
+//   the frame, row gathers for the others; one mbarrier per buffer announces them). Where
+//   two Q tiles see the same KV box, a cluster of two CTAs computes them and each CTA loads
+//   half of every step for both (TMA multicast, kCluster).
 // - Warpgroups 1.., the consumers (one per 64 Q rows of the tile), take the registers the
 //   producer gave up (setmaxnreg.inc) and only run GEMMs and the softmax. Per step `it` a
 //   consumer issues S(it) = Q·K(it)^T and O += P(it-1)·V(it-1) back to back, then runs the
@@ -104,13 +106,12 @@ struct WsFwdSmem {
 //
 // A CTA computes the Q tiles c, c + gridDim.x, c + 2·gridDim.x, ... (c = blockIdx.x) of the
 // flat index over (Q tile, head, batch), Q tile fastest, where the x-th of the `items` Q tiles
-// of a (head, batch) is `order.tile(x)` in the walk order (tile_pairs.h): the launch runs one
-// CTA per tile, or
-// as many as fit the SMs at once (persistent, GNA_SM90_FWD_PERSISTENT). Then the producer
-// loads the next tile's Q (into the other Q buffer) and first K/V steps while the consumers
-// finish the current one, and each CTA pays its set-up once. Only the producer decodes the
-// flat index and walks the tile geometry; the consumers take each tile from the Q buffers
-// in turn with its FwdTileWork, until one says there is none left.
+// of a (head, batch) is `order.tile(x)` in the walk order (tile_pairs.h). The launch runs one
+// CTA per tile, or as many as fit the SMs at once (persistent, GNA_SM90_FWD_PERSISTENT). Then
+// the producer loads the next tile's Q (into the other Q buffer) and first K/V steps while
+// the consumers finish the current one, and each CTA pays its set-up once. Only the producer
+// decodes the flat index and walks the tile geometry; the consumers take each tile from the
+// Q buffers in turn with its FwdTileWork, until one says there is none left.
 //
 // kCluster = 2 (with kKvWarp only): the grid is clusters of two CTAs, with an even grid size
 // and items, so that the CTAs of a cluster take the two tiles of a pair (order kPairs) in
