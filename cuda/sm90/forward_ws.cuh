@@ -106,7 +106,7 @@ struct WsFwdSmem {
 //
 // A CTA computes the Q tiles c, c + gridDim.x, c + 2·gridDim.x, ... (c = blockIdx.x) of the
 // flat index over (Q tile, head, batch), Q tile fastest, where the x-th of the `items` Q tiles
-// of a (head, batch) is `order.tile(x)` in the walk order (tile_pairs.h). The launch runs one
+// of a (head, batch) is the tile `order` puts x-th (tile_pairs.h). The launch runs one
 // CTA per tile, or as many as fit the SMs at once (persistent, GNA_SM90_FWD_PERSISTENT). Then
 // the producer loads the next tile's Q (into the other Q buffer) and first K/V steps while
 // the consumers finish the current one, and each CTA pays its set-up once. Only the producer

@@ -23,10 +23,7 @@ struct TileOrder {
 
   // The walk index of the x-th tile of one (head, batch) in this order. kPairs: tiles 2u and
   // 2u+1 of the order are a pair (x even: the first), x < paired(tiles); kLeftovers: the
-  // unpaired last tile of line x along the pair axis, x < leftovers(tiles).
-  GNA_HD int tile(int x) const {
-    return kind == kAll ? x : kind == kPairs ? pair_tile(x) : leftover_tile(x);
-  }
+  // unpaired last tile of line x along the pair axis, x < leftovers(tiles); kAll: x.
   GNA_HD int pair_tile(int x) const {
     const int u = x >> 1, lo = u % step, line = u / step, m = n / 2;
     return ((line / m) * n + 2 * (line % m) + (x & 1)) * step + lo;
@@ -43,33 +40,31 @@ struct TileOrder {
 // group 0, and no tile of a CTA's order is skipped). Host code.
 inline TileOrder find_tile_pairs(const Problem& p, int64_t min_kv_tiles) {
   TileOrder best{TileOrder::kAll, 0, 1};
-  int64_t kv_tiles = 1;
-  for (int a = 0; a < kMaxRank; ++a) {
-    int64_t lo, hi;
-    group_tiling(p.axes[a], 0, p.q_tile[a], p.kv_tile[a]).kv_range(0, &lo, &hi);
-    kv_tiles *= hi - lo;
-  }
-  if (kv_tiles < min_kv_tiles) return best;
+  AxisTiling tiling[kMaxRank];
   int64_t n[kMaxRank], kernel[kMaxRank], len[kMaxRank], step[kMaxRank];
+  int64_t kv_tiles = 1;  // of the first Q tile
   for (int a = 0; a < kMaxRank; ++a) {
     if (p.axes[a].dilation != 1) return best;
+    tiling[a] = group_tiling(p.axes[a], 0, p.q_tile[a], p.kv_tile[a]);
+    int64_t lo, hi;
+    tiling[a].kv_range(0, &lo, &hi);
+    kv_tiles *= hi - lo;
     len[a] = p.axes[a].q_length;
     kernel[a] = p.axes[a].kernel;
-    n[a] = ceil_div(len[a], p.q_tile[a]);
+    n[a] = tiling[a].n_q();
   }
+  if (kv_tiles < min_kv_tiles) return best;
   tile_walk_strides<int64_t>(n, kernel, len, step);
   int64_t best_pairs = 0;
   for (int a = 0; a < kMaxRank; ++a) {
-    if (n[a] < 2) continue;
-    const AxisTiling t = group_tiling(p.axes[a], 0, p.q_tile[a], p.kv_tile[a]);
-    bool same = true;
+    bool same = n[a] >= 2;
     for (int64_t j = 0; same && 2 * j + 1 < n[a]; ++j) {
       int64_t lo0, hi0, lo1, hi1;
-      t.kv_range(2 * j, &lo0, &hi0);
-      t.kv_range(2 * j + 1, &lo1, &hi1);
+      tiling[a].kv_range(2 * j, &lo0, &hi0);
+      tiling[a].kv_range(2 * j + 1, &lo1, &hi1);
       same = lo0 == lo1 && hi0 == hi1;
     }
-    // Tiles paired per line along the axis (of n[a]).
+    // The tiles that find a partner along the axis: all of them where n[a] is even.
     const int64_t pairs = n[a] / 2 * 2 * (n[0] * n[1] * n[2] / n[a]);
     if (same && pairs > best_pairs) {
       best_pairs = pairs;
