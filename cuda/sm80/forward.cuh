@@ -1,9 +1,10 @@
 // sm80 GNA forward: one CTA per (Q tile of one dilation group, head, batch), or `parts` CTAs
 // that split its rows. It walks the box of KV tiles that the geometry says the Q tile sees;
 // full tiles run without mask code, partial tiles mask element-wise. Online softmax in fp32
-// (exp2), P stays in registers as the A operand of the PV GEMM. K and V have kStages buffers
-// (3 where the card's shared memory allows, else 2): the next kStages-1 tiles stream in
-// (cp.async) during this tile's GEMMs and softmax.
+// (exp2), P stays in registers as the A operand of the PV GEMM, and so does Q: each warp loads
+// its 16 rows once. A step is one or two KV tiles; K and V have kStages step buffers (the last
+// one holds Q until the first step has read it), so that the next kStages-1 steps stream in
+// (cp.async) during this step's GEMMs and softmax.
 #pragma once
 
 #include "common.cuh"
@@ -14,32 +15,44 @@
 #define GNA_SM80_FWD_MIN_BLOCKS 1
 #endif
 
-// K/V buffers of the 128-row forward where the card's shared memory per block allows (2 or 3).
+// K/V step buffers of the 128-row forward where the card's shared memory per block allows (2
+// or 3).
 #ifndef GNA_SM80_FWD_STAGES
 #define GNA_SM80_FWD_STAGES 3
+#endif
+
+// KV tiles per step of the 128-row forward (1 or 2): with 2, each step's S GEMM is 128
+// columns wide, so that the output rescale, the row max's shuffles and the CTA barrier are
+// paid once per two tiles.
+#ifndef GNA_SM80_FWD_STEP_TILES
+#define GNA_SM80_FWD_STEP_TILES 2
 #endif
 
 namespace gna {
 namespace sm80 {
 
-template <class Tr, int kBlockM, int kBlockN, int kStages>
+// A step is kStepTiles consecutive KV tiles of kBlockN rows (the box's walk order); the rows
+// of a missing last tile are padding (token -1: zero-filled and masked).
+template <class Tr, int kBlockM, int kBlockN, int kStages, int kStepTiles>
 struct FwdSmem {
   static_assert(kStages == 2 || kStages == 3, "two or three K/V buffers");
   static constexpr int kRowSlots = kStages + 1;
+  static constexpr int kStepRows = kBlockN * kStepTiles;
+  static_assert(kBlockM <= 2 * kStepRows, "Q fits the K and V of one step");
   using T = typename Tr::T;
-  alignas(128) T q[kBlockM * Tr::kD];
-  alignas(128) T k[kStages][kBlockN * Tr::kD];  // tile it in buffer it % kStages
-  alignas(128) T v[kStages][kBlockN * Tr::kD];
+  // K (kv[s][0]) and V (kv[s][1]) of step it in buffer s = it % kStages. Q lands in the last
+  // buffer, which step kStages-1 overwrites once every warp holds its Q rows.
+  alignas(128) T kv[kStages][2][kStepRows * Tr::kD];
   QRow qrows[kBlockM];
-  // Rows of tile it in slot it % kRowSlots: the gathers read each row's token there (no
+  // Rows of step it in slot it % kRowSlots: the gathers read each row's token there (no
   // integer divisions per chunk), the mask its group indices. Slot it+kStages is built
-  // during tile it.
-  KRow krows[kRowSlots][kBlockN];
-  bool full[kRowSlots];  // tile needs no element mask (computed once, by thread 0, with its rows)
+  // during step it.
+  KRow krows[kRowSlots][kStepRows];
+  bool full[kRowSlots];  // step needs no element mask (computed once, by thread 0, with its rows)
   FullTiles fulls;  // KV tiles this Q tile sees in full (thread 0's)
 };
 
-template <class Tr, int kBlockM, int kBlockN, int kStages>
+template <class Tr, int kBlockM, int kBlockN, int kStages, int kStepTiles>
 __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     fwd_kernel(const Problem p, const typename Tr::T* __restrict__ q,
                const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
@@ -49,8 +62,9 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   constexpr int kThreads = Tr::kThreads;
   static_assert(kBlockM == Tr::kRowsMma, "one 16-row MMA slab per warp");
   extern __shared__ __align__(128) char smem_raw[];
-  using Smem = FwdSmem<Tr, kBlockM, kBlockN, kStages>;
+  using Smem = FwdSmem<Tr, kBlockM, kBlockN, kStages, kStepTiles>;
   constexpr int kRowSlots = Smem::kRowSlots;
+  constexpr int kStepRows = Smem::kStepRows;
   auto& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
   const int h = blockIdx.y;
@@ -72,11 +86,11 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   const T* vb = v + (b * n_kv_tok * p.kv_heads + hkv) * kD;
 
   using SQ = typename Tr::template Smem<kBlockM>;
-  using SKV = typename Tr::template Smem<kBlockN>;
-  using SKVt = typename Tr::template SmemT<kBlockN>;
-  Tensor sQ = make_tensor(make_smem_ptr(sm.q), SQ{});
-  auto sK = [&](int buf) { return make_tensor(make_smem_ptr(sm.k[buf]), SKV{}); };
-  auto sVt = [&](int buf) { return make_tensor(make_smem_ptr(sm.v[buf]), SKVt{}); };
+  using SKV = typename Tr::template Smem<kStepRows>;
+  using SKVt = typename Tr::template SmemT<kStepRows>;
+  Tensor sQ = make_tensor(make_smem_ptr(sm.kv[kStages - 1][0]), SQ{});
+  auto sK = [&](int buf) { return make_tensor(make_smem_ptr(sm.kv[buf][0]), SKV{}); };
+  auto sVt = [&](int buf) { return make_tensor(make_smem_ptr(sm.kv[buf][1]), SKVt{}); };
 
   // KV box seen by this Q tile, per axis.
   const TileBox box = TileBox::seen_by(G, p, qt);
@@ -84,32 +98,41 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
 
   for (int r = tid; r < kBlockM; r += kThreads) sm.qrows[r] = G.q_row(p, qt, rb + r);
   int ii[kMaxRank];
-  load_rows<kBlockM, kD, kThreads>(sm.q, SQ{}, qb, q_stride,
+  load_rows<kBlockM, kD, kThreads>(sm.kv[kStages - 1][0], SQ{}, qb, q_stride,
                                    [&](int r) { return G.q_token(p, qt, rb + r, ii); },
                                    tid);
 
-  int walk[kMaxRank];  // the tile of the next fill_krows (called for j = 0, 1, ... in turn)
+  const int steps = (box.total + kStepTiles - 1) / kStepTiles;
+  int walk[kMaxRank];  // the tile after those of the last fill_krows (called for j = 0, 1, ...)
   box.at(0, walk);
   auto fill_krows = [&](int j) {
-    int kj[kMaxRank];
-    for (int a = 0; a < kMaxRank; ++a) kj[a] = walk[a];
-    box.next(walk);
-    for (int r = tid; r < kBlockN; r += kThreads) sm.krows[j % kRowSlots][r] = G.k_row(p, kj, r);
-    if (tid == 0) sm.full[j % kRowSlots] = sm.fulls.contains(kj);
+    KRow* rows = sm.krows[j % kRowSlots];
+    bool full = true;
+    for (int t = 0; t < kStepTiles; ++t) {
+      if (j * kStepTiles + t < box.total) {
+        for (int r = tid; r < kBlockN; r += kThreads) rows[t * kBlockN + r] = G.k_row(p, walk, r);
+        if (tid == 0) full = full && sm.fulls.contains(walk);
+        box.next(walk);
+      } else {
+        for (int r = tid; r < kBlockN; r += kThreads) rows[t * kBlockN + r].tok = -1;
+        full = false;
+      }
+    }
+    if (tid == 0) sm.full[j % kRowSlots] = full;
   };
-  // K and V of tile j into buffer j % kStages (its rows are visible: built before a barrier).
+  // K and V of step j into buffer j % kStages (its rows are visible: built before a barrier).
   auto stage = [&](int j) {
     const KRow* kr = sm.krows[j % kRowSlots];
     auto tok = [&](int r) { return kr[r].tok; };
-    load_rows<kBlockN, kD, kThreads>(sm.k[j % kStages], SKV{}, kb, kv_stride, tok, tid);
-    load_rows<kBlockN, kD, kThreads>(sm.v[j % kStages], SKV{}, vb, kv_stride, tok, tid);
+    load_rows<kStepRows, kD, kThreads>(sm.kv[j % kStages][0], SKV{}, kb, kv_stride, tok, tid);
+    load_rows<kStepRows, kD, kThreads>(sm.kv[j % kStages][1], SKV{}, vb, kv_stride, tok, tid);
   };
-  // One cp.async group per tile (the first with Q), committed even when empty, so that
-  // "all but the newest kStages-2 groups" always means "up to tile it".
-  for (int j = 0; j < kStages && j < box.total; ++j) fill_krows(j);
+  // One cp.async group per step (the first with Q), committed even when empty, so that
+  // "all but the newest kStages-2 groups" always means "up to step it".
+  for (int j = 0; j < kStages && j < steps; ++j) fill_krows(j);
   __syncthreads();
   for (int j = 0; j < kStages - 1; ++j) {
-    if (j < box.total) stage(j);
+    if (j < steps) stage(j);
     cp_async_commit();
   }
 
@@ -126,25 +149,33 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     row_max[i] = -INFINITY;
     row_sum[i] = 0.f;
   }
-  Tensor cS = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cS = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kStepRows>>{}));
   Tensor cSrc = make_tensor(cS.data(), rowcol(cS.layout()));
   const float scale2 = p.scale * kLog2e;
+  // The warp's Q rows as the S GEMM's A operand, loaded at the first step (Q lands with it).
+  Tensor rQ = thr.partition_fragment_A(sQ);
 
-  for (int it = 0; it < box.total; ++it) {
-    // Tile it has landed and rows(it+kStages-1) are visible; every warp is done with tile
-    // it-1, so its buffer takes tile it+kStages-1, and its row slot the rows of tile
+  for (int it = 0; it < steps; ++it) {
+    // Step it has landed and rows(it+kStages-1) are visible; every warp is done with step
+    // it-1, so its buffer takes step it+kStages-1, and its row slot the rows of step
     // it+kStages.
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (it + kStages - 1 < box.total) stage(it + kStages - 1);
+    if (it == 0) {
+      auto cpQ = make_tiled_copy_A(typename Tr::LdsmN{}, mma);
+      auto tQ = cpQ.get_thread_slice(tid);
+      copy(cpQ, tQ.partition_S(sQ), tQ.retile_D(rQ));
+      __syncthreads();  // Q's buffer takes step kStages-1 next
+    }
+    if (it + kStages - 1 < steps) stage(it + kStages - 1);
     cp_async_commit();
-    if (it + kStages < box.total) fill_krows(it + kStages);
+    if (it + kStages < steps) fill_krows(it + kStages);
     const bool full = sm.full[it % kRowSlots];
     const KRow* krows = sm.krows[it % kRowSlots];
 
-    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kStepRows>>{});
     clear(acc_s);
-    gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sQ, sK(it % kStages), tid);
+    gemm_rs<typename Tr::LdsmN>(mma, acc_s, rQ, sK(it % kStages), tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     online_softmax</*kFoldScale=*/false, /*kChains=*/4>(
         rs, ro, cSrc, row_max, row_sum, full, RowsMask{sm.qrows, krows}, scale2);

@@ -7,22 +7,25 @@
 namespace gna {
 namespace sm80 {
 
-// The forward with CTAs of kBlockM rows, `parts` of them per Q tile, and kStages K/V
-// buffers: 64-row CTAs keep two, so that two fit an SM. Where the card cannot give the
-// shared memory, three buffers become two, and then a 128-row CTA becomes two 64-row CTAs
-// (sm_86/89 at D = 128: ~104 KB against 99 KB).
-template <class T, int kD, int kBlockM, int kStages = kBlockM == 128 ? GNA_SM80_FWD_STAGES : 2>
+// The forward with CTAs of kBlockM rows, `parts` of them per Q tile, kStages K/V step buffers
+// and kStepTiles KV tiles per step. 128-row CTAs take two tiles per step in three buffers
+// (~205 KB at D = 128); 64-row CTAs one tile in two buffers, so that two CTAs fit an SM.
+// Where the card cannot give the shared memory, the fallbacks are two buffers (A100), then
+// one tile per step (sm_86/89 at D = 128), then two 64-row CTAs per 128-token Q tile.
+template <class T, int kD, int kBlockM, int kStages, int kStepTiles>
 std::string run_forward(const Problem& p, const void* q, const void* k, const void* v,
                         void* out, float* lse, int parts, cudaStream_t stream) {
   using Tr = Traits<T, kD, kBlockM / 16>;
-  const int smem = (int)sizeof(FwdSmem<Tr, kBlockM, kKvTokens, kStages>);
+  const int smem = (int)sizeof(FwdSmem<Tr, kBlockM, kKvTokens, kStages, kStepTiles>);
   if (smem > max_smem_per_block()) {
     if constexpr (kStages > 2)
-      return run_forward<T, kD, kBlockM, 2>(p, q, k, v, out, lse, parts, stream);
+      return run_forward<T, kD, kBlockM, 2, kStepTiles>(p, q, k, v, out, lse, parts, stream);
+    if constexpr (kStepTiles > 1)
+      return run_forward<T, kD, kBlockM, 2, 1>(p, q, k, v, out, lse, parts, stream);
     if constexpr (kBlockM == 128)
-      return run_forward<T, kD, 64, 2>(p, q, k, v, out, lse, 2 * parts, stream);
+      return run_forward<T, kD, 64, 2, 1>(p, q, k, v, out, lse, 2 * parts, stream);
   }
-  auto kernel = fwd_kernel<Tr, kBlockM, kKvTokens, kStages>;
+  auto kernel = fwd_kernel<Tr, kBlockM, kKvTokens, kStages, kStepTiles>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(forward)", err);
@@ -39,8 +42,9 @@ template <class T, int kD>
 std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,
                            void* out, float* lse, cudaStream_t stream) {
   const int64_t q_tokens = p.q_tile[0] * p.q_tile[1] * p.q_tile[2];
-  if (q_tokens <= 64) return run_forward<T, kD, 64>(p, q, k, v, out, lse, 1, stream);
-  return run_forward<T, kD, 128>(p, q, k, v, out, lse, 1, stream);
+  if (q_tokens <= 64) return run_forward<T, kD, 64, 2, 1>(p, q, k, v, out, lse, 1, stream);
+  return run_forward<T, kD, 128, GNA_SM80_FWD_STAGES, GNA_SM80_FWD_STEP_TILES>(p, q, k, v, out,
+                                                                             lse, 1, stream);
 }
 
 #define GNA_SM80_FORWARD(T, D)                                                             \
