@@ -17,6 +17,14 @@
 #include "common.cuh"
 #include "launch.cuh"  // kMaxQTokens
 
+// 1: a backward step computes P for every element, then masks the partial steps' elements
+// under one uniform branch, so that a mask-free step's softmax is straight-line code; 0: each
+// element tests the step's flag (ptxas then splits the softmax into a block per element:
+// ~5 more instructions each, and no overlap of one element's MUFU with the next's).
+#ifndef GNA_SM80_BWD_MASK_AFTER
+#define GNA_SM80_BWD_MASK_AFTER 1
+#endif
+
 namespace gna {
 namespace sm80 {
 
@@ -194,14 +202,40 @@ __global__ void __launch_bounds__(Tr::kThreads)
     gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_dp, sdO, sV, tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     Tensor rdp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(rs); ++mi) {
-      const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
+    if constexpr (GNA_SM80_BWD_MASK_AFTER != 0) {
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rs); ++ni) {
-        float pr = fast_exp2(rs(mi, ni) * scale2 - qr.lse2);
-        if (!full && !visible(qr, krows[get<1>(cSrc(mi, ni))])) pr = 0.f;
-        rs(mi, ni) = pr * (rdp(mi, ni) - qr.delta);  // dS (without the softmax scale)
+      for (int mi = 0; mi < size<0>(rs); ++mi) {
+        const float lse2 = sm.qrows[get<0>(cSrc(mi, 0))].lse2;
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni)
+          rs(mi, ni) = fast_exp2(rs(mi, ni) * scale2 - lse2);
+      }
+      if (!full) {
+        CUTE_UNROLL
+        for (int mi = 0; mi < size<0>(rs); ++mi) {
+          const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
+          CUTE_UNROLL
+          for (int ni = 0; ni < size<1>(rs); ++ni)
+            if (!visible(qr, krows[get<1>(cSrc(mi, ni))])) rs(mi, ni) = 0.f;
+        }
+      }
+      CUTE_UNROLL
+      for (int mi = 0; mi < size<0>(rs); ++mi) {
+        const float delta = sm.qrows[get<0>(cSrc(mi, 0))].delta;
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni)
+          rs(mi, ni) *= rdp(mi, ni) - delta;  // dS (without the softmax scale)
+      }
+    } else {
+      CUTE_UNROLL
+      for (int mi = 0; mi < size<0>(rs); ++mi) {
+        const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          float pr = fast_exp2(rs(mi, ni) * scale2 - qr.lse2);
+          if (!full && !visible(qr, krows[get<1>(cSrc(mi, ni))])) pr = 0.f;
+          rs(mi, ni) = pr * (rdp(mi, ni) - qr.delta);  // dS (without the softmax scale)
+        }
       }
     }
     Tensor rdS = to_operand_a<T>(acc_s);
@@ -407,15 +441,33 @@ __global__ void __launch_bounds__(Tr::kThreads)
     clear(acc_s);
     gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sK, sQ, tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(rs); ++mi) {
-      const KRow kr = sm.krows[get<0>(cSrc(mi, 0))];
+    if constexpr (GNA_SM80_BWD_MASK_AFTER != 0) {
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(rs); ++ni) {
-        const int col = get<1>(cSrc(mi, ni));
-        float pr = fast_exp2(rs(mi, ni) * scale2 - qlse[col] * kLog2e);
-        if (!full && !visible(qrows[col], kr)) pr = 0.f;
-        rs(mi, ni) = pr;
+      for (int mi = 0; mi < size<0>(rs); ++mi) {
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni)
+          rs(mi, ni) = fast_exp2(rs(mi, ni) * scale2 - qlse[get<1>(cSrc(mi, ni))] * kLog2e);
+      }
+      if (!full) {
+        CUTE_UNROLL
+        for (int mi = 0; mi < size<0>(rs); ++mi) {
+          const KRow kr = sm.krows[get<0>(cSrc(mi, 0))];
+          CUTE_UNROLL
+          for (int ni = 0; ni < size<1>(rs); ++ni)
+            if (!visible(qrows[get<1>(cSrc(mi, ni))], kr)) rs(mi, ni) = 0.f;
+        }
+      }
+    } else {
+      CUTE_UNROLL
+      for (int mi = 0; mi < size<0>(rs); ++mi) {
+        const KRow kr = sm.krows[get<0>(cSrc(mi, 0))];
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(rs); ++ni) {
+          const int col = get<1>(cSrc(mi, ni));
+          float pr = fast_exp2(rs(mi, ni) * scale2 - qlse[col] * kLog2e);
+          if (!full && !visible(qrows[col], kr)) pr = 0.f;
+          rs(mi, ni) = pr;
+        }
       }
     }
     Tensor rP = to_operand_a<T>(acc_s);

@@ -649,6 +649,23 @@ struct FullTiles {
 // that many rows, so the thread's destinations are its first one plus a fixed distance: the
 // address arithmetic runs once per call, not per copy (it was most of the staging's
 // instructions).
+// 1: gather_rows issues each copy as cp.async with an ignore-src predicate (zeros for
+// padding rows) from an address of one wide multiply-add; 0: CuTe's ZFILL copy from a
+// selected address (~18 SASS instructions per copy against ~8).
+#ifndef GNA_GATHER_IGNORE_SRC
+#define GNA_GATHER_IGNORE_SRC 1
+#endif
+
+// 16 bytes from global `src` into shared `dst` by cp.async (cached in L2 only), or 16 zero
+// bytes where `zero` (the source is then not read).
+__device__ __forceinline__ void cp_async_16_or_zero(void* dst, const void* src, bool zero) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile(
+      "{\n .reg .pred z;\n setp.ne.b32 z, %2, 0;\n"
+      " cp.async.cg.shared.global [%0], [%1], 16, z;\n}\n" ::"r"(d),
+      "l"(src), "r"((int)zero));
+}
+
 template <int kRows, int kD, int kThreads, class T, class DstFn, class TokFn>
 __device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int64_t row_stride,
                                             TokFn const& tok_of, int tid) {
@@ -661,6 +678,19 @@ __device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int
   T* const to = dst(r0, c * 8);
   const ptrdiff_t pass = kRows > kRowsPerPass ? dst(r0 + kRowsPerPass, c * 8) - to : 0;
   const T* const from = base + c * 8;
+#if GNA_GATHER_IGNORE_SRC
+  // Byte distance between tokens: heads · D · sizeof(T), far below 2^32.
+  const uint32_t stride_bytes = (uint32_t)row_stride * (uint32_t)sizeof(T);
+  const char* const from_bytes = reinterpret_cast<const char*>(from);
+  CUTE_UNROLL
+  for (int i = 0; i * kRowsPerPass < kRows; ++i) {
+    if (kRows < kRowsPerPass && r0 >= kRows) break;
+    const int tok = tok_of(r0 + i * kRowsPerPass);
+    // Padding rows point at token 0 (a valid address) and copy zeros.
+    const char* src = from_bytes + (uint64_t)(uint32_t)max(tok, 0) * stride_bytes;
+    cp_async_16_or_zero(to + i * pass, src, tok < 0);
+  }
+#else
   const uint64_t stride = (uint32_t)row_stride;
   CUTE_UNROLL
   for (int i = 0; i * kRowsPerPass < kRows; ++i) {
@@ -671,6 +701,7 @@ __device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int
         *reinterpret_cast<const uint128_t*>(src),
         *reinterpret_cast<uint128_t*>(to + i * pass), tok >= 0);
   }
+#endif
 }
 
 // gather_rows into a [kRows, kD] tile of `smem` laid out by `sl`.
@@ -727,8 +758,8 @@ __device__ __forceinline__ float chained_reduce(At const& at, Op const& op) {
 // BitsMask) unless `full`, and become exp2(score - running max); the running sums are updated
 // and `corr` receives the factor by which the output accumulator must be rescaled before this
 // tile's P·V is added to it.
-// kFoldScale: see below (on in the sm90a forwards, where it measured 1.02-1.03x; the sm80
-// forward measured 0.99x with it and keeps it off).
+// kFoldScale: see below (on in the sm90a forwards, where it measured 1.02-1.03x, and in the
+// sm80 forward with two KV tiles per step, 1.05x; with one tile per step it had been 0.99x).
 // kChains: the row max and row sum are kept in that many interleaved partial results
 // (chained_reduce). H200, forward: 4 gained 1-3 % in the sm80 kernel (1-D 3.5 %) and cost up
 // to 5-8 % in the sm90a one on the NA and 64-token-tile problems (8 no better), which keeps 1.
