@@ -212,7 +212,8 @@ ab-rev)
   sweep "$BUILD_DIR" new
   ;;
 profile)
-  step profile  # ncu of the kernels matching $NCU_KERNELS on one harness problem; NCU_EXTRA
+  step profile  # ncu of the kernels matching the regex $NCU_KERNELS (without "regex:", which
+  # is added here; e.g. NCU_KERNELS='sm80::fwd_kernel') on one harness problem; NCU_EXTRA
   # adds sections (e.g. "--section SourceCounters": then $OUT/ncu_sass.csv.gz has the stalls
   # per SASS instruction)
   [[ -x "$BUILD_DIR/sm80_check" ]] || bash tests/native/run_sm80_check.sh none > /dev/null 2>&1
