@@ -17,14 +17,6 @@
 #include "common.cuh"
 #include "launch.cuh"  // kMaxQTokens
 
-// 1: a backward step computes P for every element, then masks the partial steps' elements
-// under one uniform branch, so that a mask-free step's softmax is straight-line code; 0: each
-// element tests the step's flag (ptxas then splits the softmax into a block per element:
-// ~5 more instructions each, and no overlap of one element's MUFU with the next's).
-#ifndef GNA_SM80_BWD_MASK_AFTER
-#define GNA_SM80_BWD_MASK_AFTER 1
-#endif
-
 namespace gna {
 namespace sm80 {
 
@@ -202,41 +194,32 @@ __global__ void __launch_bounds__(Tr::kThreads)
     gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_dp, sdO, sV, tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     Tensor rdp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
-    if constexpr (GNA_SM80_BWD_MASK_AFTER != 0) {
+    // P for every element, then the mask under one uniform branch: on a mask-free step the
+    // exp2s stay straight-line code (a per-element test of `full` made ptxas emit a block per
+    // element, ~5 instructions each, and serialised the MUFUs). Masked elements are set to 0,
+    // not multiplied, so an exp2 that overflowed there cannot leak.
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(rs); ++mi) {
+      const float lse2 = sm.qrows[get<0>(cSrc(mi, 0))].lse2;
       CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(rs); ++mi) {
-        const float lse2 = sm.qrows[get<0>(cSrc(mi, 0))].lse2;
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni)
-          rs(mi, ni) = fast_exp2(rs(mi, ni) * scale2 - lse2);
-      }
-      if (!full) {
-        CUTE_UNROLL
-        for (int mi = 0; mi < size<0>(rs); ++mi) {
-          const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
-          CUTE_UNROLL
-          for (int ni = 0; ni < size<1>(rs); ++ni)
-            if (!visible(qr, krows[get<1>(cSrc(mi, ni))])) rs(mi, ni) = 0.f;
-        }
-      }
-      CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(rs); ++mi) {
-        const float delta = sm.qrows[get<0>(cSrc(mi, 0))].delta;
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni)
-          rs(mi, ni) *= rdp(mi, ni) - delta;  // dS (without the softmax scale)
-      }
-    } else {
+      for (int ni = 0; ni < size<1>(rs); ++ni)
+        rs(mi, ni) = fast_exp2(rs(mi, ni) * scale2 - lse2);
+    }
+    if (!full) {
       CUTE_UNROLL
       for (int mi = 0; mi < size<0>(rs); ++mi) {
         const QRow qr = sm.qrows[get<0>(cSrc(mi, 0))];
         CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni) {
-          float pr = fast_exp2(rs(mi, ni) * scale2 - qr.lse2);
-          if (!full && !visible(qr, krows[get<1>(cSrc(mi, ni))])) pr = 0.f;
-          rs(mi, ni) = pr * (rdp(mi, ni) - qr.delta);  // dS (without the softmax scale)
-        }
+        for (int ni = 0; ni < size<1>(rs); ++ni)
+          if (!visible(qr, krows[get<1>(cSrc(mi, ni))])) rs(mi, ni) = 0.f;
       }
+    }
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(rs); ++mi) {
+      const float delta = sm.qrows[get<0>(cSrc(mi, 0))].delta;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(rs); ++ni)
+        rs(mi, ni) *= rdp(mi, ni) - delta;  // dS (without the softmax scale)
     }
     Tensor rdS = to_operand_a<T>(acc_s);
     gemm_rs<typename Tr::LdsmT>(mma, acc_dq, rdS, sKt, tid);
@@ -441,33 +424,20 @@ __global__ void __launch_bounds__(Tr::kThreads)
     clear(acc_s);
     gemm_ss<typename Tr::LdsmN, typename Tr::LdsmN>(mma, acc_s, sK, sQ, tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-    if constexpr (GNA_SM80_BWD_MASK_AFTER != 0) {
+    // P, then the mask under one uniform branch (as in the dK/dV step).
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(rs); ++mi) {
       CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(rs); ++mi) {
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni)
-          rs(mi, ni) = fast_exp2(rs(mi, ni) * scale2 - qlse[get<1>(cSrc(mi, ni))] * kLog2e);
-      }
-      if (!full) {
-        CUTE_UNROLL
-        for (int mi = 0; mi < size<0>(rs); ++mi) {
-          const KRow kr = sm.krows[get<0>(cSrc(mi, 0))];
-          CUTE_UNROLL
-          for (int ni = 0; ni < size<1>(rs); ++ni)
-            if (!visible(qrows[get<1>(cSrc(mi, ni))], kr)) rs(mi, ni) = 0.f;
-        }
-      }
-    } else {
+      for (int ni = 0; ni < size<1>(rs); ++ni)
+        rs(mi, ni) = fast_exp2(rs(mi, ni) * scale2 - qlse[get<1>(cSrc(mi, ni))] * kLog2e);
+    }
+    if (!full) {
       CUTE_UNROLL
       for (int mi = 0; mi < size<0>(rs); ++mi) {
         const KRow kr = sm.krows[get<0>(cSrc(mi, 0))];
         CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(rs); ++ni) {
-          const int col = get<1>(cSrc(mi, ni));
-          float pr = fast_exp2(rs(mi, ni) * scale2 - qlse[col] * kLog2e);
-          if (!full && !visible(qrows[col], kr)) pr = 0.f;
-          rs(mi, ni) = pr;
-        }
+        for (int ni = 0; ni < size<1>(rs); ++ni)
+          if (!visible(qrows[get<1>(cSrc(mi, ni))], kr)) rs(mi, ni) = 0.f;
       }
     }
     Tensor rP = to_operand_a<T>(acc_s);

@@ -648,13 +648,9 @@ struct FullTiles {
 // layouts used here are swizzled within 1024-byte periods and advance by whole periods over
 // that many rows, so the thread's destinations are its first one plus a fixed distance: the
 // address arithmetic runs once per call, not per copy (it was most of the staging's
-// instructions).
-// 1: gather_rows issues each copy as cp.async with an ignore-src predicate (zeros for
-// padding rows) from an address of one wide multiply-add; 0: CuTe's ZFILL copy from a
-// selected address (~18 SASS instructions per copy against ~8).
-#ifndef GNA_GATHER_IGNORE_SRC
-#define GNA_GATHER_IGNORE_SRC 1
-#endif
+// instructions). Each copy is a cp.async with an ignore-src predicate (zeros for padding
+// rows) from an address of one wide multiply-add: ~10 SASS instructions per copy, where
+// CuTe's ZFILL copy from a selected address took ~18.
 
 // 16 bytes from global `src` into shared `dst` by cp.async (cached in L2 only), or 16 zero
 // bytes where `zero` (the source is then not read).
@@ -678,7 +674,6 @@ __device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int
   T* const to = dst(r0, c * 8);
   const ptrdiff_t pass = kRows > kRowsPerPass ? dst(r0 + kRowsPerPass, c * 8) - to : 0;
   const T* const from = base + c * 8;
-#if GNA_GATHER_IGNORE_SRC
   // Byte distance between tokens: heads · D · sizeof(T), far below 2^32.
   const uint32_t stride_bytes = (uint32_t)row_stride * (uint32_t)sizeof(T);
   const char* const from_bytes = reinterpret_cast<const char*>(from);
@@ -690,18 +685,6 @@ __device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int
     const char* src = from_bytes + (uint64_t)(uint32_t)max(tok, 0) * stride_bytes;
     cp_async_16_or_zero(to + i * pass, src, tok < 0);
   }
-#else
-  const uint64_t stride = (uint32_t)row_stride;
-  CUTE_UNROLL
-  for (int i = 0; i * kRowsPerPass < kRows; ++i) {
-    if (kRows < kRowsPerPass && r0 >= kRows) break;
-    const int tok = tok_of(r0 + i * kRowsPerPass);
-    const T* src = tok >= 0 ? from + (uint32_t)tok * stride : base;
-    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-        *reinterpret_cast<const uint128_t*>(src),
-        *reinterpret_cast<uint128_t*>(to + i * pass), tok >= 0);
-  }
-#endif
 }
 
 // gather_rows into a [kRows, kD] tile of `smem` laid out by `sl`.

@@ -28,19 +28,6 @@
 #define GNA_SM80_FWD_STEP_TILES 2
 #endif
 
-// 1: a step's KV rows are built by as many threads as it has rows (tile t's by threads
-// t·kBlockN...), not by the first kBlockN threads tile after tile.
-#ifndef GNA_SM80_FWD_SPREAD_ROWS
-#define GNA_SM80_FWD_SPREAD_ROWS 1
-#endif
-
-// 1: the softmax scale is folded into the exp2's FFMA (softmax_step's kFoldScale: the row max
-// on raw scores, 64 FMUL fewer per two-tile step). With two tiles per step it measured 1.05x
-// (H200, FLUX-4K and Hunyuan GNA); with one tile per step it had measured 0.99x.
-#ifndef GNA_SM80_FWD_FOLD_SCALE
-#define GNA_SM80_FWD_FOLD_SCALE 1
-#endif
-
 namespace gna {
 namespace sm80 {
 
@@ -121,7 +108,6 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   auto fill_krows = [&](int j) {
     KRow* rows = sm.krows[j % kRowSlots];
     bool full = true;
-#if GNA_SM80_FWD_SPREAD_ROWS
     // Tile t's rows are built by threads [t·kBlockN, (t+1)·kBlockN): a step's rows spread
     // over kStepTiles times the warps (with two tiles, four warps and not two carry them).
     static_assert(kThreads >= kStepRows, "one row per thread");
@@ -139,18 +125,6 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
         full = false;
       }
     }
-#else
-    for (int t = 0; t < kStepTiles; ++t) {
-      if (j * kStepTiles + t < box.total) {
-        for (int r = tid; r < kBlockN; r += kThreads) rows[t * kBlockN + r] = G.k_row(p, walk, r);
-        if (tid == 0) full = full && sm.fulls.contains(walk);
-        box.next(walk);
-      } else {
-        for (int r = tid; r < kBlockN; r += kThreads) rows[t * kBlockN + r].tok = -1;
-        full = false;
-      }
-    }
-#endif
     if (tid == 0) sm.full[j % kRowSlots] = full;
   };
   // K and V of step j into buffer j % kStages (its rows are visible: built before a barrier).
@@ -210,7 +184,7 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     clear(acc_s);
     gemm_rs<typename Tr::LdsmN>(mma, acc_s, rQ, sK(it % kStages), tid);
     Tensor rs = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-    online_softmax<GNA_SM80_FWD_FOLD_SCALE != 0, /*kChains=*/4>(
+    online_softmax</*kFoldScale=*/true, /*kChains=*/4>(
         rs, ro, cSrc, row_max, row_sum, full, RowsMask{sm.qrows, krows}, scale2);
     Tensor rP = to_operand_a<T>(acc_s);
     gemm_rs<typename Tr::LdsmT>(mma, acc_o, rP, sVt(it % kStages), tid);
