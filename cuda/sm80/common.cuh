@@ -662,9 +662,15 @@ __device__ __forceinline__ void cp_async_16_or_zero(void* dst, const void* src, 
       "l"(src), "r"((int)zero));
 }
 
-template <int kRows, int kD, int kThreads, class T, class DstFn, class TokFn>
-__device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int64_t row_stride,
-                                            TokFn const& tok_of, int tid) {
+// gather_rows from kCopies sources at once (the K and V rows of the same tokens): each row's
+// token is read and clamped once, and source s's destinations are `dst_offset[s]` elements
+// after dst's.
+template <int kRows, int kD, int kThreads, int kCopies, class T, class DstFn, class TokFn>
+__device__ __forceinline__ void gather_rows_from(DstFn const& dst,
+                                                 const T* const (&bases)[kCopies],
+                                                 const ptrdiff_t (&dst_offset)[kCopies],
+                                                 int64_t row_stride, TokFn const& tok_of,
+                                                 int tid) {
   constexpr int kChunks = kD / 8;
   static_assert(kThreads % kChunks == 0, "threads must cover whole rows");
   constexpr int kRowsPerPass = kThreads / kChunks;
@@ -673,18 +679,27 @@ __device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int
   const int r0 = tid / kChunks;
   T* const to = dst(r0, c * 8);
   const ptrdiff_t pass = kRows > kRowsPerPass ? dst(r0 + kRowsPerPass, c * 8) - to : 0;
-  const T* const from = base + c * 8;
   // Byte distance between tokens: heads · D · sizeof(T), far below 2^32.
   const uint32_t stride_bytes = (uint32_t)row_stride * (uint32_t)sizeof(T);
-  const char* const from_bytes = reinterpret_cast<const char*>(from);
   CUTE_UNROLL
   for (int i = 0; i * kRowsPerPass < kRows; ++i) {
     if (kRows < kRowsPerPass && r0 >= kRows) break;
     const int tok = tok_of(r0 + i * kRowsPerPass);
     // Padding rows point at token 0 (a valid address) and copy zeros.
-    const char* src = from_bytes + (uint64_t)(uint32_t)max(tok, 0) * stride_bytes;
-    cp_async_16_or_zero(to + i * pass, src, tok < 0);
+    const uint64_t off = (uint64_t)(uint32_t)max(tok, 0) * stride_bytes;
+    CUTE_UNROLL
+    for (int s = 0; s < kCopies; ++s)
+      cp_async_16_or_zero(to + i * pass + dst_offset[s],
+                          reinterpret_cast<const char*>(bases[s] + c * 8) + off, tok < 0);
   }
+}
+
+template <int kRows, int kD, int kThreads, class T, class DstFn, class TokFn>
+__device__ __forceinline__ void gather_rows(DstFn const& dst, const T* base, int64_t row_stride,
+                                            TokFn const& tok_of, int tid) {
+  const T* const bases[1] = {base};
+  const ptrdiff_t offsets[1] = {0};
+  gather_rows_from<kRows, kD, kThreads, 1>(dst, bases, offsets, row_stride, tok_of, tid);
 }
 
 // gather_rows into a [kRows, kD] tile of `smem` laid out by `sl`.
