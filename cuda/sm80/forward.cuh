@@ -28,18 +28,6 @@
 #define GNA_SM80_FWD_STEP_TILES 2
 #endif
 
-// 1: a step's K and V rows are gathered together (gather_rows_from: one token read per row
-// for both copies).
-#ifndef GNA_SM80_FWD_KV_GATHER
-#define GNA_SM80_FWD_KV_GATHER 1
-#endif
-
-// 1: the KV rows of a tile inside the frame come from a per-CTA row table (RowTable: no
-// divisions), the others from Group::k_row.
-#ifndef GNA_SM80_FWD_ROW_TABLE
-#define GNA_SM80_FWD_ROW_TABLE 1
-#endif
-
 namespace gna {
 namespace sm80 {
 
@@ -62,9 +50,7 @@ struct FwdSmem {
   KRow krows[kRowSlots][kStepRows];
   bool full[kRowSlots];  // step needs no element mask (computed once, by thread 0, with its rows)
   FullTiles fulls;  // KV tiles this Q tile sees in full (thread 0's)
-#if GNA_SM80_FWD_ROW_TABLE
   RowTable<kBlockN> ktable;  // token offsets and local coordinates of a KV tile's rows
-#endif
 };
 
 template <class Tr, int kBlockM, int kBlockN, int kStages, int kStepTiles>
@@ -112,17 +98,13 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   if (tid == 0) sm.fulls = FullTiles::of(G, p, qt, kBlockN);
 
   for (int r = tid; r < kBlockM; r += kThreads) sm.qrows[r] = G.q_row(p, qt, rb + r);
-#if GNA_SM80_FWD_ROW_TABLE
   sm.ktable.build(G, p, /*kv_side=*/true, tid, kThreads);
-  // Row r of KV tile kt: from the table where the tile lies inside the frame.
+  // Row r of KV tile kt: from the table (no divisions) where the tile lies inside the frame.
   auto k_row = [&](const int kt[kMaxRank], int r) {
     return G.tile_inside(p, kt, /*kv_side=*/true)
                ? sm.ktable.k_row(p, kt, G.tile_base(p, kt, /*kv_side=*/true), r)
                : G.k_row(p, kt, r);
   };
-#else
-  auto k_row = [&](const int kt[kMaxRank], int r) { return G.k_row(p, kt, r); };
-#endif
   int ii[kMaxRank];
   load_rows<kBlockM, kD, kThreads>(sm.kv[kStages - 1][0], SQ{}, qb, q_stride,
                                    [&](int r) { return G.q_token(p, qt, rb + r, ii); },
@@ -157,20 +139,14 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   auto stage = [&](int j) {
     const KRow* kr = sm.krows[j % kRowSlots];
     auto tok = [&](int r) { return kr[r].tok; };
-#if GNA_SM80_FWD_KV_GATHER
+    // K and V of a row from one token read (both buffers share the SKV layout).
     T* const ks = sm.kv[j % kStages][0];
     const T* const bases[2] = {kb, vb};
-    const ptrdiff_t offsets[2] = {0, kStepRows * kD};  // V's buffer follows K's
+    const ptrdiff_t offsets[2] = {0, kStepRows * kD};  // kv[s][1] follows kv[s][0]
     gather_rows_from<kStepRows, kD, kThreads, 2>([&](int r, int c) { return ks + SKV{}(r, c); },
                                                  bases, offsets, kv_stride, tok, tid);
-#else
-    load_rows<kStepRows, kD, kThreads>(sm.kv[j % kStages][0], SKV{}, kb, kv_stride, tok, tid);
-    load_rows<kStepRows, kD, kThreads>(sm.kv[j % kStages][1], SKV{}, vb, kv_stride, tok, tid);
-#endif
   };
-#if GNA_SM80_FWD_ROW_TABLE
   __syncthreads();  // the row table, before fill_krows reads it
-#endif
   // One cp.async group per step (the first with Q), committed even when empty, so that
   // "all but the newest kStages-2 groups" always means "up to step it".
   for (int j = 0; j < kStages && j < steps; ++j) fill_krows(j);
