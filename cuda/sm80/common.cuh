@@ -679,6 +679,9 @@ __device__ __forceinline__ void gather_rows_from(DstFn const& dst,
   const int r0 = tid / kChunks;
   T* const to = dst(r0, c * 8);
   const ptrdiff_t pass = kRows > kRowsPerPass ? dst(r0 + kRowsPerPass, c * 8) - to : 0;
+  const char* from_bytes[kCopies];
+  CUTE_UNROLL
+  for (int s = 0; s < kCopies; ++s) from_bytes[s] = reinterpret_cast<const char*>(bases[s] + c * 8);
   // Byte distance between tokens: heads · D · sizeof(T), far below 2^32.
   const uint32_t stride_bytes = (uint32_t)row_stride * (uint32_t)sizeof(T);
   CUTE_UNROLL
@@ -689,8 +692,7 @@ __device__ __forceinline__ void gather_rows_from(DstFn const& dst,
     const uint64_t off = (uint64_t)(uint32_t)max(tok, 0) * stride_bytes;
     CUTE_UNROLL
     for (int s = 0; s < kCopies; ++s)
-      cp_async_16_or_zero(to + i * pass + dst_offset[s],
-                          reinterpret_cast<const char*>(bases[s] + c * 8) + off, tok < 0);
+      cp_async_16_or_zero(to + i * pass + dst_offset[s], from_bytes[s] + off, tok < 0);
   }
 }
 
