@@ -694,7 +694,7 @@ static double neighbourhood_sum(const Problem& p) {
 
 static int timing() {
   struct Case {
-    const char* name;
+    std::string name;
     Problem p;
   };
   std::vector<Case> cases = {
@@ -711,6 +711,17 @@ static int timing() {
     c.name = i == 0 ? "FLUX-4K GNA q64" : "FLUX-4K NA q64";
     c.p.q_tile[1] = 8;
     cases.push_back(c);
+  }
+  // GNA_TIME_SCAN=1: instead, the 1-D stride-256 problem over windows of 8 to 64 steps and 1
+  // or 2 heads (one or two waves of 128-token Q tiles): the kernel time against steps per CTA
+  // and CTAs per SM separates the per-step cost from the per-CTA one.
+  const char* scan = std::getenv("GNA_TIME_SCAN");
+  if (scan != nullptr && std::string(scan) == "1") {
+    cases.clear();
+    for (int heads : {1, 2})
+      for (int window : {1024, 2048, 4096, 8192})
+        cases.push_back({"1-D k" + std::to_string(window) + " h" + std::to_string(heads),
+                         make_problem(1, {{32768, window, 256, 1, false}}, 1, heads, heads, 128)});
   }
   // GNA_DETERMINISTIC=1 times the deterministic backward (default: the one users get by
   // default, which on Hopper accumulates dq with reductions).
@@ -734,9 +745,9 @@ static int timing() {
   const int reps = reps_env != nullptr ? std::max(1, std::atoi(reps_env)) : 0;
   const int fwd_reps = reps > 0 ? reps : 7, bwd_reps = reps > 0 ? reps : 5;
   for (auto& c : cases) {
-    if (only != nullptr && std::string(c.name).find(only) == std::string::npos) continue;
+    if (only != nullptr && c.name.find(only) == std::string::npos) continue;
     const Problem& p = c.p;
-    ok_or_die(gna::sm80_supports(p, t), c.name);
+    ok_or_die(gna::sm80_supports(p, t), c.name.c_str());
     const size_t nq = p.batch * p.q_tokens() * p.heads * p.head_dim;
     const size_t nk = p.batch * p.kv_tokens() * p.kv_heads * p.head_dim;
     const size_t nl = p.batch * p.q_tokens() * p.heads;
@@ -799,8 +810,9 @@ static int timing() {
     std::snprintf(tiles, sizeof tiles, "%ldx%ldx%ld/%ldx%ldx%ld", (long)p.q_tile[0],
                   (long)p.q_tile[1], (long)p.q_tile[2], (long)p.kv_tile[0], (long)p.kv_tile[1],
                   (long)p.kv_tile[2]);
-    std::printf("%-18s %-26s %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f\n", c.name, tiles,
-                f, f > 0 ? flops / f * 1e-9 : 0.0, bw, bw > 0 ? 2.5 * flops / bw * 1e-9 : 0.0, f90,
+    std::printf("%-18s %-26s %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f\n",
+                c.name.c_str(), tiles, f, f > 0 ? flops / f * 1e-9 : 0.0, bw,
+                bw > 0 ? 2.5 * flops / bw * 1e-9 : 0.0, f90,
                 f90 > 0 ? flops / f90 * 1e-9 : 0.0, b90, b90 > 0 ? 2.5 * flops / b90 * 1e-9 : 0.0);
     std::fflush(stdout);
     CK(cudaEventDestroy(e0));
