@@ -8,6 +8,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "fwd_trace.cuh"
 
 // Minimum resident CTAs per SM the forward is compiled for (register cap); 1 lets the
 // compiler use up to 255 registers per thread.
@@ -76,6 +77,7 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   Group G;
   int qt[kMaxRank];
   if (!G.init(p, blockIdx.x / parts, /*kv_side=*/false, qt)) return;
+  GNA_FWD_TRACE_MARK(0);
   const int rb = (blockIdx.x % parts) * kBlockM;  // the CTA's first row of the Q tile
   const int hkv = h / (int)(p.heads / p.kv_heads);
   const int64_t n_q_tok = q_tokens_of(p);
@@ -175,6 +177,7 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   // The warp's Q rows as the S GEMM's A operand, loaded at the first step (Q lands with it).
   Tensor rQ = thr.partition_fragment_A(sQ);
 
+  GNA_FWD_TRACE_MARK(1, steps);
   for (int it = 0; it < steps; ++it) {
     // Step it has landed and rows(it+kStages-1) are visible; every warp is done with step
     // it-1, so its buffer takes step it+kStages-1, and its row slot the rows of step
@@ -201,7 +204,9 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
         rs, ro, cSrc, row_max, row_sum, full, RowsMask{sm.qrows, krows}, scale2);
     Tensor rP = to_operand_a<T>(acc_s);
     gemm_rs<typename Tr::LdsmT>(mma, acc_o, rP, sVt(it % kStages), tid);
+    if (it == 0) GNA_FWD_TRACE_MARK(2);
   }
+  GNA_FWD_TRACE_MARK(3);
 
   // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
   cp_async_wait<0>();
@@ -211,6 +216,7 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   T* ob = out + (b * n_q_tok * p.heads + h) * kD;
   float* lb = lse + b * n_q_tok * p.heads + h;
   store_out_lse(ro, cOrc, row_max, row_sum, sm.qrows, ob, lb, q_stride, p.heads, tid % 32);
+  GNA_FWD_TRACE_MARK(4);
 }
 
 }  // namespace sm80

@@ -692,6 +692,10 @@ static double neighbourhood_sum(const Problem& p) {
   return n;
 }
 
+// Defined by a build of the sm80 forward with -DGNA_SM80_FWD_TRACE=1 (cuda/sm80/fwd_trace.cuh):
+// prints the phases of its last launch.
+extern "C" __attribute__((weak)) void gna_sm80_fwd_trace_report();
+
 static int timing() {
   struct Case {
     std::string name;
@@ -744,6 +748,10 @@ static int timing() {
   const char* reps_env = std::getenv("GNA_TIME_REPS");
   const int reps = reps_env != nullptr ? std::max(1, std::atoi(reps_env)) : 0;
   const int fwd_reps = reps > 0 ? reps : 7, bwd_reps = reps > 0 ? reps : 5;
+  // GNA_TIME_BATCH=n: each sample times n launches back to back (default 1), so that the host
+  // time of a launch overlaps the kernel before it, as in a stream of calls.
+  const char* batch_env = std::getenv("GNA_TIME_BATCH");
+  const int batch = batch_env != nullptr ? std::max(1, std::atoi(batch_env)) : 1;
   for (auto& c : cases) {
     if (only != nullptr && c.name.find(only) == std::string::npos) continue;
     const Problem& p = c.p;
@@ -775,12 +783,12 @@ static int timing() {
       std::vector<float> ms;
       for (int i = 0; i < iters; ++i) {
         CK(cudaEventRecord(e0));
-        fn();
+        for (int l = 0; l < batch; ++l) fn();
         CK(cudaEventRecord(e1));
         CK(cudaEventSynchronize(e1));
         float m;
         CK(cudaEventElapsedTime(&m, e0, e1));
-        ms.push_back(m);
+        ms.push_back(m / batch);
       }
       CK(cudaGetLastError());
       std::sort(ms.begin(), ms.end());
@@ -789,6 +797,7 @@ static int timing() {
     const double flops = 4.0 * p.batch * p.heads * p.head_dim * neighbourhood_sum(p);
     fwd();  // out and lse for the backwards, whichever kernels are timed
     const double f = timed("sm80fwd") ? time_ms(fwd, fwd_reps) : 0;
+    if (f > 0 && gna_sm80_fwd_trace_report != nullptr) gna_sm80_fwd_trace_report();
     const double bw = timed("sm80bwd") ? time_ms(bwd, bwd_reps) : 0;
     double f90 = 0, b90 = 0;  // sm90a kernels, where built and supported
 #ifdef GNA_CHECK_SM90
