@@ -876,6 +876,59 @@ __device__ __forceinline__ void store_out_lse(RO const& ro, CO const& cOrc,
   }
 }
 
+// store_out_lse through shared memory, for a warp that holds 16 whole rows of O (an
+// mma.sync slab): the warp writes them normalised into its own `stage` block of
+// kStageRows × kStagePitch elements (the pad puts the 8 rows of a store's quads on distinct
+// banks), then copies them out 16 bytes per lane, whole rows per instruction. The 4-byte
+// scattered stores of store_out_lse took ~2.8 µs per 128-row sm80 CTA (fwd_trace.cuh,
+// H200). `stage` must be 16-byte aligned and read by no other warp meanwhile.
+template <int kD>
+struct StagedOut {
+  static constexpr int kStageRows = 16;
+  static constexpr int kStagePitch = kD + 8;
+  static constexpr int kStageElems = kStageRows * kStagePitch;
+};
+
+template <int kD, int kRows, class T, class RO, class CO>
+__device__ __forceinline__ void store_out_lse_staged(RO const& ro, CO const& cOrc,
+                                                     const float (&row_max)[kRows],
+                                                     const float (&row_sum)[kRows],
+                                                     const QRow* qrows, T* ob, float* lb,
+                                                     int64_t q_stride, int64_t heads, T* stage,
+                                                     int lane) {
+  constexpr int kPitch = StagedOut<kD>::kStagePitch;
+  constexpr int kSlab = StagedOut<kD>::kStageRows;
+  const int row0 = get<0>(cOrc(0, 0)) / kSlab * kSlab;  // the warp's first row
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const float sum = quad_sum(row_sum[mi]);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int r = get<0>(cOrc(mi, 0));
+    const int c0 = get<1>(cOrc(mi, 0));
+    T* srow = stage + (r - row0) * kPitch + c0;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(ro); ni += 2) {
+      const int dc = get<1>(cOrc(mi, ni)) - c0;  // a compile-time offset
+      T pair[2] = {static_cast<T>(ro(mi, ni) * inv), static_cast<T>(ro(mi, ni + 1) * inv)};
+      *reinterpret_cast<uint32_t*>(srow + dc) = *reinterpret_cast<uint32_t*>(pair);
+    }
+    const int tok = qrows[r].tok;
+    if (tok >= 0 && lane % 4 == 0)
+      lb[(int64_t)tok * heads] = sum > 0.f ? (row_max[mi] + log2f(sum)) * kLn2 : -INFINITY;
+  }
+  __syncwarp();
+  constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+  static_assert(32 % kChunks == 0 && kSlab % (32 / kChunks) == 0, "whole rows per pass");
+  const int c = lane % kChunks;
+  CUTE_UNROLL
+  for (int r = lane / kChunks; r < kSlab; r += 32 / kChunks) {
+    const int tok = qrows[row0 + r].tok;
+    if (tok >= 0)
+      *reinterpret_cast<uint4*>(ob + (int64_t)tok * q_stride + c * 8) =
+          *reinterpret_cast<const uint4*>(stage + r * kPitch + c * 8);
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() { cp_async_fence(); }
 
 }  // namespace sm80
