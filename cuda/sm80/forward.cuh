@@ -29,18 +29,6 @@
 #define GNA_SM80_FWD_STEP_TILES 2
 #endif
 
-// 1: the epilogue writes O through shared memory (store_out_lse_staged), whole rows per
-// store instruction.
-#ifndef GNA_SM80_FWD_STAGED_OUT
-#define GNA_SM80_FWD_STAGED_OUT 1
-#endif
-
-// 1: Q's gather takes each row's token from the Q row table (after the barrier that
-// publishes it) instead of recomputing it per copy with divisions.
-#ifndef GNA_SM80_FWD_Q_FROM_ROWS
-#define GNA_SM80_FWD_Q_FROM_ROWS 1
-#endif
-
 namespace gna {
 namespace sm80 {
 
@@ -119,12 +107,10 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
                ? sm.ktable.k_row(p, kt, G.tile_base(p, kt, /*kv_side=*/true), r)
                : G.k_row(p, kt, r);
   };
-#if !GNA_SM80_FWD_Q_FROM_ROWS
   int ii[kMaxRank];
   load_rows<kBlockM, kD, kThreads>(sm.kv[kStages - 1][0], SQ{}, qb, q_stride,
                                    [&](int r) { return G.q_token(p, qt, rb + r, ii); },
                                    tid);
-#endif
 
   const int steps = (box.total + kStepTiles - 1) / kStepTiles;
   int walk[kMaxRank];  // the tile after those of the last fill_krows (called for j = 0, 1, ...)
@@ -162,11 +148,7 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
     gather_rows_from<kStepRows, kD, kThreads, 2>([&](int r, int c) { return ks + SKV{}(r, c); },
                                                  bases, offsets, kv_stride, tok, tid);
   };
-  __syncthreads();  // the row tables, before fill_krows and Q's gather read them
-#if GNA_SM80_FWD_Q_FROM_ROWS
-  load_rows<kBlockM, kD, kThreads>(sm.kv[kStages - 1][0], SQ{}, qb, q_stride,
-                                   [&](int r) { return sm.qrows[r].tok; }, tid);
-#endif
+  __syncthreads();  // the row table, before fill_krows reads it
   // One cp.async group per step (the first with Q), committed even when empty, so that
   // "all but the newest kStages-2 groups" always means "up to step it".
   for (int j = 0; j < kStages && j < steps; ++j) fill_krows(j);
@@ -233,16 +215,12 @@ __global__ void __launch_bounds__(Tr::kThreads, GNA_SM80_FWD_MIN_BLOCKS)
   Tensor cOrc = make_tensor(cO.data(), rowcol(cO.layout()));
   T* ob = out + (b * n_q_tok * p.heads + h) * kD;
   float* lb = lse + b * n_q_tok * p.heads + h;
-#if GNA_SM80_FWD_STAGED_OUT
   // Every K/V buffer is free now: each warp stages its 16 rows in its own block of them.
   static_assert(sizeof(sm.kv) >= Tr::kWarps * StagedOut<kD>::kStageElems * sizeof(T),
                 "the staged rows fit the K/V buffers");
   store_out_lse_staged<kD>(ro, cOrc, row_max, row_sum, sm.qrows, ob, lb, q_stride, p.heads,
                            reinterpret_cast<T*>(&sm.kv) + tid / 32 * StagedOut<kD>::kStageElems,
                            tid % 32);
-#else
-  store_out_lse(ro, cOrc, row_max, row_sum, sm.qrows, ob, lb, q_stride, p.heads, tid % 32);
-#endif
   GNA_FWD_TRACE_MARK(4);
 }
 
