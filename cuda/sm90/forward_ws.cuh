@@ -23,6 +23,7 @@
 
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "fwd_trace.cuh"
 #include "kv_ring.cuh"
 #include "tile_pairs.h"
 
@@ -99,10 +100,13 @@ struct WsFwdSmem {
   uint64_t tile_empty[Tr::kQBuffers];  // the consumers have read the buffer's Q, qrows, work
 };
 
-// With kKvWarp (launch.cuh runs it where every KV tile is a TMA box), one producer warp fills
-// the K/V ring and the other three only gather each Q tile and write its rows, so they run
-// ahead to the next tile instead of repeating the ring's bookkeeping and barrier waits of
-// every step on the schedulers the consumer warps use.
+// With kKvWarp (launch.cuh runs it where every KV tile is a TMA box), one producer warp at a
+// time fills the K/V ring, so that the others do not repeat its bookkeeping and barrier waits
+// of every step on the schedulers the consumer warps use. Warps 0 and 1 take turns, one Q
+// tile each: while one issues its tile's steps, the other decodes the next tile (~3 µs of
+// dependent integer arithmetic per tile, which a single ring warp did between the last step
+// of one tile and the first of the next, with the consumers waiting). Warps 2 and 3 load each
+// Q tile and write its rows, running ahead by up to kQBuffers tiles.
 //
 // A CTA computes the Q tiles c, c + gridDim.x, c + 2·gridDim.x, ... (c = blockIdx.x) of the
 // flat index over (Q tile, head, batch), Q tile fastest, where the x-th of the `items` Q tiles
@@ -135,6 +139,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   extern __shared__ __align__(1024) char smem_raw[];
   auto& sm = *reinterpret_cast<WsFwdSmem<Tr, kCluster>*>(smem_raw);
   const int tid = threadIdx.x;
+  GNA_FWD90_TRACE(unsigned long long tr_last = trace_now(); const bool tr = tid == 0 || tid == 128;)
   const int64_t n_q_tok = sm80::q_tokens_of(p);
   const int64_t q_stride = p.heads * kD;
   constexpr int kPerStep = Tr::kTilesPerStep;
@@ -162,10 +167,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     return G.init(p, t, /*kv_side=*/false, qt);
   };
 
+  // The producer threads that load Q and write its rows: warps 2 and 3 with kKvWarp, else all.
+  constexpr int kQThreads = kKvWarp ? 64 : 128;
+  const int q_tid = tid - (128 - kQThreads);  // in [0, kQThreads) for those threads
   if (tid == 0) {
     for (int i = 0; i < kQBuffers; ++i) {
-      Barrier::init(&sm.q_full[i], 2 * 128);
-      Barrier::init(&sm.rows_full[i], 128);
+      Barrier::init(&sm.q_full[i], 2 * kQThreads);
+      Barrier::init(&sm.rows_full[i], kQThreads);
       Barrier::init(&sm.tile_empty[i], 4 * Tr::kConsumers);  // one arrival per consumer warp
     }
     sm.ring.init(kKvWarp ? 32 : 128);
@@ -187,7 +195,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   // The consumers read a buffer's work (and Q) only once it is full, and the producer
   // rewrites it only once they have emptied it.
   auto hand_over = [&](int qb_i, FwdTileWork w) {
-    if (tid == 0) sm.work[qb_i] = w;
+    if (q_tid == 0) sm.work[qb_i] = w;
     producer_commit(&sm.q_full[qb_i]);
   };
 
@@ -196,6 +204,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     ring.setup(p, maps, tid);
     for (int i = 0; work_item(i) >= 0; ++i) {
+      GNA_FWD90_TRACE(if (tr) tr_last = trace_now();)
       Group G;
       int qt[kMaxRank], h;
       int64_t b;
@@ -211,36 +220,53 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       const FullTiles fulls = FullTiles::of(G, p, qt, Tr::kTileRows);
       // No step needs the mask (a step past the box's last tile does).
       const bool no_mask = box.total % kPerStep == 0 && fulls.covers(box);
-      // The producer's work per tile is on the consumers' path between two tiles: rows of a
-      // tile inside the Q frame take their tokens from the CTA's table (16 rows per thread
-      // cost ~800 instructions of divisions by q_token), and tiles without masked steps skip
-      // the windows of their rows.
+      const int warp = tid / 32;
+      // kKvWarp: warps 0 and 1 only run the ring, for alternate tiles (see above).
+      if (kKvWarp && warp < 2) {
+        GNA_FWD90_TRACE(if (tr) trace_phase(kTrDecode, &tr_last);)
+        if (warp == n % 2) {
+          // The other ring warp has issued every step of tile n - 1.
+          if (n > 0) named_sync(kRingTurnBarrier + warp, 64);
+          GNA_FWD90_TRACE(if (tr) trace_phase(kTrQIssue, &tr_last);)
+          ring.template produce</*kBoxesOnly=*/true>(p, G, box, fulls, maps, kb, vb, hkv, b,
+                                                      tid % 32, base, steps, [] {});
+          named_arrive(kRingTurnBarrier + 1 - warp, 64);
+          GNA_FWD90_TRACE(if (tr) trace_phase(kTrRing, &tr_last);)
+        }
+        base += steps;
+        ++n;
+        continue;
+      }
+      // The Q loaders' work per tile is on the consumers' path between two tiles when they do
+      // not run ahead: rows of a tile inside the Q frame take their tokens from the CTA's table
+      // (16 rows per thread cost ~800 instructions of divisions by q_token), and tiles without
+      // masked steps skip the windows of their rows.
       if (n == 0) {
-        sm.qtable.build(G, p, /*kv_side=*/false, tid, 128);
-        named_sync(kProducerBarrier, 128);
+        sm.qtable.build(G, p, /*kv_side=*/false, q_tid, kQThreads);
+        named_sync(kProducerBarrier, kQThreads);
       }
       const bool q_inside = G.tile_inside(p, qt, /*kv_side=*/false);
       const int q_base = G.tile_base(p, qt, /*kv_side=*/false);
       auto table_tok = [&](int r) { return sm.qtable.token(q_base, r); };
       int ii[kMaxRank];
       auto q_tok = [&](int r) { return G.q_token(p, qt, r, ii); };
+      GNA_FWD90_TRACE(if (tr) trace_phase(kTrDecode, &tr_last);)
       // The buffer's Q, rows and work belong to tile n - kQBuffers until its consumers are
       // done.
       if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_i], ((n / kQBuffers) + 1) & 1);
       Tensor sQn = sQ(qb_i);
       auto q_dst = [&](int r, int c) { return &sQn(r, c); };
       if (q_inside)
-        sm80::gather_rows<kBlockM, kD, 128>(q_dst, qb, q_stride, table_tok, tid);
+        sm80::gather_rows<kBlockM, kD, kQThreads>(q_dst, qb, q_stride, table_tok, q_tid);
       else
-        sm80::gather_rows<kBlockM, kD, 128>(q_dst, qb, q_stride, q_tok, tid);
+        sm80::gather_rows<kBlockM, kD, kQThreads>(q_dst, qb, q_stride, q_tok, q_tid);
       hand_over(qb_i, {steps, h, (int)b});
+      GNA_FWD90_TRACE(if (tr) trace_phase(kTrQIssue, &tr_last);)
       // The Q rows are read only by masked steps (windows) and the epilogue (tokens): built
-      // while step 0's K and V load (with kKvWarp, by the three warps that do not run the
-      // ring, at once), they stay off the path to the first GEMM.
+      // while step 0's K and V load, they stay off the path to the first GEMM.
       QRow* rows = sm.qrows[qb_i];
       auto write_rows = [&] {
-        constexpr int kFirst = kKvWarp ? 32 : 0;
-        for (int r = tid - kFirst; r < kBlockM; r += 128 - kFirst) {  // tid >= kFirst
+        for (int r = q_tid; r < kBlockM; r += kQThreads) {
           if (no_mask && q_inside)
             rows[r].tok = table_tok(r);
           else
@@ -248,24 +274,28 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         }
         Barrier::arrive(&sm.rows_full[qb_i]);
       };
-      if constexpr (!kKvWarp) {
-        ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, base, steps, write_rows);
-      } else if (tid >= 32) {
+      if constexpr (kKvWarp)
         write_rows();  // then on to the next tile's Q
-      } else {
-        Barrier::arrive(&sm.rows_full[qb_i]);
-        ring.template produce</*kBoxesOnly=*/true>(p, G, box, fulls, maps, kb, vb, hkv, b, tid,
-                                                    base, steps, [] {});
-      }
+      else
+        ring.produce(p, G, box, fulls, maps, kb, vb, hkv, b, tid, base, steps, write_rows);
+      GNA_FWD90_TRACE(if (tr) trace_phase(kTrRing, &tr_last);)
       base += steps;
       ++n;
+    }
+    if (kKvWarp && tid < 64) {
+      // The ring warp whose turn would be next takes the last turn, so that every arrival on
+      // a turn barrier is matched, then (clusters) waits until both CTAs' consumers have
+      // released every buffer.
+      if (tid / 32 == n % 2) {
+        if (n > 0) named_sync(kRingTurnBarrier + n % 2, 64);
+        if constexpr (kCluster > 1) ring.drain(base);
+      }
+      return;
     }
     const int qb_end = n % kQBuffers;
     if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_end], ((n / kQBuffers) + 1) & 1);
     hand_over(qb_end, {-1, 0, 0});
     sm80::cp_async_wait<0>();
-    if constexpr (kCluster > 1)
-      if (tid < 32) ring.drain(base);
     return;
   }
 
@@ -302,6 +332,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     cutlass::arch::fence_view_async_shared();
     const FwdTileWork work = sm.work[qb_i];
     if (work.steps < 0) break;
+    GNA_FWD90_TRACE(if (tr) trace_phase(n == 0 ? kTrStartup : kTrQWait, &tr_last);)
     const int steps = work.steps;
     const QRow* rows = sm.qrows[qb_i];
     const int first = base, last = base + steps - 1;  // the tile's ring steps
@@ -363,12 +394,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     };
 
     if (steps > 0) {
+      GNA_FWD90_TRACE(if (tr) {
+        ring.wait_k(first);
+        trace_phase(kTrKWait, &tr_last);
+      })
       take_turn();
       scores(first);
       pass_turn(first);
       warpgroup_wait<0>();
       softmax(first);
       to_p();
+      GNA_FWD90_TRACE(if (tr) trace_phase(kTrFirstStep, &tr_last);)
     }
     // The loop body has no conditional MMA: ptxas then tracks the two groups in flight
     // instead of serialising them.
@@ -384,12 +420,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       ring.release_v(it - 1);
       to_p();
     }
+    GNA_FWD90_TRACE(if (tr) trace_phase(kTrSteps, &tr_last);)
     if (steps > 0) {
       accumulate(last);
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_o);
       ring.release_v(last);
     }
+    GNA_FWD90_TRACE(if (tr) trace_phase(kTrLastPv, &tr_last);)
 
     // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
     Barrier::wait(&sm.rows_full[qb_i], q_phase);
@@ -399,9 +437,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     sm80::store_out_lse(ro, cOrc, row_max, row_sum, rows, ob, lb, q_stride, p.heads,
                         ctid % 32);
     __syncwarp();
+    GNA_FWD90_TRACE(if (tr) {
+      trace_phase(kTrEpilogue, &tr_last);
+      trace_count(1, steps, 0);
+    })
     if (ctid % 32 == 0) Barrier::arrive(&sm.tile_empty[qb_i]);  // Q, rows and work read
     base += steps;
   }
+  GNA_FWD90_TRACE(if (tr) {
+    trace_phase(kTrTail, &tr_last);
+    trace_count(0, 0, 1);
+  })
 }
 
 }  // namespace sm90

@@ -18,6 +18,9 @@ constexpr int kTurnBarrier = 2;
 // per consumer (its dQ columns are staged).
 constexpr int kDsBarrier = 4;
 constexpr int kDqBarrier = 5;
+// The forward's two K/V ring warps pass the ring to each other between Q tiles: one barrier
+// per receiving warp.
+constexpr int kRingTurnBarrier = 6;
 
 // L2 cache policy of the TMA loads (the "evict normal" createpolicy value).
 constexpr uint64_t kEvictNormal = 0x1000000000000000ull;

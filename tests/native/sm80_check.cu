@@ -695,6 +695,8 @@ static double neighbourhood_sum(const Problem& p) {
 // Defined by a build of the sm80 forward with -DGNA_SM80_FWD_TRACE=1 (cuda/sm80/fwd_trace.cuh):
 // prints the phases of its last launch.
 extern "C" __attribute__((weak)) void gna_sm80_fwd_trace_report();
+// The same for the sm90a forward (-DGNA_SM90_FWD_TRACE=1, cuda/sm90/fwd_trace.cuh).
+extern "C" __attribute__((weak)) void gna_sm90_fwd_trace_report();
 
 static int timing() {
   struct Case {
@@ -806,6 +808,7 @@ static int timing() {
         ok_or_die(gna::sm90_forward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr, 0),
                   "sm90 fwd");
       }, fwd_reps);
+      if (gna_sm90_fwd_trace_report != nullptr) gna_sm90_fwd_trace_report();
     }
     if (gna::sm90_supports(p, t).empty() && timed("sm90bwd")) {
       b90 = time_ms([&] {

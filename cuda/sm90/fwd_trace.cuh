@@ -1,0 +1,98 @@
+// A diagnostic build of the sm90a forward (-DGNA_SM90_FWD_TRACE=1, never the default): where
+// a persistent CTA's time goes between its tiles. Thread 0 of the first consumer warpgroup
+// and thread 0 of the producer read %globaltimer at fixed points of every tile and add the
+// phases' lengths into per-CTA sums (fire-and-forget atomics, so that no mark waits on
+// memory); `sm80_check time` prints them per tile (gna_sm90_fwd_trace_report).
+//
+// Consumer phases of a tile: waiting for its Q (q_full), waiting for the first step's K,
+// the first step (S, its wait and a softmax with no P·V under it), the other steps, the last
+// P·V alone, the epilogue. Producer (ring thread): decoding the next tile, waiting for a Q
+// buffer and issuing Q, issuing the tile's K/V steps (mostly waiting for free buffers).
+#pragma once
+
+#if GNA_SM90_FWD_TRACE
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <vector>
+
+namespace gna {
+namespace sm90 {
+
+constexpr int kTraceCtas = 1024;
+
+enum TracePhase : int {
+  kTrQWait, kTrKWait, kTrFirstStep, kTrSteps, kTrLastPv, kTrEpilogue,  // consumer
+  kTrDecode, kTrQIssue, kTrRing,                                        // producer
+  kTrStartup,  // consumer: CTA entry to its first tile's Q
+  kTrTail,     // consumer: last epilogue to exit
+  kTrPhases
+};
+
+struct FwdTrace {
+  unsigned long long sum[kTrPhases];
+  unsigned long long tiles, steps, ctas;
+};
+
+static __device__ FwdTrace g_fwd_trace90[kTraceCtas];
+
+__device__ __forceinline__ unsigned long long trace_now() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Adds now - *last to the CTA's sum of `phase` and moves *last to now.
+__device__ __forceinline__ void trace_phase(int phase, unsigned long long* last) {
+  const unsigned long long now = trace_now();
+  if (blockIdx.x < (unsigned)kTraceCtas)
+    atomicAdd(&g_fwd_trace90[blockIdx.x].sum[phase], now - *last);
+  *last = now;
+}
+
+__device__ __forceinline__ void trace_count(unsigned long long tiles, unsigned long long steps,
+                                            unsigned long long ctas) {
+  if (blockIdx.x >= (unsigned)kTraceCtas) return;
+  atomicAdd(&g_fwd_trace90[blockIdx.x].tiles, tiles);
+  atomicAdd(&g_fwd_trace90[blockIdx.x].steps, steps);
+  atomicAdd(&g_fwd_trace90[blockIdx.x].ctas, ctas);
+}
+
+// Prints the phases per tile (µs) summed over every launch since the last report, then
+// clears the sums.
+static void report_fwd_trace() {
+  std::vector<FwdTrace> tr(kTraceCtas);
+  if (cudaMemcpyFromSymbol(tr.data(), g_fwd_trace90, kTraceCtas * sizeof(FwdTrace)) !=
+      cudaSuccess) {
+    std::printf("trace90: copy failed\n");
+    return;
+  }
+  double sum[kTrPhases] = {}, tiles = 0, steps = 0, ctas = 0;
+  for (const FwdTrace& c : tr) {
+    for (int i = 0; i < kTrPhases; ++i) sum[i] += (double)c.sum[i];
+    tiles += (double)c.tiles;
+    steps += (double)c.steps;
+    ctas += (double)c.ctas;
+  }
+  const double per = 1e-3 / (tiles > 0 ? tiles : 1), per_cta = 1e-3 / (ctas > 0 ? ctas : 1);
+  std::printf(
+      "trace90: %.1f tiles and %.1f steps per CTA; per tile (us): q wait %.2f, first K wait "
+      "%.2f, first step %.2f, other steps %.2f (%.3f per step), last P.V %.2f, epilogue %.2f | "
+      "producer: decode %.2f, Q issue %.2f, ring %.2f | per CTA: start-up %.2f, tail %.2f\n",
+      tiles / (ctas > 0 ? ctas : 1), steps / (ctas > 0 ? ctas : 1), sum[kTrQWait] * per,
+      sum[kTrKWait] * per, sum[kTrFirstStep] * per, sum[kTrSteps] * per,
+      sum[kTrSteps] * 1e-3 / (steps - tiles > 0 ? steps - tiles : 1),
+      sum[kTrLastPv] * per, sum[kTrEpilogue] * per, sum[kTrDecode] * per,
+      sum[kTrQIssue] * per, sum[kTrRing] * per, sum[kTrStartup] * per_cta,
+      sum[kTrTail] * per_cta);
+  std::vector<FwdTrace> zero(kTraceCtas);
+  cudaMemcpyToSymbol(g_fwd_trace90, zero.data(), kTraceCtas * sizeof(FwdTrace));
+}
+
+}  // namespace sm90
+}  // namespace gna
+
+#define GNA_FWD90_TRACE(...) __VA_ARGS__
+#else
+#define GNA_FWD90_TRACE(...)
+#endif
