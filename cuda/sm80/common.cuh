@@ -909,6 +909,26 @@ struct StagedOut {
   static constexpr int kStageElems = kStageRows * kStagePitch;
 };
 
+// The second half of a staged epilogue: a warp's 16 staged rows of O (`chunk(r, c)` the
+// address of 16-byte chunk c of row r, rows `row0`.. of the tile) to their tokens' rows of
+// `ob`, 16 bytes per lane, whole rows per instruction; rows of token -1 are padding.
+template <int kD, class T, class ChunkAt>
+__device__ __forceinline__ void copy_staged_rows(const QRow* qrows, int row0, T* ob,
+                                                 int64_t q_stride, ChunkAt const& chunk,
+                                                 int lane) {
+  constexpr int kSlab = StagedOut<kD>::kStageRows;
+  constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+  static_assert(32 % kChunks == 0 && kSlab % (32 / kChunks) == 0, "whole rows per pass");
+  const int c = lane % kChunks;
+  CUTE_UNROLL
+  for (int r = lane / kChunks; r < kSlab; r += 32 / kChunks) {
+    const int tok = qrows[row0 + r].tok;
+    if (tok >= 0)
+      *reinterpret_cast<uint4*>(ob + (int64_t)tok * q_stride + c * 8) =
+          *reinterpret_cast<const uint4*>(chunk(r, c));
+  }
+}
+
 template <int kD, int kRows, class T, class RO, class CO>
 __device__ __forceinline__ void store_out_lse_staged(RO const& ro, CO const& cOrc,
                                                      const float (&row_max)[kRows],
@@ -929,16 +949,8 @@ __device__ __forceinline__ void store_out_lse_staged(RO const& ro, CO const& cOr
     if (tok >= 0 && lane % 4 == 0) lb[(int64_t)tok * heads] = lse_of(row_max[mi], sum);
   }
   __syncwarp();
-  constexpr int kChunks = kD / 8;  // 16-byte chunks per row
-  static_assert(32 % kChunks == 0 && kSlab % (32 / kChunks) == 0, "whole rows per pass");
-  const int c = lane % kChunks;
-  CUTE_UNROLL
-  for (int r = lane / kChunks; r < kSlab; r += 32 / kChunks) {
-    const int tok = qrows[row0 + r].tok;
-    if (tok >= 0)
-      *reinterpret_cast<uint4*>(ob + (int64_t)tok * q_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(stage + r * kPitch + c * 8);
-  }
+  copy_staged_rows<kD>(qrows, row0, ob, q_stride,
+                       [&](int r, int c) { return stage + r * kPitch + c * 8; }, lane);
 }
 
 __device__ __forceinline__ void cp_async_commit() { cp_async_fence(); }

@@ -43,6 +43,59 @@ namespace sm90 {
 
 using namespace cute;
 
+// A consumer warp's epilogue: its 16 rows of O (rows of a 64xN wgmma accumulator, `ro` and
+// `cOrc` as gmma_rowcol views), normalised by the row sums, into the bytes of its rows of Q
+// in `q_buf` (a [kBlockM, kD] SmemKMajor tile: 128-byte rows of 8x64 atoms, 16-byte chunks
+// XOR-swizzled by row), by stmatrix; then copied out whole rows per instruction
+// (sm80::copy_staged_rows), and lse (natural log, -inf for rows that saw no key) stored for
+// valid rows. Only this warpgroup's GEMMs read those rows of Q, and they have retired. The
+// swizzle puts the 8 rows of every stmatrix matrix, and the 8 chunks of every row read, on
+// distinct banks. (Storing O from registers with 4-byte scattered stores took ~1.6 µs per
+// Q tile: the sm90a trace build, fwd_trace.cuh.)
+template <int kBlockM, int kD, int kRows, class T, class RO, class CO>
+__device__ __forceinline__ void store_out_lse_stmatrix(RO const& ro, CO const& cOrc,
+                                                       const float (&row_max)[kRows],
+                                                       const float (&row_sum)[kRows],
+                                                       const QRow* qrows, T* ob, float* lb,
+                                                       int64_t q_stride, int64_t heads,
+                                                       T* q_buf, int lane) {
+  static_assert(kRows == 2 && kD % 16 == 0, "a warp holds rows r and r + 8 of a 16-row slab");
+  constexpr int kAtomBytes = 8 * 128;  // 8 rows of 64 elements
+  const int row0 = get<0>(cOrc(0, 0)) / 16 * 16;  // the warp's first row
+  char* const base = reinterpret_cast<char*>(q_buf) + row0 * 128;
+  // Chunk c (8 elements) of the warp's row r: atom column c / 8, row r, swizzled chunk.
+  auto chunk = [&](int r, int c) {
+    return reinterpret_cast<T*>(base + (c / 8) * (kBlockM / 8) * kAtomBytes + r * 128 +
+                                (((c % 8) ^ (r % 8)) << 4));
+  };
+  float inv[kRows];
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const float sum = sm80::quad_sum(row_sum[mi]);
+    inv[mi] = sum > 0.f ? 1.f / sum : 0.f;
+    const int tok = qrows[get<0>(cOrc(mi, 0))].tok;
+    if (tok >= 0 && lane % 4 == 0) lb[(int64_t)tok * heads] = sm80::lse_of(row_max[mi], sum);
+  }
+  // stmatrix.x4 k: the 8x8 matrices (rows 0-7, chunk k), (rows 8-15, chunk k), (0-7, k + 1),
+  // (8-15, k + 1); lane l gives the address of row l % 8 of matrix l / 8. A thread's two
+  // values of a matrix are ro(mi, 2·chunk), ro(mi, 2·chunk + 1).
+  const int st_row = (lane / 8 % 2) * 8 + lane % 8, st_chunk = lane / 16;
+  CUTE_UNROLL
+  for (int k = 0; k < kD / 8; k += 2) {
+    uint32_t regs[4];
+    CUTE_UNROLL
+    for (int u = 0; u < 4; ++u) {
+      const int mi = u % 2, ni = 2 * (k + u / 2);
+      T pair[2] = {static_cast<T>(ro(mi, ni) * inv[mi]), static_cast<T>(ro(mi, ni + 1) * inv[mi])};
+      regs[u] = *reinterpret_cast<uint32_t*>(pair);
+    }
+    SM90_U32x4_STSM_N::copy(regs[0], regs[1], regs[2], regs[3],
+                            *reinterpret_cast<uint128_t*>(chunk(st_row, k + st_chunk)));
+  }
+  __syncwarp();
+  sm80::copy_staged_rows<kD>(qrows, row0, ob, q_stride, chunk, lane);
+}
+
 // kConsumers warpgroups of 64 Q rows. Two (Q tiles of 128 tokens) take the registers of one
 // CTA per SM and walk N = 128 KV rows per step; one (Q tiles of up to 64 tokens) runs two
 // CTAs per SM, 64 KV rows per step.
@@ -429,13 +482,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     }
     GNA_FWD90_TRACE(if (tr) trace_phase(kTrLastPv, &tr_last);)
 
-    // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only.
+    // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only,
+    // staged where the warp's rows of Q were (S(last) has retired).
     Barrier::wait(&sm.rows_full[qb_i], q_phase);
     const int64_t row0 = (int64_t)work.b * n_q_tok * p.heads + work.h;  // (b, token 0, h)
     T* ob = out + row0 * kD;
     float* lb = lse + row0;
-    sm80::store_out_lse(ro, cOrc, row_max, row_sum, rows, ob, lb, q_stride, p.heads,
-                        ctid % 32);
+    store_out_lse_stmatrix<kBlockM, kD>(ro, cOrc, row_max, row_sum, rows, ob, lb, q_stride,
+                                        p.heads, sm.q[qb_i], ctid % 32);
     __syncwarp();
     GNA_FWD90_TRACE(if (tr) {
       trace_phase(kTrEpilogue, &tr_last);
