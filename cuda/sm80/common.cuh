@@ -675,6 +675,9 @@ __device__ __forceinline__ void gather_rows_from(DstFn const& dst,
   static_assert(kThreads % kChunks == 0, "threads must cover whole rows");
   constexpr int kRowsPerPass = kThreads / kChunks;
   static_assert(kRows % kRowsPerPass == 0 || kRows < kRowsPerPass, "whole passes");
+  // The fixed distance between a thread's destinations holds for passes of whole swizzle
+  // periods (8 rows of 128-byte swizzled tiles): fewer rows per pass need narrower tiles.
+  static_assert(kRowsPerPass % 8 == 0 || kRows <= kRowsPerPass, "passes of whole periods");
   const int c = tid % kChunks;
   const int r0 = tid / kChunks;
   T* const to = dst(r0, c * 8);

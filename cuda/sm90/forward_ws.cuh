@@ -308,11 +308,19 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       // done.
       if (n >= kQBuffers) Barrier::wait(&sm.tile_empty[qb_i], ((n / kQBuffers) + 1) & 1);
       Tensor sQn = sQ(qb_i);
-      auto q_dst = [&](int r, int c) { return &sQn(r, c); };
-      if (q_inside)
-        sm80::gather_rows<kBlockM, kD, kQThreads>(q_dst, qb, q_stride, table_tok, q_tid);
-      else
-        sm80::gather_rows<kBlockM, kD, kQThreads>(q_dst, qb, q_stride, q_tok, q_tid);
+      // Passes of whole swizzle periods (sm80::gather_rows): 64 threads gather D = 128 as two
+      // tiles of 64 columns.
+      constexpr int kQCols = kD <= kQThreads ? kD : kQThreads;
+      CUTE_UNROLL
+      for (int c0 = 0; c0 < kD; c0 += kQCols) {
+        auto q_dst = [&](int r, int c) { return &sQn(r, c0 + c); };
+        if (q_inside)
+          sm80::gather_rows<kBlockM, kQCols, kQThreads>(q_dst, qb + c0, q_stride, table_tok,
+                                                         q_tid);
+        else
+          sm80::gather_rows<kBlockM, kQCols, kQThreads>(q_dst, qb + c0, q_stride, q_tok,
+                                                         q_tid);
+      }
       hand_over(qb_i, {steps, h, (int)b});
       GNA_FWD90_TRACE(if (tr) trace_phase(kTrQIssue, &tr_last);)
       // The Q rows are read only by masked steps (windows) and the epilogue (tokens): built

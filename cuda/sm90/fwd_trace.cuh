@@ -6,8 +6,10 @@
 //
 // Consumer phases of a tile: waiting for its Q (q_full), waiting for the first step's K,
 // the first step (S, its wait and a softmax with no P·V under it), the other steps, the last
-// P·V alone, the epilogue. Producer (ring thread): decoding the next tile, waiting for a Q
-// buffer and issuing Q, issuing the tile's K/V steps (mostly waiting for free buffers).
+// P·V alone, the epilogue. Producer thread 0: decoding the next tile, then where it loads
+// Q (the gathering kernels) waiting for a Q buffer and issuing Q, or where it is a ring warp
+// taking turns (kKvWarp) waiting for its turn, and issuing the tile's K/V steps (mostly
+// waiting for free buffers).
 #pragma once
 
 #if GNA_SM90_FWD_TRACE
@@ -78,7 +80,8 @@ static void report_fwd_trace() {
   std::printf(
       "trace90: %.1f tiles and %.1f steps per CTA; per tile (us): q wait %.2f, first K wait "
       "%.2f, first step %.2f, other steps %.2f (%.3f per step), last P.V %.2f, epilogue %.2f | "
-      "producer: decode %.2f, Q issue %.2f, ring %.2f | per CTA: start-up %.2f, tail %.2f\n",
+      "producer: decode %.2f, Q issue or turn wait %.2f, ring %.2f | per CTA: start-up %.2f, "
+      "tail %.2f\n",
       tiles / (ctas > 0 ? ctas : 1), steps / (ctas > 0 ? ctas : 1), sum[kTrQWait] * per,
       sum[kTrKWait] * per, sum[kTrFirstStep] * per, sum[kTrSteps] * per,
       sum[kTrSteps] * 1e-3 / (steps - tiles > 0 ? steps - tiles : 1),
