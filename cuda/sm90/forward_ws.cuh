@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     for (int i = 0; i < kQBuffers; ++i) {
       Barrier::init(&sm.q_full[i], 2 * kQThreads);
       Barrier::init(&sm.rows_full[i], kQThreads);
-      Barrier::init(&sm.tile_empty[i], 4 * Tr::kConsumers);  // one arrival per consumer warp
+      Barrier::init(&sm.tile_empty[i], kConsumerThreads);  // one arrival per consumer thread
     }
     sm.ring.init(kKvWarp ? 32 : 128);
     cutlass::arch::fence_barrier_init();
@@ -498,12 +498,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     float* lb = lse + row0;
     store_out_lse_stmatrix<kBlockM, kD>(ro, cOrc, row_max, row_sum, rows, ob, lb, q_stride,
                                         p.heads, sm.q[qb_i], ctid % 32);
-    __syncwarp();
     GNA_FWD90_TRACE(if (tr) {
       trace_phase(kTrEpilogue, &tr_last);
       trace_count(1, steps, 0);
     })
-    if (ctid % 32 == 0) Barrier::arrive(&sm.tile_empty[qb_i]);  // Q, rows and work read
+    // Every thread has read the buffer's Q, rows and work: each arrives for its own reads.
+    Barrier::arrive(&sm.tile_empty[qb_i]);
     base += steps;
   }
   GNA_FWD90_TRACE(if (tr) {
