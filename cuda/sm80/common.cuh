@@ -868,43 +868,7 @@ __device__ __forceinline__ float lse_of(float row_max, float sum) {
   return sum > 0.f ? (row_max + log2f(sum)) * kLn2 : -INFINITY;
 }
 
-// A forward's epilogue for the rows this thread holds: O normalised by the row sums (input
-// dtype) and lse (natural log, -inf for rows that saw no key) for valid rows. `ob` and `lb`
-// point at the CTA's batch and head; tokens are `heads` lse entries apart.
-template <int kRows, class T, class RO, class CO>
-__device__ __forceinline__ void store_out_lse(RO const& ro, CO const& cOrc,
-                                              const float (&row_max)[kRows],
-                                              const float (&row_sum)[kRows],
-                                              const QRow* qrows, T* ob, float* lb,
-                                              int64_t q_stride, int64_t heads, int lane) {
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
-    const float sum = quad_sum(row_sum[mi]);
-    const int tok = qrows[get<0>(cOrc(mi, 0))].tok;
-    if (tok < 0) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    // The columns are the thread's first plus offsets that fold to constants: one address
-    // per row, immediate offsets in the stores (`orow + c` per pair made ptxas extend and add
-    // a 64-bit address for each of them). This is normalised_row's loop written out: calling
-    // it grew the sm90a forward by ~1,800 SASS instructions.
-    const int c0 = get<1>(cOrc(mi, 0));
-    T* orow = ob + (int64_t)tok * q_stride + c0;
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(ro); ni += 2) {
-      const int dc = get<1>(cOrc(mi, ni)) - c0;
-      T pair[2] = {static_cast<T>(ro(mi, ni) * inv), static_cast<T>(ro(mi, ni + 1) * inv)};
-      *reinterpret_cast<uint32_t*>(orow + dc) = *reinterpret_cast<uint32_t*>(pair);
-    }
-    if (lane % 4 == 0) lb[(int64_t)tok * heads] = lse_of(row_max[mi], sum);
-  }
-}
-
-// store_out_lse through shared memory, for a warp that holds 16 whole rows of O (an
-// mma.sync slab): the warp writes them normalised into its own `stage` block of
-// kStageRows × kStagePitch elements (the pad puts the 8 rows of a store's quads on distinct
-// banks), then copies them out 16 bytes per lane, whole rows per instruction. The 4-byte
-// scattered stores of store_out_lse took ~2.8 µs per 128-row sm80 CTA (fwd_trace.cuh,
-// H200). `stage` must be 16-byte aligned and read by no other warp meanwhile.
+// The staging block of a warp's 16 rows of O in store_out_lse_staged.
 template <int kD>
 struct StagedOut {
   static constexpr int kStageRows = 16;
@@ -932,6 +896,14 @@ __device__ __forceinline__ void copy_staged_rows(const QRow* qrows, int row0, T*
   }
 }
 
+// A forward's epilogue for a warp that holds 16 whole rows of O (an mma.sync slab): O
+// normalised by the row sums (input dtype) and lse (natural log, -inf for rows that saw no
+// key) for valid rows; `ob` and `lb` point at the CTA's batch and head, tokens `heads` lse
+// entries apart. The warp writes its rows into its own `stage` block of kStageRows ×
+// kStagePitch elements (the pad puts the 8 rows of a store's quads on distinct banks), then
+// copies them out 16 bytes per lane, whole rows per instruction (copy_staged_rows): 4-byte
+// scattered stores from the registers took ~2.8 µs per 128-row sm80 CTA (fwd_trace.cuh,
+// H200). `stage` must be 16-byte aligned and read by no other warp meanwhile.
 template <int kD, int kRows, class T, class RO, class CO>
 __device__ __forceinline__ void store_out_lse_staged(RO const& ro, CO const& cOrc,
                                                      const float (&row_max)[kRows],

@@ -19,7 +19,7 @@ constexpr int kTurnBarrier = 2;
 constexpr int kDsBarrier = 4;
 constexpr int kDqBarrier = 5;
 // The forward's two K/V ring warps pass the ring to each other between Q tiles: one barrier
-// per receiving warp.
+// per receiving warp (6 and 7).
 constexpr int kRingTurnBarrier = 6;
 
 // L2 cache policy of the TMA loads (the "evict normal" createpolicy value).
