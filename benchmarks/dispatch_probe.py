@@ -7,6 +7,10 @@ records, per call, the host time to issue them (before waiting) and the total ti
 last one has finished; the median of `--reps` repetitions is printed. Where the host time
 per call reaches the total, the GPU waits for the host: what `jax_gna bench` measures for
 that call is the host's time, not the kernel's.
+
+With `--fused N`, ours and cuDNN also run as N calls inside one jitted function (on N
+distinct copies of q, so that XLA cannot merge them), as attention runs inside a model's
+step: the time per inner call is then the kernels' own, without a dispatch per call.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def main() -> None:
     parser.add_argument("--impl", default="cuda")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--fused", type=int, default=0,
+                        help="also time N calls inside one jitted function (0: no)")
     opts = parser.parse_args()
     print(f"{'problem':<14} {'contestant':<10} {'host us/call':>13} {'total us/call':>14}")
     for name in opts.problem:
@@ -57,6 +63,17 @@ def main() -> None:
         for label, fn in contestants.items():
             host, total = probe(fn, args, opts.calls, opts.reps)
             print(f"{name:<14} {label:<10} {host * 1e6:13.1f} {total * 1e6:14.1f}")
+        if opts.fused > 0:
+            q, rest = args[0], tuple(args[1:])
+            qs = [q * (1 + i / 64) for i in range(opts.fused)]
+            for label in (opts.impl, "cudnn"):
+                one = contestants[label]
+                fused = jax.jit(lambda qs, *rest, one=one: [one(x, *rest) for x in qs])
+                host, total = probe(fused, (qs, *rest), max(1, opts.calls // opts.fused),
+                                    opts.reps)
+                n = opts.fused
+                print(f"{name:<14} {label + ' x' + str(n):<10} {host / n * 1e6:13.1f} "
+                      f"{total / n * 1e6:14.1f}")
 
 
 if __name__ == "__main__":
