@@ -170,6 +170,11 @@ struct WsFwdSmem {
 // decodes the flat index and walks the tile geometry; the consumers take each tile from the
 // Q buffers in turn with its FwdTileWork, until one says there is none left.
 //
+// The grid may start under the tail of the one before it (programmatic dependent launch,
+// launch.cuh): the producers wait for that grid before their first global access (after the
+// first tile's decode and Q row table); the consumers touch global memory only after a Q the
+// producers loaded.
+//
 // kCluster = 2 (with kKvWarp only): the grid is clusters of two CTAs, with an even grid size
 // and items, so that the CTAs of a cluster take the two tiles of a pair (order kPairs) in
 // step. Both walk the same KV box, and each loads half of every step for both (kv_ring.cuh).
@@ -192,7 +197,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   extern __shared__ __align__(1024) char smem_raw[];
   auto& sm = *reinterpret_cast<WsFwdSmem<Tr, kCluster>*>(smem_raw);
   const int tid = threadIdx.x;
-  GNA_FWD90_TRACE(unsigned long long tr_last = trace_now(); const bool tr = tid == 0 || tid == 128;)
+  GNA_FWD90_TRACE(unsigned long long tr_last = trace_now(); const unsigned long long tr_entry = tr_last;
+                  const bool tr = tid == 0 || tid == 128; const bool tq = kKvWarp && tid == 64;)
   const int64_t n_q_tok = sm80::q_tokens_of(p);
   const int64_t q_stride = p.heads * kD;
   constexpr int kPerStep = Tr::kTilesPerStep;
@@ -231,6 +237,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     }
     sm.ring.init(kKvWarp ? 32 : 128);
     cutlass::arch::fence_barrier_init();
+    allow_next_grid();  // its CTAs take SMs only as this grid's CTAs leave them
   }
   // The last CTA-wide barrier: the roles never meet again. In a cluster, the other CTA's
   // multicasts and arrivals reach this CTA's barriers only once they are initialised.
@@ -277,10 +284,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       // kKvWarp: warps 0 and 1 only run the ring, for alternate tiles (see above).
       if (kKvWarp && warp < 2) {
         GNA_FWD90_TRACE(if (tr) trace_phase(kTrDecode, &tr_last);)
+        if (n == 0) wait_prior_grid();  // (the decode above touched no global memory)
         if (warp == n % 2) {
           // The other ring warp has issued every step of tile n - 1.
           if (n > 0) named_sync(kRingTurnBarrier + warp, 64);
-          GNA_FWD90_TRACE(if (tr) trace_phase(kTrQIssue, &tr_last);)
+          GNA_FWD90_TRACE(if (tr) trace_phase(kTrQIssue, &tr_last);
+                          if (tr && n == 0) trace_since(kTrSuRing, tr_entry);)
           ring.template produce</*kBoxesOnly=*/true>(p, G, box, fulls, maps, kb, vb, hkv, b,
                                                       tid % 32, base, steps, [] {});
           named_arrive(kRingTurnBarrier + 1 - warp, 64);
@@ -295,8 +304,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       // (16 rows per thread cost ~800 instructions of divisions by q_token), and tiles without
       // masked steps skip the windows of their rows.
       if (n == 0) {
+        GNA_FWD90_TRACE(if (tq) trace_since(kTrSuDecode, tr_entry);)
         sm.qtable.build(G, p, /*kv_side=*/false, q_tid, kQThreads);
         named_sync(kProducerBarrier, kQThreads);
+        // The first global memory this thread touches (the gathers, and in the gathering
+        // kernels the ring's loads) comes after the grid before this one has completed.
+        wait_prior_grid();
+        GNA_FWD90_TRACE(if (tq) trace_since(kTrSuTable, tr_entry);)
       }
       const bool q_inside = G.tile_inside(p, qt, /*kv_side=*/false);
       const int q_base = G.tile_base(p, qt, /*kv_side=*/false);
@@ -322,7 +336,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
                                                          q_tid);
       }
       hand_over(qb_i, {steps, h, (int)b});
-      GNA_FWD90_TRACE(if (tr) trace_phase(kTrQIssue, &tr_last);)
+      GNA_FWD90_TRACE(if (tr) trace_phase(kTrQIssue, &tr_last);
+                      if (tq && n == 0) trace_since(kTrSuGather, tr_entry);)
       // The Q rows are read only by masked steps (windows) and the epilogue (tokens): built
       // while step 0's K and V load, they stay off the path to the first GEMM.
       QRow* rows = sm.qrows[qb_i];
@@ -508,6 +523,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   }
   GNA_FWD90_TRACE(if (tr) {
     trace_phase(kTrTail, &tr_last);
+    if (tid == 128) trace_span(tr_entry);
     trace_count(0, 0, 1);
   })
 }

@@ -15,6 +15,7 @@
 #if GNA_SM90_FWD_TRACE
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <vector>
 
@@ -28,12 +29,16 @@ enum TracePhase : int {
   kTrDecode, kTrQIssue, kTrRing,                                        // producer
   kTrStartup,  // consumer: CTA entry to its first tile's Q
   kTrTail,     // consumer: last epilogue to exit
+  // The first tile's path, per CTA, from entry (kKvWarp kernels): the first Q loader thread
+  // has decoded it, has built the Q row table, has issued its Q; ring thread 0 issues its K.
+  kTrSuDecode, kTrSuTable, kTrSuGather, kTrSuRing,
   kTrPhases
 };
 
 struct FwdTrace {
   unsigned long long sum[kTrPhases];
   unsigned long long tiles, steps, ctas;
+  unsigned long long entry, exit;  // the last launch's (consumer thread 0)
 };
 
 static __device__ FwdTrace g_fwd_trace90[kTraceCtas];
@@ -44,12 +49,25 @@ __device__ __forceinline__ unsigned long long trace_now() {
   return t;
 }
 
+// Adds now - since to the CTA's sum of `phase`.
+__device__ __forceinline__ void trace_since(int phase, unsigned long long since) {
+  if (blockIdx.x < (unsigned)kTraceCtas)
+    atomicAdd(&g_fwd_trace90[blockIdx.x].sum[phase], trace_now() - since);
+}
+
 // Adds now - *last to the CTA's sum of `phase` and moves *last to now.
 __device__ __forceinline__ void trace_phase(int phase, unsigned long long* last) {
   const unsigned long long now = trace_now();
   if (blockIdx.x < (unsigned)kTraceCtas)
     atomicAdd(&g_fwd_trace90[blockIdx.x].sum[phase], now - *last);
   *last = now;
+}
+
+// Records the consumers' entry and exit times of this CTA in the last launch.
+__device__ __forceinline__ void trace_span(unsigned long long entry) {
+  if (blockIdx.x >= (unsigned)kTraceCtas) return;
+  g_fwd_trace90[blockIdx.x].entry = entry;
+  g_fwd_trace90[blockIdx.x].exit = trace_now();
 }
 
 __device__ __forceinline__ void trace_count(unsigned long long tiles, unsigned long long steps,
@@ -81,13 +99,41 @@ static void report_fwd_trace() {
       "trace90: %.1f tiles and %.1f steps per CTA; per tile (us): q wait %.2f, first K wait "
       "%.2f, first step %.2f, other steps %.2f (%.3f per step), last P.V %.2f, epilogue %.2f | "
       "producer: decode %.2f, Q issue or turn wait %.2f, ring %.2f | per CTA: start-up %.2f, "
-      "tail %.2f\n",
+      "tail %.2f; first tile from entry: decoded %.2f, Q table %.2f, Q issued %.2f, K issued "
+      "%.2f\n",
       tiles / (ctas > 0 ? ctas : 1), steps / (ctas > 0 ? ctas : 1), sum[kTrQWait] * per,
       sum[kTrKWait] * per, sum[kTrFirstStep] * per, sum[kTrSteps] * per,
       sum[kTrSteps] * 1e-3 / (steps - tiles > 0 ? steps - tiles : 1),
       sum[kTrLastPv] * per, sum[kTrEpilogue] * per, sum[kTrDecode] * per,
       sum[kTrQIssue] * per, sum[kTrRing] * per, sum[kTrStartup] * per_cta,
-      sum[kTrTail] * per_cta);
+      sum[kTrTail] * per_cta, sum[kTrSuDecode] * per_cta, sum[kTrSuTable] * per_cta,
+      sum[kTrSuGather] * per_cta, sum[kTrSuRing] * per_cta);
+  // How the CTAs of the last launch spread: their entries, and their exits after the first
+  // entry; and per CTA, the consumers' time per tile over every launch (the phases' sum
+  // without start-up and tail, over the CTA's tiles).
+  std::vector<double> exits, per_tile;
+  unsigned long long first = ~0ull, last_entry = 0;
+  for (const FwdTrace& c : tr)
+    if (c.ctas > 0 && c.entry > 0) {
+      first = std::min(first, c.entry);
+      last_entry = std::max(last_entry, c.entry);
+    }
+  for (const FwdTrace& c : tr) {
+    if (c.ctas == 0 || c.tiles == 0) continue;
+    if (c.entry > 0) exits.push_back((double)(c.exit - first) * 1e-3);
+    double busy = 0;
+    for (int i = kTrQWait; i <= kTrEpilogue; ++i) busy += (double)c.sum[i];
+    per_tile.push_back(busy * 1e-3 / (double)c.tiles);
+  }
+  std::sort(exits.begin(), exits.end());
+  std::sort(per_tile.begin(), per_tile.end());
+  if (!exits.empty() && !per_tile.empty())
+    std::printf("trace90 spread over %zu CTAs: entries within %.2f us; exits (us after the "
+                "first entry) min %.1f, median %.1f, max %.1f; consumer us per tile min "
+                "%.3f, median %.3f, max %.3f\n",
+                exits.size(), (double)(last_entry - first) * 1e-3, exits.front(),
+                exits[exits.size() / 2], exits.back(), per_tile.front(),
+                per_tile[per_tile.size() / 2], per_tile.back());
   std::vector<FwdTrace> zero(kTraceCtas);
   cudaMemcpyToSymbol(g_fwd_trace90, zero.data(), kTraceCtas * sizeof(FwdTrace));
 }

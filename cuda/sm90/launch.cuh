@@ -58,6 +58,15 @@ constexpr bool fits_smem_per_sm(size_t bytes, int ctas) {
 // 32 KV tiles: 0.95x with clusters; FLUX-4K GNA, 100: 1.02x; H200).
 constexpr int64_t kMulticastMinKvTiles = 64;
 
+// Whether the forward launches as a programmatic dependent of the kernel before it in the
+// stream (pipeline.cuh): its CTAs may then start on the SMs that kernel's CTAs leave, and
+// run their set-up (barriers, the first tile's decode and Q row table) under its tail; they
+// touch global memory only once it has completed. JAX_GNA_SM90_FWD_PDL overrides it at run
+// time.
+#ifndef GNA_SM90_FWD_PDL
+#define GNA_SM90_FWD_PDL 1
+#endif
+
 // One launch of ws_fwd_kernel<Tr, kKvWarp, kCluster> over the `items` Q tiles per (head,
 // batch) of `order`: one CTA per tile, or persistent CTAs (as many as the SMs hold at once).
 template <class Tr, bool kKvWarp, int kCluster>
@@ -71,16 +80,20 @@ std::string launch_ws_forward(const Problem& p, const void* q, const void* k, co
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return sm80::cuda_error("cudaFuncSetAttribute(sm90 ws forward)", err);
   cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute cluster[1];
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim.x = kCluster;
-  cluster[0].val.clusterDim.y = 1;
-  cluster[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attrs[2];
+  int n_attrs = 0;
+  if (kCluster > 1) {
+    attrs[n_attrs].id = cudaLaunchAttributeClusterDimension;
+    attrs[n_attrs].val.clusterDim.x = kCluster;
+    attrs[n_attrs].val.clusterDim.y = 1;
+    attrs[n_attrs].val.clusterDim.z = 1;
+    ++n_attrs;
+  }
   config.blockDim = dim3(Tr::kThreads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  config.attrs = cluster;
-  config.numAttrs = kCluster > 1 ? 1 : 0;
+  config.attrs = attrs;
+  config.numAttrs = n_attrs;
   // CTAs stride over the tiles, so any grid size is correct (grid x is below 2^31; with
   // clusters, even, so that the two CTAs of a cluster take the two tiles of each pair).
   int64_t most = GNA_SM90_FWD_PERSISTENT ? sm80::sm_count() * Tr::kCtasPerSm : INT32_MAX;
@@ -99,6 +112,13 @@ std::string launch_ws_forward(const Problem& p, const void* q, const void* k, co
   most = std::max<int64_t>(most / kCluster * kCluster, kCluster);
   const int64_t ctas = std::min<int64_t>((int64_t)items * p.heads * p.batch, most);
   config.gridDim = dim3((unsigned)ctas);
+  int pdl = GNA_SM90_FWD_PDL;
+  if (const char* env = std::getenv("JAX_GNA_SM90_FWD_PDL")) pdl = std::atoi(env);
+  if (pdl) {  // after the occupancy query, which takes the cluster attribute alone
+    attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n_attrs].val.programmaticStreamSerializationAllowed = 1;
+    config.numAttrs = ++n_attrs;
+  }
   err = cudaLaunchKernelEx(&config, kernel, p, static_cast<const T*>(q),
                            static_cast<const T*>(k), static_cast<const T*>(v),
                            static_cast<T*>(out), lse, maps, items, order);
