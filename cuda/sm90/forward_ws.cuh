@@ -52,13 +52,14 @@ using namespace cute;
 // swizzle puts the 8 rows of every stmatrix matrix, and the 8 chunks of every row read, on
 // distinct banks. (Storing O from registers with 4-byte scattered stores took ~1.6 µs per
 // Q tile: the sm90a trace build, fwd_trace.cuh.)
-template <int kBlockM, int kD, int kRows, class T, class RO, class CO>
+// `staged` runs between the two parts (the trace build marks it there).
+template <int kBlockM, int kD, int kRows, class T, class RO, class CO, class Staged>
 __device__ __forceinline__ void store_out_lse_stmatrix(RO const& ro, CO const& cOrc,
                                                        const float (&row_max)[kRows],
                                                        const float (&row_sum)[kRows],
                                                        const QRow* qrows, T* ob, float* lb,
                                                        int64_t q_stride, int64_t heads,
-                                                       T* q_buf, int lane) {
+                                                       T* q_buf, int lane, Staged&& staged) {
   static_assert(kRows == 2 && kD % 16 == 0, "a warp holds rows r and r + 8 of a 16-row slab");
   constexpr int kAtomBytes = 8 * 128;  // 8 rows of 64 elements
   const int row0 = get<0>(cOrc(0, 0)) / 16 * 16;  // the warp's first row
@@ -93,6 +94,7 @@ __device__ __forceinline__ void store_out_lse_stmatrix(RO const& ro, CO const& c
                             *reinterpret_cast<uint128_t*>(chunk(st_row, k + st_chunk)));
   }
   __syncwarp();
+  staged();
   sm80::copy_staged_rows<kD>(qrows, row0, ob, q_stride, chunk, lane);
 }
 
@@ -151,6 +153,9 @@ struct WsFwdSmem {
   uint64_t q_full[Tr::kQBuffers];  // Q and work landed
   uint64_t rows_full[Tr::kQBuffers];   // qrows written (after step 0's loads: see the producer)
   uint64_t tile_empty[Tr::kQBuffers];  // the consumers have read the buffer's Q, qrows, work
+#if GNA_SM90_FWD_TRACE
+  unsigned long long tr_k_issued[Tr::kQBuffers];  // when the ring warp issued step 0's K and V
+#endif
 };
 
 // With kKvWarp (launch.cuh runs it where every KV tile is a TMA box), one producer warp at a
@@ -291,7 +296,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
           GNA_FWD90_TRACE(if (tr) trace_phase(kTrQIssue, &tr_last);
                           if (tr && n == 0) trace_since(kTrSuRing, tr_entry);)
           ring.template produce</*kBoxesOnly=*/true>(p, G, box, fulls, maps, kb, vb, hkv, b,
-                                                      tid % 32, base, steps, [] {});
+                                                      tid % 32, base, steps, [&] {
+            GNA_FWD90_TRACE(if (tid % 32 == 0) sm.tr_k_issued[qb_i] = trace_now();)
+          });
           named_arrive(kRingTurnBarrier + 1 - warp, 64);
           GNA_FWD90_TRACE(if (tr) trace_phase(kTrRing, &tr_last);)
         }
@@ -412,6 +419,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     const int steps = work.steps;
     const QRow* rows = sm.qrows[qb_i];
     const int first = base, last = base + steps - 1;  // the tile's ring steps
+    GNA_FWD90_TRACE(unsigned long long tr_wanted = 0, tr_landed = 0;)
     clear(acc_o);
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
@@ -471,8 +479,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
 
     if (steps > 0) {
       GNA_FWD90_TRACE(if (tr) {
+        tr_wanted = tr_last;
         ring.wait_k(first);
         trace_phase(kTrKWait, &tr_last);
+        tr_landed = tr_last;
       })
       take_turn();
       scores(first);
@@ -508,14 +518,24 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     // Epilogue: normalise, write O (input dtype) and lse (natural log) for valid rows only,
     // staged where the warp's rows of Q were (S(last) has retired).
     Barrier::wait(&sm.rows_full[qb_i], q_phase);
+    GNA_FWD90_TRACE(if (tr) trace_phase(kTrEpiRows, &tr_last);)
     const int64_t row0 = (int64_t)work.b * n_q_tok * p.heads + work.h;  // (b, token 0, h)
     T* ob = out + row0 * kD;
     float* lb = lse + row0;
     store_out_lse_stmatrix<kBlockM, kD>(ro, cOrc, row_max, row_sum, rows, ob, lb, q_stride,
-                                        p.heads, sm.q[qb_i], ctid % 32);
+                                        p.heads, sm.q[qb_i], ctid % 32, [&] {
+      GNA_FWD90_TRACE(if (tr) trace_phase(kTrEpiStsm, &tr_last);)
+    });
     GNA_FWD90_TRACE(if (tr) {
       trace_phase(kTrEpilogue, &tr_last);
       trace_count(1, steps, 0);
+      // Read only now: the ring warp writes the time after issuing step 0's V, which may
+      // come after the consumers have seen K land.
+      if (kKvWarp && steps > 0) {
+        const unsigned long long issued = sm.tr_k_issued[qb_i];
+        trace_add(kTrKLead, (long long)(tr_wanted - issued));
+        trace_add(kTrKFlight, (long long)(tr_landed - issued));
+      }
     })
     // Every thread has read the buffer's Q, rows and work: each arrives for its own reads.
     Barrier::arrive(&sm.tile_empty[qb_i]);

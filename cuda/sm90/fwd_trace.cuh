@@ -32,6 +32,11 @@ enum TracePhase : int {
   // The first tile's path, per CTA, from entry (kKvWarp kernels): the first Q loader thread
   // has decoded it, has built the Q row table, has issued its Q; ring thread 0 issues its K.
   kTrSuDecode, kTrSuTable, kTrSuGather, kTrSuRing,
+  // Consumer, per tile: the epilogue's wait for the rows and its stmatrix part (kTrEpilogue
+  // is then the copy-out); kKvWarp: how long before the consumers wanted the first step's K
+  // the ring warp had issued that step's K and V (negative: after), and from then to K's
+  // landing.
+  kTrEpiRows, kTrEpiStsm, kTrKLead, kTrKFlight,
   kTrPhases
 };
 
@@ -53,6 +58,12 @@ __device__ __forceinline__ unsigned long long trace_now() {
 __device__ __forceinline__ void trace_since(int phase, unsigned long long since) {
   if (blockIdx.x < (unsigned)kTraceCtas)
     atomicAdd(&g_fwd_trace90[blockIdx.x].sum[phase], trace_now() - since);
+}
+
+// Adds a signed amount (ns) to the CTA's sum of `phase` (two's complement wraps back).
+__device__ __forceinline__ void trace_add(int phase, long long v) {
+  if (blockIdx.x < (unsigned)kTraceCtas)
+    atomicAdd(&g_fwd_trace90[blockIdx.x].sum[phase], (unsigned long long)v);
 }
 
 // Adds now - *last to the CTA's sum of `phase` and moves *last to now.
@@ -89,7 +100,7 @@ static void report_fwd_trace() {
   }
   double sum[kTrPhases] = {}, tiles = 0, steps = 0, ctas = 0;
   for (const FwdTrace& c : tr) {
-    for (int i = 0; i < kTrPhases; ++i) sum[i] += (double)c.sum[i];
+    for (int i = 0; i < kTrPhases; ++i) sum[i] += (double)(long long)c.sum[i];
     tiles += (double)c.tiles;
     steps += (double)c.steps;
     ctas += (double)c.ctas;
@@ -108,6 +119,10 @@ static void report_fwd_trace() {
       sum[kTrQIssue] * per, sum[kTrRing] * per, sum[kTrStartup] * per_cta,
       sum[kTrTail] * per_cta, sum[kTrSuDecode] * per_cta, sum[kTrSuTable] * per_cta,
       sum[kTrSuGather] * per_cta, sum[kTrSuRing] * per_cta);
+  std::printf("trace90 per tile (us): epilogue = rows wait %.2f + normalise and stmatrix %.2f + "
+              "copy-out %.2f; first step's K and V issued %.2f before wanted, K landed %.2f after\n",
+              sum[kTrEpiRows] * per, sum[kTrEpiStsm] * per, sum[kTrEpilogue] * per,
+              sum[kTrKLead] * per, sum[kTrKFlight] * per);
   // How the CTAs of the last launch spread: their entries, and their exits after the first
   // entry; and per CTA, the consumers' time per tile over every launch (the phases' sum
   // without start-up and tail, over the CTA's tiles).
