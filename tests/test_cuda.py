@@ -180,6 +180,44 @@ def test_paired_q_tiles_match_reference(monkeypatch, shape, kernel, stride, caus
                                 atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("ctas", [None, "8"])
+def test_chained_forwards_in_one_jit_match_reference(monkeypatch, ctas):
+    """In one jit, each forward reads what the forward before it wrote: q from the first
+    output, then k and v from the second. On Hopper the forward launches as a programmatic
+    dependent of the kernel before it (cuda/sm90/launch.cuh): its CTAs may start on idle SMs
+    while that kernel runs (at once with the grid capped at 8 CTAs), so their loads must
+    wait for it. Each output is checked against float64 attention of the kernel's own inputs
+    to that stage, in two rounds with fresh inputs, so that stale data of the first round
+    cannot pass for the second's."""
+    if ctas:
+        monkeypatch.setenv("JAX_GNA_SM90_FWD_CTAS", ctas)
+    shape, d = (2048,), 128
+    cfg = jax_gna.GNAConfig(kernel_size=(512,), stride=(128,), dilation=(1,), is_causal=(False,))
+
+    def attend(q, k, v):
+        return jax_gna.attention(q, k, v, cfg, implementation="cuda")
+
+    @jax.jit
+    def chain(q, k, v):
+        o1 = attend(q, k, v)
+        o2 = attend(o1, k, v)
+        return o1, o2, attend(q, o2, o2)
+
+    mask = battery.brute_mask(shape, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
+
+    def reference(q, k, v):
+        f64 = [np.asarray(x, np.float64).reshape(2, shape[0], x.shape[-2], d) for x in (q, k, v)]
+        return battery.np_attention(*f64, mask, d ** -0.5)[0]
+
+    for seed in (21, 22):
+        q, k, v = _inputs(shape, 2, 2, d, "bfloat16", seed=seed)
+        o1, o2, o3 = chain(q, k, v)
+        for got, inputs in ((o1, (q, k, v)), (o2, (o1, k, v)), (o3, (q, o2, o2))):
+            want = reference(*inputs)
+            err = np.max(np.abs(np.asarray(got, np.float64).reshape(want.shape) - want))
+            assert err <= 2e-2 * np.max(np.abs(want)), (seed, err, np.max(np.abs(want)))
+
+
 _KERNELS_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp, jax_gna
 from jax_gna import native
