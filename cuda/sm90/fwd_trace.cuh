@@ -138,6 +138,7 @@ static void report_fwd_trace() {
     if (c.entry > 0) exits.push_back((double)(c.exit - first) * 1e-3);
     double busy = 0;
     for (int i = kTrQWait; i <= kTrEpilogue; ++i) busy += (double)c.sum[i];
+    busy += (double)c.sum[kTrEpiRows] + (double)c.sum[kTrEpiStsm];
     per_tile.push_back(busy * 1e-3 / (double)c.tiles);
   }
   std::sort(exits.begin(), exits.end());
