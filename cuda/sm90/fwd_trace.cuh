@@ -30,7 +30,8 @@ enum TracePhase : int {
   kTrStartup,  // consumer: CTA entry to its first tile's Q
   kTrTail,     // consumer: last epilogue to exit
   // The first tile's path, per CTA, from entry (kKvWarp kernels): the first Q loader thread
-  // has decoded it, has built the Q row table, has issued its Q; ring thread 0 issues its K.
+  // has decoded it, has built the Q row table, has issued its Q; ring thread 0 starts filling
+  // the ring for it (its first K TMA follows the ring's own set-up).
   kTrSuDecode, kTrSuTable, kTrSuGather, kTrSuRing,
   // Consumer, per tile: the epilogue's wait for the rows and its stmatrix part (kTrEpilogue
   // is then the copy-out); kKvWarp: how long before the consumers wanted the first step's K
@@ -110,8 +111,8 @@ static void report_fwd_trace() {
       "trace90: %.1f tiles and %.1f steps per CTA; per tile (us): q wait %.2f, first K wait "
       "%.2f, first step %.2f, other steps %.2f (%.3f per step), last P.V %.2f, epilogue %.2f | "
       "producer: decode %.2f, Q issue or turn wait %.2f, ring %.2f | per CTA: start-up %.2f, "
-      "tail %.2f; first tile from entry: decoded %.2f, Q table %.2f, Q issued %.2f, K issued "
-      "%.2f\n",
+      "tail %.2f; first tile from entry: decoded %.2f, Q table %.2f, Q issued %.2f, ring "
+      "starts %.2f\n",
       tiles / (ctas > 0 ? ctas : 1), steps / (ctas > 0 ? ctas : 1), sum[kTrQWait] * per,
       sum[kTrKWait] * per, sum[kTrFirstStep] * per, sum[kTrSteps] * per,
       sum[kTrSteps] * 1e-3 / (steps - tiles > 0 ? steps - tiles : 1),
