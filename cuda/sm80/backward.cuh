@@ -14,17 +14,23 @@
 //      instead of 5) in exchange for bitwise-reproducible gradients with no atomics.
 #pragma once
 
+#include "../grid_dependency.cuh"  // allow_next_grid, wait_prior_grid (PDL)
 #include "common.cuh"
 #include "launch.cuh"  // kMaxQTokens
 
 namespace gna {
 namespace sm80 {
 
-// delta[row] = Σ_d dO[row, d] · O[row, d] over rows of [B·N·H, D]; kD/8 lanes per row.
+// delta[row] = Σ_d dO[row, d] · O[row, d] over rows of [B·N·H, D]; kD/8 lanes per row. Where
+// `dq_acc` is not null (the non-deterministic backwards), it also zeroes that float32
+// accumulator (the same [B·N·H, D] layout), so that no separate memset runs between this pass
+// and the kernel that adds into it. The next grid may start at once (PDL): it waits for this
+// one to complete before it reads delta or the accumulator.
 template <class T, int kD>
 __global__ void __launch_bounds__(256)
     delta_kernel(int64_t rows, const T* __restrict__ o, const T* __restrict__ dout,
-                 float* __restrict__ delta) {
+                 float* __restrict__ delta, float* __restrict__ dq_acc) {
+  allow_next_grid();
   constexpr int kLanes = kD / 8;
   const int64_t row = ((int64_t)blockIdx.x * 256 + threadIdx.x) / kLanes;
   const int c = threadIdx.x % kLanes;
@@ -36,6 +42,11 @@ __global__ void __launch_bounds__(256)
     const T* pg = reinterpret_cast<const T*>(&g);
     CUTE_UNROLL
     for (int i = 0; i < 8; ++i) acc += static_cast<float>(pa[i]) * static_cast<float>(pg[i]);
+    if (dq_acc != nullptr) {
+      float4* zero = reinterpret_cast<float4*>(dq_acc + row * kD + c * 8);
+      zero[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+      zero[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
   CUTE_UNROLL
   for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
@@ -62,9 +73,12 @@ __device__ __forceinline__ void store_rows(Rc const& racc, Crc const& crc, T* ba
 
 // dq = T(acc · scale), 8 elements per thread and iteration (n8 = elements / 8: D is a
 // multiple of 8). Converts the float32 accumulator of the non-deterministic backwards.
+// Where it is launched as a programmatic dependent of the kernel that fills the accumulator
+// (the sm90a backward), it first waits for that kernel to complete.
 template <class T>
 __global__ void dq_from_acc_kernel(const float4* __restrict__ acc, uint4* __restrict__ dq,
                                    int64_t n8, float scale) {
+  wait_prior_grid();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8;
        i += (int64_t)gridDim.x * blockDim.x) {
     const float4 a = acc[2 * i], c = acc[2 * i + 1];

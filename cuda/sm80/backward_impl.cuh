@@ -101,8 +101,7 @@ std::string run_dkdv(const Problem& p, const T* q, const T* k, const T* v, const
   }
   auto kernel = with_dq ? dkdv_kernel<Tr, kRows, kChunk, kStages, true>
                         : dkdv_kernel<Tr, kRows, kChunk, kStages, false>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dkdv)", err);
   const Problem pk = kRows == 128 ? with_doubled_kv_tile(p) : p;
   const dim3 grid((unsigned)grid_tiles(pk, pk.kv_tile, /*kv_side=*/true), (unsigned)p.kv_heads,
@@ -111,22 +110,26 @@ std::string run_dkdv(const Problem& p, const T* q, const T* k, const T* v, const
   return cuda_error("dkdv kernel launch", cudaGetLastError());
 }
 
-// dq = T(dq_acc · scale) over the whole [B, N, H, D] accumulator.
+// dq = T(dq_acc · scale) over the whole [B, N, H, D] accumulator; with `dependent`, as a
+// programmatic dependent of the kernel before it (compute capability 9.0 on).
 template <class T>
 std::string launch_dq_from_acc(const Problem& p, const float* dq_acc, void* dq,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, bool dependent = false) {
   const int64_t n8 = p.batch * p.q_tokens() * p.heads * p.head_dim / 8;
-  const int blocks = (int)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sm_count());
-  dq_from_acc_kernel<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_acc),
-                                                    static_cast<uint4*>(dq), n8, p.scale);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((unsigned)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sm_count()));
+  config.blockDim = dim3(256);
+  config.stream = stream;
+  cudaLaunchAttribute pdl;
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &pdl;
+  config.numAttrs = dependent ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, dq_from_acc_kernel<T>,
+                                             reinterpret_cast<const float4*>(dq_acc),
+                                             static_cast<uint4*>(dq), n8, p.scale);
+  if (err != cudaSuccess) return cuda_error("dq conversion kernel", err);
   return cuda_error("dq conversion kernel", cudaGetLastError());
-}
-
-// Zeroes the float32 dq accumulator (dq's shape) that the five-GEMM backwards add into.
-inline std::string clear_dq_acc(const Problem& p, float* dq_acc, cudaStream_t stream) {
-  const int64_t n = p.batch * p.q_tokens() * p.heads * p.head_dim;
-  return cuda_error("cudaMemsetAsync(dq accumulator)",
-                    cudaMemsetAsync(dq_acc, 0, n * sizeof(float), stream));
 }
 
 // dQ with CTAs of kBlockM rows, `parts` of them per Q tile; kStages K/V buffers.
@@ -147,8 +150,7 @@ std::string run_dq(const Problem& p, const T* q, const T* k, const T* v, const T
   }
   auto kernel = dq_kernel<Tr, kBlockM, kKvTokens, kStages>;
   const int smem = (int)sizeof(Smem);
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(dq)", err);
   const dim3 grid((unsigned)(grid_tiles(p, p.q_tile, /*kv_side=*/false) * parts),
                   (unsigned)p.heads, (unsigned)p.batch);
@@ -158,11 +160,11 @@ std::string run_dq(const Problem& p, const T* q, const T* k, const T* v, const T
 
 template <class T, int kD>
 std::string launch_delta(const Problem& p, const void* out, const void* dout, float* delta,
-                         cudaStream_t stream) {
+                         float* dq_acc, cudaStream_t stream) {
   const int64_t rows = p.batch * p.q_tokens() * p.heads;
   const int64_t threads = rows * (kD / 8);
   delta_kernel<T, kD><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(
-      rows, static_cast<const T*>(out), static_cast<const T*>(dout), delta);
+      rows, static_cast<const T*>(out), static_cast<const T*>(dout), delta, dq_acc);
   return cuda_error("delta kernel launch", cudaGetLastError());
 }
 
@@ -178,12 +180,8 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   const T* v = static_cast<const T*>(v_);
   const T* dout = static_cast<const T*>(dout_);
 
-  std::string e = launch_delta<T, kD>(p, out_, dout_, delta, stream);
+  std::string e = launch_delta<T, kD>(p, out_, dout_, delta, dq_acc, stream);
   if (!e.empty()) return e;
-  if (dq_acc != nullptr) {
-    e = clear_dq_acc(p, dq_acc, stream);
-    if (!e.empty()) return e;
-  }
   T* dk = static_cast<T*>(dk_);
   T* dv = static_cast<T*>(dv_);
   e = dkdv_rows_128(p) ? run_dkdv<T, kD, 128>(p, q, k, v, dout, lse, delta, dk, dv, dq_acc, stream)
@@ -199,7 +197,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
 
 #define GNA_SM80_BACKWARD(T, D)                                                             \
   template std::string launch_delta<T, D>(const Problem&, const void*, const void*, float*,  \
-                                          cudaStream_t);                                    \
+                                          float*, cudaStream_t);                            \
   template std::string launch_backward<T, D>(const Problem&, const void*, const void*,    \
                                              const void*, const void*, const void*,       \
                                              const float*, void*, void*, void*, float*,   \

@@ -26,8 +26,7 @@ std::string run_forward(const Problem& p, const void* q, const void* k, const vo
       return run_forward<T, kD, 64, 2, 1>(p, q, k, v, out, lse, 2 * parts, stream);
   }
   auto kernel = fwd_kernel<Tr, kBlockM, kKvTokens, kStages, kStepTiles>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute(forward)", err);
   const dim3 grid((unsigned)(grid_tiles(p, p.q_tile, /*kv_side=*/false) * parts),
                   (unsigned)p.heads, (unsigned)p.batch);

@@ -3,7 +3,10 @@
 #include <cutlass/numeric_types.h>
 
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <sstream>
+#include <utility>
 
 #include "../gna_kernels.h"
 #include "launch.cuh"
@@ -49,6 +52,45 @@ int sm_count() {
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     return 132;  // an H100 SXM's
   return sms;
+}
+
+namespace {
+
+// Values kept per (kernel, device) for the two functions below.
+struct KernelFacts {
+  std::mutex mutex;
+  std::map<std::pair<const void*, int>, int> values;
+};
+
+}  // namespace
+
+cudaError_t opt_in_smem(const void* kernel, int bytes) {
+  static KernelFacts set;  // the largest limit set
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(set.mutex);
+  auto it = set.values.find({kernel, dev});
+  if (it != set.values.end() && it->second >= bytes) return cudaSuccess;
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess) set.values[{kernel, dev}] = bytes;
+  return e;
+}
+
+cudaError_t max_active_clusters(int* clusters, const void* kernel,
+                                const cudaLaunchConfig_t& config) {
+  static KernelFacts found;
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(found.mutex);
+  auto it = found.values.find({kernel, dev});
+  if (it != found.values.end()) {
+    *clusters = it->second;
+    return cudaSuccess;
+  }
+  const cudaError_t e = cudaOccupancyMaxActiveClusters(clusters, kernel, &config);
+  if (e == cudaSuccess) found.values[{kernel, dev}] = *clusters;
+  return e;
 }
 
 }  // namespace sm80

@@ -31,15 +31,28 @@ int max_smem_per_sm();
 // Streaming multiprocessors of the current device.
 int sm_count();
 
+// What a launch asks the runtime that has the same answer on every launch of a kernel on a
+// device, asked once per (kernel, current device) and kept: each of these calls cost the
+// host microseconds on every launch, on calls whose kernels run for tens of them.
+// - opt_in_smem: cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, bytes), again only
+//   where `bytes` exceeds what was set before.
+// - max_active_clusters: cudaOccupancyMaxActiveClusters(kernel, config), for kernels whose
+//   launch configurations differ only in grid size and stream.
+// Failures are returned and not kept.
+cudaError_t opt_in_smem(const void* kernel, int bytes);
+cudaError_t max_active_clusters(int* clusters, const void* kernel,
+                                const cudaLaunchConfig_t& config);
+
 template <class T, int kD>
 std::string launch_forward(const Problem& p, const void* q, const void* k, const void* v,
                            void* out, float* lse, cudaStream_t stream);
 
 // delta = rowsum(dO · O) per query row, float32 [B, N, H]: the backward's first pass (the
-// sm90a backward runs it too).
+// sm90a backward runs it too). Where `dq_acc` is not null, it also zeroes that float32
+// accumulator (dq's shape).
 template <class T, int kD>
 std::string launch_delta(const Problem& p, const void* out, const void* dout, float* delta,
-                         cudaStream_t stream);
+                         float* dq_acc, cudaStream_t stream);
 
 // `dq_acc`: null for the deterministic backward, else the float32 dq accumulator.
 template <class T, int kD>

@@ -230,9 +230,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
         prefetch_tma_descriptor(&maps.q);
         prefetch_tma_descriptor(&maps.dout);
       }
+      allow_next_grid();
     }
     __syncthreads();
   }
+  wait_prior_grid();  // the delta pass (above: no global memory touched)
   const Group& G = sm.group;
   const TileBox& box = sm.box;
   const int group_heads = (int)(p.heads / p.kv_heads);

@@ -169,9 +169,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         Barrier::init(&sm.q_empty[s], 128 * Tr::kConsumers);
       }
       cutlass::arch::fence_barrier_init();
+      allow_next_grid();
     }
     __syncthreads();  // the last CTA-wide barrier: the roles never meet again
   }
+  wait_prior_grid();  // the delta pass, which zeroes dq_acc (above: no global memory touched)
   const Group& G = sm.group;
   const TileBox& box = sm.box;
   const int group_heads = (int)(p.heads / p.kv_heads);

@@ -4,7 +4,7 @@
 
 #include <type_traits>
 
-#include "../sm80/backward_impl.cuh"  // clear_dq_acc, launch_dq_from_acc, with_doubled_kv_tile
+#include "../sm80/backward_impl.cuh"  // launch_dq_from_acc, with_doubled_kv_tile
 #include "backward.cuh"
 #include "backward_fused_ws.cuh"
 #include "backward_ws.cuh"
@@ -13,13 +13,33 @@
 namespace gna {
 namespace sm90 {
 
-template <class Tr, class Kernel, class... Args>
-std::string run_bwd_kernel(Kernel kernel, int smem, const char* what, dim3 grid,
+// Whether the backward's kernels after the delta pass launch as programmatic dependents of
+// the kernel before them (grid_dependency.cuh): each starts its CTAs, barriers and geometry
+// under the previous one's tail, and waits for it before touching global memory.
+// JAX_GNA_SM90_BWD_PDL overrides it at run time.
+#ifndef GNA_SM90_BWD_PDL
+#define GNA_SM90_BWD_PDL 1
+#endif
+
+inline bool backward_pdl() { return env_policy("JAX_GNA_SM90_BWD_PDL", GNA_SM90_BWD_PDL) != 0; }
+
+template <class Tr, class... Params, class... Args>
+std::string run_bwd_kernel(void (*kernel)(Params...), int smem, const char* what, dim3 grid,
                            cudaStream_t stream, Args... args) {
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = sm80::opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return sm80::cuda_error(what, err);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(args...);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(Tr::kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute pdl;
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &pdl;
+  config.numAttrs = backward_pdl() ? 1 : 0;
+  err = cudaLaunchKernelEx(&config, kernel, args...);
+  if (err != cudaSuccess) return sm80::cuda_error(what, err);
   return sm80::cuda_error(what, cudaGetLastError());
 }
 
@@ -42,16 +62,14 @@ std::string launch_fused_backward(const Problem& p, const T* q, const T* k, cons
   QTensorMaps maps;
   encode_q_maps(pd, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps, dq_acc);
   if (!GNA_SM90_BWD_TMA) maps.on = 0;
-  std::string e = sm80::clear_dq_acc(p, dq_acc, stream);
-  if (!e.empty()) return e;
   const dim3 grid((unsigned)sm80::grid_tiles(pd, pd.kv_tile, /*kv_side=*/true),
                   (unsigned)p.kv_heads, (unsigned)p.batch);
-  e = run_bwd_kernel<Tr>(fused_bwd_kernel<Tr>, (int)sizeof(FusedBwdSmem<Tr>),
+  std::string e = run_bwd_kernel<Tr>(fused_bwd_kernel<Tr>, (int)sizeof(FusedBwdSmem<Tr>),
                                      "sm90 fused backward kernel", grid, stream, pd, q, k, v,
                                      dout, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
                                      dq_acc, maps);
   if (!e.empty()) return e;
-  return sm80::launch_dq_from_acc<T>(p, dq_acc, dq, stream);
+  return sm80::launch_dq_from_acc<T>(p, dq_acc, dq, stream, /*dependent=*/backward_pdl());
 }
 
 // After the delta pass:
@@ -70,7 +88,7 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
   const T* k = static_cast<const T*>(k_);
   const T* v = static_cast<const T*>(v_);
   const T* dout = static_cast<const T*>(dout_);
-  std::string e = sm80::launch_delta<T, kD>(p, out, dout_, delta, stream);
+  std::string e = sm80::launch_delta<T, kD>(p, out, dout_, delta, dq_acc, stream);
   if (!e.empty()) return e;
   const CUtensorMapDataType dtype = std::is_same_v<T, cutlass::bfloat16_t>
                                         ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16

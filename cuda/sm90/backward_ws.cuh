@@ -129,8 +129,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     Barrier::init(&sm.q_full, 2 * 128);
     ring.init();
     cutlass::arch::fence_barrier_init();
+    allow_next_grid();
   }
   __syncthreads();  // the last CTA-wide barrier
+  wait_prior_grid();  // the dK/dV kernel (above: no global memory touched)
 
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Tr::SmemQ{});
   Tensor sdO = make_tensor(make_smem_ptr(sm.dout), typename Tr::SmemQ{});

@@ -67,6 +67,13 @@ constexpr int64_t kMulticastMinKvTiles = 64;
 #define GNA_SM90_FWD_PDL 1
 #endif
 
+// The compiled default `compiled` of a policy, unless the environment variable `name` sets
+// it (an integer), for A/B runs of one build.
+inline int env_policy(const char* name, int compiled) {
+  const char* env = std::getenv(name);
+  return env != nullptr ? std::atoi(env) : compiled;
+}
+
 // One launch of ws_fwd_kernel<Tr, kKvWarp, kCluster> over the `items` Q tiles per (head,
 // batch) of `order`: one CTA per tile, or persistent CTAs (as many as the SMs hold at once).
 template <class Tr, bool kKvWarp, int kCluster>
@@ -76,8 +83,7 @@ std::string launch_ws_forward(const Problem& p, const void* q, const void* k, co
   using T = typename Tr::T;
   auto kernel = ws_fwd_kernel<Tr, kKvWarp, kCluster>;
   const int smem = (int)sizeof(WsFwdSmem<Tr, kCluster>);
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = sm80::opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return sm80::cuda_error("cudaFuncSetAttribute(sm90 ws forward)", err);
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute attrs[2];
@@ -100,7 +106,7 @@ std::string launch_ws_forward(const Problem& p, const void* q, const void* k, co
   if (GNA_SM90_FWD_PERSISTENT && kCluster > 1) {
     int clusters = 0;
     config.gridDim = dim3((unsigned)(most / kCluster * kCluster));
-    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+    err = sm80::max_active_clusters(&clusters, reinterpret_cast<const void*>(kernel), config);
     if (err != cudaSuccess)
       return sm80::cuda_error("cudaOccupancyMaxActiveClusters(sm90 ws forward)", err);
     if (clusters > 0) most = std::min<int64_t>(most, (int64_t)clusters * kCluster);
@@ -112,9 +118,7 @@ std::string launch_ws_forward(const Problem& p, const void* q, const void* k, co
   most = std::max<int64_t>(most / kCluster * kCluster, kCluster);
   const int64_t ctas = std::min<int64_t>((int64_t)items * p.heads * p.batch, most);
   config.gridDim = dim3((unsigned)ctas);
-  int pdl = GNA_SM90_FWD_PDL;
-  if (const char* env = std::getenv("JAX_GNA_SM90_FWD_PDL")) pdl = std::atoi(env);
-  if (pdl) {  // after the occupancy query, which takes the cluster attribute alone
+  if (env_policy("JAX_GNA_SM90_FWD_PDL", GNA_SM90_FWD_PDL)) {  // after the occupancy query, which takes the cluster attribute alone
     attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n_attrs].val.programmaticStreamSerializationAllowed = 1;
     config.numAttrs = ++n_attrs;
@@ -141,11 +145,8 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
                    std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                           : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
                    (int)sizeof(T), Tr::kTileRows, &maps);
-  int kv_warp_policy = GNA_SM90_FWD_KV_WARP;
-  if (const char* env = std::getenv("JAX_GNA_SM90_FWD_KV_WARP")) kv_warp_policy = std::atoi(env);
-  int multicast_policy = GNA_SM90_FWD_MULTICAST;
-  if (const char* env = std::getenv("JAX_GNA_SM90_FWD_MULTICAST"))
-    multicast_policy = std::atoi(env);
+  const int kv_warp_policy = env_policy("JAX_GNA_SM90_FWD_KV_WARP", GNA_SM90_FWD_KV_WARP);
+  const int multicast_policy = env_policy("JAX_GNA_SM90_FWD_MULTICAST", GNA_SM90_FWD_MULTICAST);
   bool boxes_only = maps.on != 0;
   for (int a = 0; a < kMaxRank; ++a)
     boxes_only = boxes_only && kv_tiles_inside(p.axes[a], p.kv_tile[a]);

@@ -1,11 +1,13 @@
 // What the warp-specialised sm90a kernels (forward_ws.cuh, kv_ring.cuh, backward_ws.cuh,
-// backward_fused_ws.cuh) share: named barriers and the producer's way of announcing a buffer
-// on an mbarrier.
+// backward_fused_ws.cuh) share: named barriers, the producer's way of announcing a buffer
+// on an mbarrier, and programmatic dependent launch.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
 
 #include <cstdint>
+
+#include "../grid_dependency.cuh"  // wait_prior_grid, allow_next_grid (PDL)
 
 namespace gna {
 namespace sm90 {
@@ -30,18 +32,6 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 }
 __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
-// Programmatic dependent launch (sm_90; launch.cuh sets the launch attribute): a grid may
-// start while the grid before it in the stream still runs, and must not touch global memory
-// that grid reads or writes until `wait_prior_grid` returns (it has completed, its writes are
-// visible). `allow_next_grid` lets the next grid start as soon as every CTA of this one has
-// signalled it or exited; both are no-ops where the launch did not ask for them.
-__device__ __forceinline__ void wait_prior_grid() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-}
-__device__ __forceinline__ void allow_next_grid() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
 // The producer thread's cp.async copies issued so far complete the barrier's phase together
