@@ -7,6 +7,8 @@
 //   sm80_check time                       the six DESIGN.md §4 problems, bf16, D = 128
 //                                         (sm80 forward and backward, and the sm90a ones
 //                                         in builds with -DGNA_CHECK_SM90)
+//   sm80_check host                       what issuing a launch costs the host, part by
+//                                         part (builds with -DGNA_CHECK_SM90)
 //
 // GNA_CHECK_KERNELS=sm90 makes check and sanitize run the sm90a forward and backward (see
 // forward() and backward()).
@@ -25,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +37,9 @@
 #include <vector>
 
 #include "gna_kernels.h"
+#ifdef GNA_CHECK_SM90
+#include "sm90/tensor_maps.h"
+#endif
 
 using gna::Axis;
 using gna::DType;
@@ -735,8 +741,9 @@ static int timing() {
   for (auto& c : cases) c.p.deterministic = det != nullptr && std::string(det) == "1";
   std::mt19937 g(3);
   const DType t = DType::kBFloat16;
-  std::printf("%-18s %-26s %9s %9s %9s %9s %9s %9s %9s %9s\n", "problem", "tiles q/kv",
-              "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "sm90 fwd", "TF/s", "sm90 bwd", "TF/s");
+  std::printf("%-18s %-26s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s\n", "problem", "tiles q/kv",
+              "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "sm90 fwd", "TF/s", "sm90 bwd", "TF/s",
+              "host fwd", "host bwd");
   // GNA_TIME_ONLY=<text>: only the problems whose name contains it (e.g. for a profiler).
   const char* only = std::getenv("GNA_TIME_ONLY");
   // GNA_TIME_KERNELS=<list>: only the kernels named in it (sm80fwd, sm80bwd, sm90fwd,
@@ -779,13 +786,20 @@ static int timing() {
                                    (const float*)lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
                 "bwd");
     };
-    auto time_ms = [&](auto&& fn, int iters) {
+    // The median kernel time per launch (ms); `host_us`, if given, gets the median host time
+    // to issue one (µs; the "host" columns), which overlaps the kernels before it where
+    // GNA_TIME_BATCH > 1.
+    auto time_ms = [&](auto&& fn, int iters, double* host_us = nullptr) {
       fn();
       CK(cudaDeviceSynchronize());
       std::vector<float> ms;
+      std::vector<double> host;
       for (int i = 0; i < iters; ++i) {
         CK(cudaEventRecord(e0));
+        const auto start = std::chrono::steady_clock::now();
         for (int l = 0; l < batch; ++l) fn();
+        host.push_back(std::chrono::duration<double, std::micro>(
+                           std::chrono::steady_clock::now() - start).count() / batch);
         CK(cudaEventRecord(e1));
         CK(cudaEventSynchronize(e1));
         float m;
@@ -794,6 +808,8 @@ static int timing() {
       }
       CK(cudaGetLastError());
       std::sort(ms.begin(), ms.end());
+      std::sort(host.begin(), host.end());
+      if (host_us != nullptr) *host_us = host[host.size() / 2];
       return (double)ms[ms.size() / 2];
     };
     const double flops = 4.0 * p.batch * p.heads * p.head_dim * neighbourhood_sum(p);
@@ -801,13 +817,13 @@ static int timing() {
     const double f = timed("sm80fwd") ? time_ms(fwd, fwd_reps) : 0;
     if (f > 0 && gna_sm80_fwd_trace_report != nullptr) gna_sm80_fwd_trace_report();
     const double bw = timed("sm80bwd") ? time_ms(bwd, bwd_reps) : 0;
-    double f90 = 0, b90 = 0;  // sm90a kernels, where built and supported
+    double f90 = 0, b90 = 0, f90_host = 0, b90_host = 0;  // sm90a kernels, where supported
 #ifdef GNA_CHECK_SM90
     if (gna::sm90_supports(p, t).empty() && timed("sm90fwd")) {
       f90 = time_ms([&] {
         ok_or_die(gna::sm90_forward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, (float*)lse.ptr, 0),
                   "sm90 fwd");
-      }, fwd_reps);
+      }, fwd_reps, &f90_host);
       if (gna_sm90_fwd_trace_report != nullptr) gna_sm90_fwd_trace_report();
     }
     if (gna::sm90_supports(p, t).empty() && timed("sm90bwd")) {
@@ -815,22 +831,122 @@ static int timing() {
         ok_or_die(gna::sm90_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr,
                                      (const float*)lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, 0),
                   "sm90 bwd");
-      }, bwd_reps);
+      }, bwd_reps, &b90_host);
     }
 #endif
     char tiles[64];
     std::snprintf(tiles, sizeof tiles, "%ldx%ldx%ld/%ldx%ldx%ld", (long)p.q_tile[0],
                   (long)p.q_tile[1], (long)p.q_tile[2], (long)p.kv_tile[0], (long)p.kv_tile[1],
                   (long)p.kv_tile[2]);
-    std::printf("%-18s %-26s %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f\n",
+    std::printf("%-18s %-26s %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f %9.3f %9.1f %9.1f %9.1f\n",
                 c.name.c_str(), tiles, f, f > 0 ? flops / f * 1e-9 : 0.0, bw,
                 bw > 0 ? 2.5 * flops / bw * 1e-9 : 0.0, f90,
-                f90 > 0 ? flops / f90 * 1e-9 : 0.0, b90, b90 > 0 ? 2.5 * flops / b90 * 1e-9 : 0.0);
+                f90 > 0 ? flops / f90 * 1e-9 : 0.0, b90, b90 > 0 ? 2.5 * flops / b90 * 1e-9 : 0.0,
+                f90_host, b90_host);
     std::fflush(stdout);
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
   }
   return 0;
+}
+
+__global__ void empty_kernel() {}
+
+// What issuing a launch costs the host, part by part: µs per call (median of 5 rounds of
+// `calls` calls, the GPU busy with what they queue) of the runtime and driver calls that the
+// launchers make, and of whole sm90a forward and backward calls (sm90_forward and
+// sm90_backward: everything the FFI handler runs after unpacking the call).
+static int host_costs() {
+#ifdef GNA_CHECK_SM90
+  auto per_call_us = [](auto&& fn, int calls) {
+    fn();
+    CK(cudaDeviceSynchronize());
+    std::vector<double> us;
+    for (int round = 0; round < 5; ++round) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int i = 0; i < calls; ++i) fn();
+      us.push_back(std::chrono::duration<double, std::micro>(
+                       std::chrono::steady_clock::now() - start).count() / calls);
+      CK(cudaDeviceSynchronize());
+    }
+    std::sort(us.begin(), us.end());
+    return us[2];
+  };
+  const DType t = DType::kBFloat16;
+  const int smem = 64 * 1024;
+  auto toy = reinterpret_cast<const void*>(fill_random);
+  std::printf("%-58s %9s\n", "host call", "us/call");
+  std::printf("%-58s %9.2f\n", "cudaFuncSetAttribute(max dynamic smem), a small kernel",
+              per_call_us([&] {
+                CK(cudaFuncSetAttribute(toy, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+              }, 1000));
+  {
+    cudaLaunchConfig_t config = {};
+    cudaLaunchAttribute cluster;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 2;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.gridDim = dim3(132);
+    config.blockDim = dim3(384);
+    config.dynamicSmemBytes = smem;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    std::printf("%-58s %9.2f\n", "cudaOccupancyMaxActiveClusters, 2-CTA clusters", per_call_us([&] {
+      int clusters = 0;
+      CK(cudaOccupancyMaxActiveClusters(&clusters, toy, &config));
+    }, 1000));
+  }
+  std::printf("%-58s %9.2f\n", "empty kernel launch (<<<1, 32>>>)", per_call_us([&] {
+    empty_kernel<<<1, 32>>>();
+  }, 1000));
+  struct Case {
+    const char* name;
+    Problem p;
+    int calls;
+  };
+  const Case cases[] = {
+      {"1-D 32k GNA s256", make_problem(1, {{32768, 2048, 256, 1, false}}, 1, 1, 1, 128), 200},
+      {"1-D 32k NA", make_problem(1, {{32768, 2048, 1, 1, false}}, 1, 1, 1, 128), 200},
+      {"FLUX-4K GNA, 1 head (2-CTA clusters)",
+       make_problem(2, {{256, 80, 16, 1, false}, {256, 80, 16, 1, false}}, 1, 1, 1, 128), 50},
+  };
+  for (const Case& c : cases) {
+    const Problem& p = c.p;
+    ok_or_die(gna::sm90_supports(p, t), c.name);
+    const size_t nq = p.batch * p.q_tokens() * p.heads * p.head_dim;
+    const size_t nk = p.batch * p.kv_tokens() * p.kv_heads * p.head_dim;
+    const size_t nl = p.batch * p.q_tokens() * p.heads;
+    Buf q(nq * 2), k(nk * 2), v(nk * 2), out(nq * 2), lse(nl * 4), dout(nq * 2), dq(nq * 2),
+        dk(nk * 2), dv(nk * 2), ws(workspace_bytes(p));
+    uint32_t seed = 11;
+    for (Buf* b : {&q, &k, &v, &dout}) {
+      fill_random<<<1024, 256>>>((uint16_t*)b->ptr, b->bytes / 2, seed++, true);
+      CK(cudaGetLastError());
+    }
+    gna::sm90::KvTensorMaps maps;
+    std::printf("%-58s %9.2f\n", (std::string(c.name) + ": K and V tensor maps").c_str(),
+                per_call_us([&] {
+                  gna::sm90::encode_kv_maps(p, k.ptr, v.ptr, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
+                                            64, &maps);
+                }, 1000));
+    std::printf("%-58s %9.2f\n", (std::string(c.name) + ": sm90 forward call").c_str(),
+                per_call_us([&] {
+                  ok_or_die(gna::sm90_forward(p, t, q.ptr, k.ptr, v.ptr, out.ptr,
+                                              (float*)lse.ptr, 0), "sm90 fwd");
+                }, c.calls));
+    std::printf("%-58s %9.2f\n", (std::string(c.name) + ": sm90 backward call").c_str(),
+                per_call_us([&] {
+                  ok_or_die(gna::sm90_backward(p, t, q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr,
+                                               (const float*)lse.ptr, dq.ptr, dk.ptr, dv.ptr,
+                                               ws.ptr, 0), "sm90 bwd");
+                }, c.calls / 2));
+  }
+  return 0;
+#else
+  std::fprintf(stderr, "host needs a build with -DGNA_CHECK_SM90\n");
+  return 2;
+#endif
 }
 
 int main(int argc, char** argv) {
@@ -851,6 +967,7 @@ int main(int argc, char** argv) {
   }
   if (mode == "sanitize") return sanitize();
   if (mode == "time") return timing();
-  std::fprintf(stderr, "usage: %s check [n] [seed] | sanitize | time\n", argv[0]);
+  if (mode == "host") return host_costs();
+  std::fprintf(stderr, "usage: %s check [n] [seed] | sanitize | time | host\n", argv[0]);
   return 2;
 }
