@@ -250,6 +250,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     __syncthreads();
   else
     cute::cluster_sync();
+  GNA_FWD90_TRACE(const bool tr0 = kKvWarp && tid == 0; if (tr0) trace_since(kTrSuSync, tr_entry);)
 
   auto sQ = [&](int i) { return make_tensor(make_smem_ptr(sm.q[i]), typename Tr::SmemQ{}); };
   auto& ring = sm.ring;
@@ -268,12 +269,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     // ------------------------------------------------------------------------- producer
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     ring.setup(p, maps, tid);
+    GNA_FWD90_TRACE(if (tr0) trace_since(kTrSuSetup, tr_entry);)
     for (int i = 0; work_item(i) >= 0; ++i) {
       GNA_FWD90_TRACE(if (tr) tr_last = trace_now();)
       Group G;
       int qt[kMaxRank], h;
       int64_t b;
       if (!tile_of(work_item(i), G, qt, h, b)) continue;
+      GNA_FWD90_TRACE(if (tr0 && n == 0) trace_since(kTrSuTile, tr_entry);)
       const TileBox box = TileBox::seen_by(G, p, qt);
       const int steps = (box.total + kPerStep - 1) / kPerStep;
       const int qb_i = n % kQBuffers;
@@ -288,8 +291,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       const int warp = tid / 32;
       // kKvWarp: warps 0 and 1 only run the ring, for alternate tiles (see above).
       if (kKvWarp && warp < 2) {
-        GNA_FWD90_TRACE(if (tr) trace_phase(kTrDecode, &tr_last);)
+        GNA_FWD90_TRACE(if (tr) trace_phase(kTrDecode, &tr_last);
+                        if (tr0 && n == 0) trace_since(kTrSuBox, tr_entry);)
         if (n == 0) wait_prior_grid();  // (the decode above touched no global memory)
+        GNA_FWD90_TRACE(if (tr0 && n == 0) trace_since(kTrSuWaited, tr_entry);)
         if (warp == n % 2) {
           // The other ring warp has issued every step of tile n - 1.
           if (n > 0) named_sync(kRingTurnBarrier + warp, 64);
@@ -384,6 +389,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
 
   // --------------------------------------------------------------------------- consumers
   cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  GNA_FWD90_TRACE(if (tid == 128) trace_since(kTrSuConsumers, tr_entry);)
   const int ctid = tid - 128;
   const int wg = ctid / 128;
   typename Tr::MmaS mma_s;

@@ -38,6 +38,11 @@ enum TracePhase : int {
   // the ring warp had issued that step's K and V (negative: after), and from then to K's
   // landing.
   kTrEpiRows, kTrEpiStsm, kTrKLead, kTrKFlight,
+  // The first tile's path of ring thread 0 (kKvWarp kernels), from entry: past the CTA-wide
+  // barrier, past the register release and the ring's set-up, its tile decoded (tile_of),
+  // its KV box and full tiles known, past the wait for the prior grid; and the consumers'
+  // thread 0 past its register allocation.
+  kTrSuSync, kTrSuSetup, kTrSuTile, kTrSuBox, kTrSuWaited, kTrSuConsumers,
   kTrPhases
 };
 
@@ -124,6 +129,11 @@ static void report_fwd_trace() {
               "copy-out %.2f; first step's K and V issued %.2f before wanted, K landed %.2f after\n",
               sum[kTrEpiRows] * per, sum[kTrEpiStsm] * per, sum[kTrEpilogue] * per,
               sum[kTrKLead] * per, sum[kTrKFlight] * per);
+  std::printf("trace90 first tile, ring thread 0 from entry (us): synced %.2f, set up %.2f, tile "
+              "decoded %.2f, box known %.2f, prior grid waited %.2f; consumers allocated %.2f\n",
+              sum[kTrSuSync] * per_cta, sum[kTrSuSetup] * per_cta, sum[kTrSuTile] * per_cta,
+              sum[kTrSuBox] * per_cta, sum[kTrSuWaited] * per_cta,
+              sum[kTrSuConsumers] * per_cta);
   // How the CTAs of the last launch spread: their entries, and their exits after the first
   // entry; and per CTA, the consumers' time per tile over every launch (the phases' sum
   // without start-up and tail, over the CTA's tiles).
