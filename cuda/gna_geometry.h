@@ -274,10 +274,14 @@ struct TileBits {
       b.unit[a] = rows;
       rows *= b.ext[a];
     }
+    // One bit every `period` rows, by doubling the run of ones: at most six shifts where a
+    // loop over the rows took up to 64 dependent ones per axis (1.9 µs on the path to every
+    // sm90a forward CTA's first K load with 1-D KV tiles; H200).
     for (int a = 0; a < kMaxRank; ++a) {
       const int period = b.ext[a] * b.unit[a];
-      b.rep[a] = 0;
-      for (int k = 0; k < rows; k += period) b.rep[a] |= uint64_t{1} << k;
+      uint64_t r = 1;
+      for (int span = period; span < rows; span *= 2) r |= shl64(r, span);
+      b.rep[a] = r & ~shl64(~uint64_t{0}, rows);
     }
     return b;
   }
