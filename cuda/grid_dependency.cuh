@@ -8,7 +8,18 @@
 // sm_90 alike may call them.
 #pragma once
 
+#include <cuda_runtime.h>
+
 namespace gna {
+
+// The host side: the attribute that makes a launch a programmatic dependent of the work
+// before it in its stream.
+inline cudaLaunchAttribute dependent_launch_attribute() {
+  cudaLaunchAttribute a = {};
+  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  a.val.programmaticStreamSerializationAllowed = 1;
+  return a;
+}
 
 __device__ __forceinline__ void wait_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

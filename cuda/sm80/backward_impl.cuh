@@ -120,9 +120,7 @@ std::string launch_dq_from_acc(const Problem& p, const float* dq_acc, void* dq,
   config.gridDim = dim3((unsigned)std::min<int64_t>((n8 + 255) / 256, 8 * (int64_t)sm_count()));
   config.blockDim = dim3(256);
   config.stream = stream;
-  cudaLaunchAttribute pdl;
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute pdl = dependent_launch_attribute();
   config.attrs = &pdl;
   config.numAttrs = dependent ? 1 : 0;
   const cudaError_t err = cudaLaunchKernelEx(&config, dq_from_acc_kernel<T>,

@@ -33,9 +33,7 @@ std::string run_bwd_kernel(void (*kernel)(Params...), int smem, const char* what
   config.blockDim = dim3(Tr::kThreads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute pdl;
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute pdl = dependent_launch_attribute();
   config.attrs = &pdl;
   config.numAttrs = backward_pdl() ? 1 : 0;
   err = cudaLaunchKernelEx(&config, kernel, args...);

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "../gna_problem.h"
+#include "../grid_dependency.cuh"  // dependent_launch_attribute
 #include "../sm80/launch.cuh"
 #include "forward_ws.cuh"
 
@@ -118,9 +119,9 @@ std::string launch_ws_forward(const Problem& p, const void* q, const void* k, co
   most = std::max<int64_t>(most / kCluster * kCluster, kCluster);
   const int64_t ctas = std::min<int64_t>((int64_t)items * p.heads * p.batch, most);
   config.gridDim = dim3((unsigned)ctas);
-  if (env_policy("JAX_GNA_SM90_FWD_PDL", GNA_SM90_FWD_PDL)) {  // after the occupancy query, which takes the cluster attribute alone
-    attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[n_attrs].val.programmaticStreamSerializationAllowed = 1;
+  // (After the occupancy query, which takes the cluster attribute alone.)
+  if (env_policy("JAX_GNA_SM90_FWD_PDL", GNA_SM90_FWD_PDL)) {
+    attrs[n_attrs] = dependent_launch_attribute();
     config.numAttrs = ++n_attrs;
   }
   err = cudaLaunchKernelEx(&config, kernel, p, static_cast<const T*>(q),
