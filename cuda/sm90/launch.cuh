@@ -60,7 +60,7 @@ constexpr bool fits_smem_per_sm(size_t bytes, int ctas) {
 constexpr int64_t kMulticastMinKvTiles = 64;
 
 // Whether the forward launches as a programmatic dependent of the kernel before it in the
-// stream (pipeline.cuh): its CTAs may then start on the SMs that kernel's CTAs leave, and
+// stream (grid_dependency.cuh): its CTAs may then start on the SMs that kernel's CTAs leave, and
 // run their set-up (barriers, the first tile's decode and Q row table) under its tail; they
 // touch global memory only once it has completed. JAX_GNA_SM90_FWD_PDL overrides it at run
 // time.
@@ -114,8 +114,8 @@ std::string launch_ws_forward(const Problem& p, const void* q, const void* k, co
   }
   // JAX_GNA_SM90_FWD_CTAS=n caps the grid at n CTAs, so that the small problems of the tests
   // and the sanitizers give every CTA several tiles.
-  if (const char* cap = std::getenv("JAX_GNA_SM90_FWD_CTAS"))
-    if (std::atoi(cap) > 0) most = std::min<int64_t>(most, std::atoi(cap));
+  const int cap = env_policy("JAX_GNA_SM90_FWD_CTAS", 0);
+  if (cap > 0) most = std::min<int64_t>(most, cap);
   most = std::max<int64_t>(most / kCluster * kCluster, kCluster);
   const int64_t ctas = std::min<int64_t>((int64_t)items * p.heads * p.batch, most);
   config.gridDim = dim3((unsigned)ctas);
