@@ -180,6 +180,49 @@ def test_paired_q_tiles_match_reference(monkeypatch, shape, kernel, stride, caus
                                 atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("shape,kernel,stride,dilation,tiles", [
+    ((1024,), (384,), (128,), (1,), None),  # 128-row 1-D tiles
+    ((40, 56), (16, 24), (8, 8), (1, 1), None),  # 8x16 tiles; the last column gathered
+    ((12, 16, 16), (6, 8, 8), (2, 4, 4), (1, 1, 1), None),  # 2x8x8 tiles
+    ((48, 40), (9, 11), (1, 1), (2, 1), None),  # dilation: strided boxes, edges gathered
+    ((32, 32), (16, 16), (16, 16), (1, 1), ((8, 8), (8, 8))),  # one consumer, 64-row tiles
+])
+@pytest.mark.parametrize("ctas", [None, "3"])
+def test_q_tiles_as_tma_boxes_match_gathers(monkeypatch, shape, kernel, stride, dilation,
+                                            tiles, ctas):
+    """Q tiles inside the Q frame load as TMA boxes in the kernels whose K/V ring runs in its
+    own warp (cuda/sm90/launch.cuh GNA_SM90_FWD_Q_TMA); the output is bitwise the output
+    with every Q row gathered (JAX_GNA_SM90_FWD_Q_TMA=0) and matches the float64 reference.
+    With the grid capped at 3 CTAs, boxes and gathers alternate in each CTA's Q buffers."""
+    if ctas:
+        monkeypatch.setenv("JAX_GNA_SM90_FWD_CTAS", ctas)
+    cfg = jax_gna.GNAConfig(kernel_size=kernel, stride=stride, dilation=dilation,
+                            is_causal=(False,) * len(shape))
+    d = 128
+    q, k, v = _inputs(shape, 2, 1, d, "bfloat16", seed=13)
+    q_tile, kv_tile = tiles or (None, None)
+
+    def run():
+        out, lse = jax_gna.attention(q, k, v, cfg, implementation="cuda", return_lse=True,
+                                     q_tile_shape=q_tile, kv_tile_shape=kv_tile)
+        return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+
+    monkeypatch.setenv("JAX_GNA_SM90_FWD_Q_TMA", "1")
+    out, lse = run()
+    monkeypatch.setenv("JAX_GNA_SM90_FWD_Q_TMA", "0")
+    out_gathered, lse_gathered = run()
+    np.testing.assert_array_equal(out, out_gathered)
+    np.testing.assert_array_equal(lse, lse_gathered)
+    mask = battery.brute_mask(shape, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
+    n = int(np.prod(shape))
+    f64 = [np.asarray(x, np.float64).reshape(2, n, x.shape[-2], d) for x in (q, k, v)]
+    want_out, want_lse = battery.np_attention(*f64, mask, d ** -0.5)
+    chex.assert_trees_all_close(out.astype(np.float64).reshape(want_out.shape), want_out,
+                                atol=2e-2, rtol=2e-2)
+    chex.assert_trees_all_close(lse.astype(np.float64).reshape(want_lse.shape), want_lse,
+                                atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("ctas", [None, "8"])
 def test_chained_forwards_in_one_jit_match_reference(monkeypatch, ctas):
     """In one jit, each forward reads what the forward before it wrote: q from the first

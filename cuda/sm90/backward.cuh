@@ -82,15 +82,7 @@ struct DkdvSmem {
 __device__ __forceinline__ void q_chunk_at(QTensorMaps const& maps, Group const& G,
                                            Problem const& p, const int qt[kMaxRank], int chunk,
                                            int head, int64_t b, int (&at)[4]) {
-  int x[kMaxRank];
-  for (int a = 0; a < kMaxRank; ++a) {
-    const int chunk_at = a == maps.axis ? chunk * maps.step : 0;
-    x[a] = G.g[a] + (int)p.axes[a].dilation * (qt[a] * (int)p.q_tile[a] + chunk_at);
-  }
-  at[0] = head;
-  at[1] = x[2];
-  at[2] = x[1];
-  at[3] = (int)b * (int)p.axes[0].q_length + x[0];
+  q_box_at(G, p, qt, maps.axis, chunk * maps.step, head, b, at);
 }
 
 // Loads the Q and dO chunk at TMA coordinates `at` (q_chunk_at) as TMA boxes, completing on

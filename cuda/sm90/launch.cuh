@@ -39,6 +39,13 @@ constexpr bool fits_smem_per_sm(size_t bytes, int ctas) {
 #define GNA_SM90_FWD_PERSISTENT 1
 #endif
 
+// Whether the kernels whose K/V ring runs in its own warp (kKvWarp) load Q tiles that lie
+// inside the Q frame as TMA boxes (tensor_maps.h encode_q_tile_map), instead of gathering
+// their rows. JAX_GNA_SM90_FWD_Q_TMA overrides it at run time.
+#ifndef GNA_SM90_FWD_Q_TMA
+#define GNA_SM90_FWD_Q_TMA 1
+#endif
+
 // Where every KV tile is a TMA box, which forward kernels run the K/V ring in one producer
 // warp (ws_fwd_kernel's kKvWarp): 0 none, 1 the one-consumer kernel (Q tiles of up to 64
 // tokens), 2 both. JAX_GNA_SM90_FWD_KV_WARP overrides it at run time, for A/B runs of one
@@ -79,7 +86,7 @@ inline int env_policy(const char* name, int compiled) {
 // batch) of `order`: one CTA per tile, or persistent CTAs (as many as the SMs hold at once).
 template <class Tr, bool kKvWarp, int kCluster>
 std::string launch_ws_forward(const Problem& p, const void* q, const void* k, const void* v,
-                              void* out, float* lse, const KvTensorMaps& maps, int items,
+                              void* out, float* lse, const FwdTensorMaps& maps, int items,
                               TileOrder order, cudaStream_t stream) {
   using T = typename Tr::T;
   auto kernel = ws_fwd_kernel<Tr, kKvWarp, kCluster>;
@@ -139,13 +146,17 @@ std::string run_ws_forward(const Problem& p, const void* q, const void* k, const
   static_assert(Tr::kTileRows == kKvTokens && Tr::kBlockM <= kMaxQTokens, "tile limits");
   static_assert(fits_smem_per_sm(sizeof(WsFwdSmem<Tr>), Tr::kCtasPerSm), "shared memory");
   static_assert(sizeof(WsFwdSmem<Tr, 2>) == sizeof(WsFwdSmem<Tr>), "same layout");
-  KvTensorMaps maps;
+  FwdTensorMaps maps;
   maps.on = 0;
-  if (GNA_SM90_FWD_TMA)
-    encode_kv_maps(p, k, v,
-                   std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                   (int)sizeof(T), Tr::kTileRows, &maps);
+  maps.q_on = 0;
+  const CUtensorMapDataType dtype = std::is_same_v<T, cutlass::bfloat16_t>
+                                        ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  if (GNA_SM90_FWD_TMA) {
+    encode_kv_maps(p, k, v, dtype, (int)sizeof(T), Tr::kTileRows, &maps);
+    if (env_policy("JAX_GNA_SM90_FWD_Q_TMA", GNA_SM90_FWD_Q_TMA))
+      maps.q_on = encode_q_tile_map(&maps.q, q, p, dtype, (int)sizeof(T), Tr::kBlockM);
+  }
   const int kv_warp_policy = env_policy("JAX_GNA_SM90_FWD_KV_WARP", GNA_SM90_FWD_KV_WARP);
   const int multicast_policy = env_policy("JAX_GNA_SM90_FWD_MULTICAST", GNA_SM90_FWD_MULTICAST);
   bool boxes_only = maps.on != 0;

@@ -28,6 +28,12 @@ struct KvTensorMaps {
   int on;  // 0: the problem's tiles are not TMA boxes (or encoding failed); gather every tile
 };
 
+// The forward's maps: K and V, and Q where its tiles are boxes of exactly the CTA's rows.
+struct FwdTensorMaps : KvTensorMaps {
+  CUtensorMap q;
+  int q_on;  // 0: every Q tile is gathered
+};
+
 namespace detail {
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
@@ -97,6 +103,35 @@ inline void encode_kv_maps(const Problem& p, const void* k, const void* v,
              encode_token_map(&maps->k, k, p, /*kv_side=*/true, p.kv_tile, dtype, elem_bytes) &&
              encode_token_map(&maps->v, v, p, /*kv_side=*/true, p.kv_tile, dtype, elem_bytes);
 }
+
+// Encodes `map` over the Q buffer `q` of `p` with boxes of one Q tile (128 bytes of columns
+// times q_tile[a] tokens per axis), where a tile holds exactly `rows` tokens; false where it
+// does not or TMA cannot.
+inline bool encode_q_tile_map(CUtensorMap* map, const void* q, const Problem& p,
+                              CUtensorMapDataType dtype, int elem_bytes, int rows) {
+  return p.q_tile[0] * p.q_tile[1] * p.q_tile[2] == rows &&
+         encode_token_map(map, q, p, /*kv_side=*/false, p.q_tile, dtype, elem_bytes);
+}
+
+#ifdef __CUDACC__
+// TMA coordinates, after the column, in a Q-side map (encode_token_map with kv_side false) of
+// the box that starts `offset` tokens along `axis` into Q tile `qt` of group `G`, query head
+// `head`, batch `b`: {head, x2, x1, b·L0 + x0}. The tile must lie inside the Q frame.
+template <class Group>
+__device__ __forceinline__ void q_box_at(Group const& G, Problem const& p,
+                                         const int qt[kMaxRank], int axis, int offset,
+                                         int head, int64_t b, int (&at)[4]) {
+  int x[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) {
+    const int along = a == axis ? offset : 0;
+    x[a] = G.g[a] + (int)p.axes[a].dilation * (qt[a] * (int)p.q_tile[a] + along);
+  }
+  at[0] = head;
+  at[1] = x[2];
+  at[2] = x[1];
+  at[3] = (int)b * (int)p.axes[0].q_length + x[0];
+}
+#endif
 
 // TMA descriptors of the Q and dO buffers for the dK/dV kernel, which reads a Q tile in
 // chunks of `chunk_rows` rows: chunk c is the box of the tile's extent on every axis but
