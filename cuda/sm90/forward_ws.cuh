@@ -3,11 +3,12 @@
 // one or two 64-token tiles (full steps skip the mask), with the work split by role.
 //
 // - Warpgroup 0, the producer, keeps few registers (setmaxnreg.dec) and does all data
-//   movement: Q (double-buffered across tiles) and its row table by cp.async, then K, V and
-//   the row tables of every step into the ring of kv_ring.cuh (TMA boxes for tiles inside
-//   the frame, row gathers for the others; one mbarrier per buffer announces them). Where
-//   two Q tiles see the same KV box, a cluster of two CTAs computes them and each CTA loads
-//   half of every step for both (TMA multicast, kCluster).
+//   movement: Q (double-buffered across tiles; a TMA box where the tile lies inside the Q
+//   frame and the K/V ring has its own warp, else gathered by cp.async) and its row table,
+//   then K, V and the row tables of every step into the ring of kv_ring.cuh (TMA boxes for
+//   tiles inside the frame, row gathers for the others; one mbarrier per buffer announces
+//   them). Where two Q tiles see the same KV box, a cluster of two CTAs computes them and
+//   each CTA loads half of every step for both (TMA multicast, kCluster).
 // - Warpgroups 1.., the consumers (one per 64 Q rows of the tile), take the registers the
 //   producer gave up (setmaxnreg.inc) and only run GEMMs and the softmax. Per step `it` a
 //   consumer issues S(it) = Q·K(it)^T and O += P(it-1)·V(it-1) back to back, then runs the
