@@ -38,6 +38,28 @@ def _inputs(shape, heads, kv_heads, d, dtype, seed):
     return [jnp.asarray(x, dtype) for x in arrays]
 
 
+def _cuda_forward(q, k, v, cfg, tiles=None):
+    """out (as float32) and lse of the cuda forward, as numpy arrays; `tiles` is None or
+    (q_tile_shape, kv_tile_shape)."""
+    q_tile, kv_tile = tiles or (None, None)
+    out, lse = jax_gna.attention(q, k, v, cfg, implementation="cuda", return_lse=True,
+                                 q_tile_shape=q_tile, kv_tile_shape=kv_tile)
+    return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+
+
+def _assert_matches_reference(out, lse, q, k, v, cfg):
+    """`out` and `lse` of a bf16 forward against float64 attention of its inputs."""
+    shape, d = q.shape[1:-2], q.shape[-1]
+    n = int(np.prod(shape))
+    mask = battery.brute_mask(shape, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
+    f64 = [np.asarray(x, np.float64).reshape(x.shape[0], n, x.shape[-2], d) for x in (q, k, v)]
+    want_out, want_lse = battery.np_attention(*f64, mask, d ** -0.5)
+    chex.assert_trees_all_close(np.asarray(out, np.float64).reshape(want_out.shape), want_out,
+                                atol=2e-2, rtol=2e-2)
+    chex.assert_trees_all_close(np.asarray(lse, np.float64).reshape(want_lse.shape), want_lse,
+                                atol=1e-2, rtol=1e-2)
+
+
 def _grads(cfg, q, k, v, dout, **kwargs):
     def loss(q, k, v):
         out = jax_gna.attention(q, k, v, cfg, implementation="cuda", **kwargs)
@@ -100,16 +122,8 @@ def test_odd_tile_boxes_match_reference(q_tile, kv_tile):
     cfg = jax_gna.GNAConfig(kernel_size=(5, 9), stride=(1, 4), dilation=(2, 1),
                             is_causal=(False, True))
     q, k, v = _inputs((12, 19), 2, 1, 32, "bfloat16", seed=3)
-    out, lse = jax_gna.attention(q, k, v, cfg, implementation="cuda", return_lse=True,
-                                 q_tile_shape=q_tile, kv_tile_shape=kv_tile)
-    mask = battery.brute_mask((12, 19), cfg.kernel_size, cfg.stride, cfg.dilation,
-                                 cfg.is_causal)
-    f64 = [np.asarray(x, np.float64).reshape(2, 12 * 19, x.shape[-2], 32) for x in (q, k, v)]
-    want_out, want_lse = battery.np_attention(*f64, mask, 32 ** -0.5)
-    chex.assert_trees_all_close(np.asarray(out, np.float64).reshape(want_out.shape), want_out,
-                                atol=2e-2, rtol=2e-2)
-    chex.assert_trees_all_close(np.asarray(lse, np.float64).reshape(want_lse.shape), want_lse,
-                                atol=1e-2, rtol=1e-2)
+    out, lse = _cuda_forward(q, k, v, cfg, (q_tile, kv_tile))
+    _assert_matches_reference(out, lse, q, k, v, cfg)
 
 
 @pytest.mark.parametrize("tiles", [None, ((8, 8), (8, 8))])
@@ -123,17 +137,8 @@ def test_forward_on_few_ctas_matches_reference(monkeypatch, tiles):
     cfg = jax_gna.GNAConfig(kernel_size=(7, 9), stride=(2, 4), dilation=(2, 1),
                             is_causal=(True, False))
     q, k, v = _inputs(shape, 3, 1, 64, "bfloat16", seed=5)
-    q_tile, kv_tile = tiles or (None, None)
-    out, lse = jax_gna.attention(q, k, v, cfg, implementation="cuda", return_lse=True,
-                                 q_tile_shape=q_tile, kv_tile_shape=kv_tile)
-    mask = battery.brute_mask(shape, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
-    n = shape[0] * shape[1]
-    f64 = [np.asarray(x, np.float64).reshape(2, n, x.shape[-2], 64) for x in (q, k, v)]
-    want_out, want_lse = battery.np_attention(*f64, mask, 64 ** -0.5)
-    chex.assert_trees_all_close(np.asarray(out, np.float64).reshape(want_out.shape), want_out,
-                                atol=2e-2, rtol=2e-2)
-    chex.assert_trees_all_close(np.asarray(lse, np.float64).reshape(want_lse.shape), want_lse,
-                                atol=1e-2, rtol=1e-2)
+    out, lse = _cuda_forward(q, k, v, cfg, tiles)
+    _assert_matches_reference(out, lse, q, k, v, cfg)
 
 
 @pytest.mark.parametrize("shape,kernel,stride,causal,tiles", [
@@ -158,26 +163,12 @@ def test_paired_q_tiles_match_reference(monkeypatch, shape, kernel, stride, caus
                             is_causal=causal)
     d = 128
     q, k, v = _inputs(shape, 2, 1, d, "bfloat16", seed=11)
-    q_tile, kv_tile = tiles or (None, None)
-
-    def run():
-        out, lse = jax_gna.attention(q, k, v, cfg, implementation="cuda", return_lse=True,
-                                     q_tile_shape=q_tile, kv_tile_shape=kv_tile)
-        return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
-
-    out, lse = run()
+    out, lse = _cuda_forward(q, k, v, cfg, tiles)
     monkeypatch.setenv("JAX_GNA_SM90_FWD_MULTICAST", "0")
-    out_single, lse_single = run()
+    out_single, lse_single = _cuda_forward(q, k, v, cfg, tiles)
     np.testing.assert_array_equal(out, out_single)
     np.testing.assert_array_equal(lse, lse_single)
-    mask = battery.brute_mask(shape, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
-    n = int(np.prod(shape))
-    f64 = [np.asarray(x, np.float64).reshape(2, n, x.shape[-2], d) for x in (q, k, v)]
-    want_out, want_lse = battery.np_attention(*f64, mask, d ** -0.5)
-    chex.assert_trees_all_close(out.astype(np.float64).reshape(want_out.shape), want_out,
-                                atol=2e-2, rtol=2e-2)
-    chex.assert_trees_all_close(lse.astype(np.float64).reshape(want_lse.shape), want_lse,
-                                atol=1e-2, rtol=1e-2)
+    _assert_matches_reference(out, lse, q, k, v, cfg)
 
 
 @pytest.mark.parametrize("shape,kernel,stride,dilation,tiles", [
@@ -200,27 +191,13 @@ def test_q_tiles_as_tma_boxes_match_gathers(monkeypatch, shape, kernel, stride, 
                             is_causal=(False,) * len(shape))
     d = 128
     q, k, v = _inputs(shape, 2, 1, d, "bfloat16", seed=13)
-    q_tile, kv_tile = tiles or (None, None)
-
-    def run():
-        out, lse = jax_gna.attention(q, k, v, cfg, implementation="cuda", return_lse=True,
-                                     q_tile_shape=q_tile, kv_tile_shape=kv_tile)
-        return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
-
     monkeypatch.setenv("JAX_GNA_SM90_FWD_Q_TMA", "1")
-    out, lse = run()
+    out, lse = _cuda_forward(q, k, v, cfg, tiles)
     monkeypatch.setenv("JAX_GNA_SM90_FWD_Q_TMA", "0")
-    out_gathered, lse_gathered = run()
+    out_gathered, lse_gathered = _cuda_forward(q, k, v, cfg, tiles)
     np.testing.assert_array_equal(out, out_gathered)
     np.testing.assert_array_equal(lse, lse_gathered)
-    mask = battery.brute_mask(shape, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
-    n = int(np.prod(shape))
-    f64 = [np.asarray(x, np.float64).reshape(2, n, x.shape[-2], d) for x in (q, k, v)]
-    want_out, want_lse = battery.np_attention(*f64, mask, d ** -0.5)
-    chex.assert_trees_all_close(out.astype(np.float64).reshape(want_out.shape), want_out,
-                                atol=2e-2, rtol=2e-2)
-    chex.assert_trees_all_close(lse.astype(np.float64).reshape(want_lse.shape), want_lse,
-                                atol=1e-2, rtol=1e-2)
+    _assert_matches_reference(out, lse, q, k, v, cfg)
 
 
 @pytest.mark.parametrize("ctas", [None, "8"])
