@@ -166,6 +166,10 @@ ffi::Error CudaBackward(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
 // Both kernel families lay out the same workspace, so its size does not depend on the card.
 size_t cuda_backward_workspace(const Problem& p) { return backward_workspace(p); }
 
+std::vector<int> cuda_kv_tiles_longest_first(const Problem& p) {
+  return kv_tiles_longest_first(p);
+}
+
 }  // namespace gna
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

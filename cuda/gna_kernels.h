@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "gna_problem.h"
 
@@ -27,6 +28,11 @@ std::string sm80_forward(const Problem& p, DType dtype, const void* q, const voi
 // `p.deterministic`, a float32 dq accumulator (the five-GEMM kernels add each step's dQ into
 // it in no fixed order).
 size_t backward_workspace(const Problem& p);
+
+// The KV tiles of `p` (Group::init's flat index over the K/V frame's tiles of every dilation
+// group), those that the most Q tiles see first, tiles of equal work in index order: the
+// order in which the dK/dV kernels' CTAs take them on grids of a few waves.
+std::vector<int> kv_tiles_longest_first(const Problem& p);
 
 // Where the workspace's float32 dq accumulator starts, or null if `p.deterministic`.
 float* backward_dq_acc(const Problem& p, void* workspace);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <vector>
 
 #include "xla/ffi/api/c_api.h"
 
@@ -21,6 +22,10 @@ struct Problem;
 
 // Bytes of the backward target's `workspace` result on the CUDA platform (0 on CPU).
 size_t cuda_backward_workspace(const Problem& p);
+
+// The order in which the CUDA dK/dV kernels take the KV tiles of `p` on grids of a few waves
+// (kv_tiles_longest_first, gna_kernels.h).
+std::vector<int> cuda_kv_tiles_longest_first(const Problem& p);
 
 // Comma-separated list of the SASS architectures the sm80-family kernels were compiled for
 // (e.g. "80,90"); empty in CPU-only builds.

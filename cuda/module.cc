@@ -45,17 +45,14 @@ nb::dict handlers(const std::string& platform) {
 
 using I64s = std::vector<int64_t>;
 
-// Bytes of the backward target's workspace result for these (local) shapes and attributes.
-// `length`, `q_offset`, `kv_offset` describe a frame (default: q's spatial dims, zeros).
-size_t backward_workspace_bytes(const std::string& platform, const I64s& q_shape,
-                                const I64s& k_shape, const I64s& kernel, const I64s& stride,
-                                const I64s& dilation, const I64s& causal, const I64s& q_tile,
-                                const I64s& kv_tile, const std::optional<I64s>& length,
-                                const std::optional<I64s>& q_offset,
-                                const std::optional<I64s>& kv_offset, bool deterministic) {
-  if (platform == "cpu") return 0;
-  if (platform != "cuda") throw nb::value_error("platform must be 'cpu' or 'cuda'");
 #ifdef JAX_GNA_HAS_CUDA
+// The Problem the FFI handlers would build for these (local) shapes and attributes.
+// `length`, `q_offset`, `kv_offset` describe a frame (default: q's spatial dims, zeros).
+gna::Problem make_problem(const I64s& q_shape, const I64s& k_shape, const I64s& kernel,
+                          const I64s& stride, const I64s& dilation, const I64s& causal,
+                          const I64s& q_tile, const I64s& kv_tile,
+                          const std::optional<I64s>& length, const std::optional<I64s>& q_offset,
+                          const std::optional<I64s>& kv_offset, bool deterministic) {
   using Span = gna::ffi::Span<const int64_t>;
   auto span = [](const I64s& v) { return Span(v.data(), v.size()); };
   const size_t rank = kernel.size();
@@ -70,11 +67,44 @@ size_t backward_workspace_bytes(const std::string& platform, const I64s& q_shape
   gna::Problem p;
   const std::string err = gna::MakeProblem(attrs, span(q_shape), span(k_shape), &p);
   if (!err.empty()) throw nb::value_error(err.c_str());
-  return gna::cuda_backward_workspace(p);
+  return p;
+}
+#endif
+
+// Bytes of the backward target's workspace result for these (local) shapes and attributes.
+size_t backward_workspace_bytes(const std::string& platform, const I64s& q_shape,
+                                const I64s& k_shape, const I64s& kernel, const I64s& stride,
+                                const I64s& dilation, const I64s& causal, const I64s& q_tile,
+                                const I64s& kv_tile, const std::optional<I64s>& length,
+                                const std::optional<I64s>& q_offset,
+                                const std::optional<I64s>& kv_offset, bool deterministic) {
+  if (platform == "cpu") return 0;
+  if (platform != "cuda") throw nb::value_error("platform must be 'cpu' or 'cuda'");
+#ifdef JAX_GNA_HAS_CUDA
+  return gna::cuda_backward_workspace(make_problem(q_shape, k_shape, kernel, stride, dilation,
+                                                   causal, q_tile, kv_tile, length, q_offset,
+                                                   kv_offset, deterministic));
 #else
   (void)q_shape, (void)k_shape, (void)kernel, (void)stride, (void)dilation, (void)causal;
   (void)q_tile, (void)kv_tile, (void)length, (void)q_offset, (void)kv_offset;
   (void)deterministic;
+  throw nb::value_error("this build has no CUDA handlers");
+#endif
+}
+
+// The order in which the CUDA dK/dV kernels take the KV tiles of `kv_tile` on grids of a few
+// waves (gna::cuda_kv_tiles_longest_first), for tests: host code, no GPU needed.
+std::vector<int> kv_tile_order(const I64s& q_shape, const I64s& k_shape, const I64s& kernel,
+                               const I64s& stride, const I64s& dilation, const I64s& causal,
+                               const I64s& q_tile, const I64s& kv_tile) {
+#ifdef JAX_GNA_HAS_CUDA
+  return gna::cuda_kv_tiles_longest_first(make_problem(q_shape, k_shape, kernel, stride,
+                                                       dilation, causal, q_tile, kv_tile,
+                                                       std::nullopt, std::nullopt,
+                                                       std::nullopt, false));
+#else
+  (void)q_shape, (void)k_shape, (void)kernel, (void)stride, (void)dilation, (void)causal;
+  (void)q_tile, (void)kv_tile;
   throw nb::value_error("this build has no CUDA handlers");
 #endif
 }
@@ -228,6 +258,11 @@ NB_MODULE(_jax_gna_native, m) {
         "`q_offset`, `kv_offset` per spatial axis; default unframed). Without "
         "`deterministic`, on a device that runs the sm90a kernels, it includes a float32 dq "
         "accumulator.");
+  m.def("kv_tile_order", &kv_tile_order, nb::arg("q_shape"), nb::arg("k_shape"),
+        nb::arg("kernel"), nb::arg("stride"), nb::arg("dilation"), nb::arg("causal"),
+        nb::arg("q_tile"), nb::arg("kv_tile"),
+        "The flat KV tiles in the order the CUDA dK/dV kernels take them on grids of a few "
+        "waves: those that the most Q tiles see first (CUDA builds only; host code).");
   m.def("axis_tiling", &axis_tiling, nb::arg("length"), nb::arg("kernel"), nb::arg("stride"),
         nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("q_offset") = 0,
         nb::arg("q_len") = nb::none(), nb::arg("kv_offset") = 0,

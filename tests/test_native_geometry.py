@@ -264,3 +264,50 @@ def test_tile_walk_visits_every_tile_once_narrowest_windows_slowest():
         native._ext.tile_walk_strides([2, 2], [1], [4, 4])
     with pytest.raises(ValueError, match="kernel <= length"):
         native._ext.tile_walk_strides([2], [5], [4])
+
+
+def _kv_tile_work(lengths, kernel, stride, causal, q_tile, kv_tile):
+    """Q tiles that see each flat KV tile (tile_walk_strides' order), from jax_gna.geometry."""
+    tilings = [geometry.axis_tiling(*axis) for axis in
+               zip(lengths, kernel, stride, causal, q_tile, kv_tile)]
+    n = [t.n_kv for t in tilings]
+    strides = native._ext.tile_walk_strides(n, kernel, lengths)
+    return [math.prod(int(t.q_hi[f // s % m] - t.q_lo[f // s % m])
+                      for t, s, m in zip(tilings, strides, n))
+            for f in range(math.prod(n))]
+
+
+@pytest.mark.skipif(not native.has_cuda(), reason="the CUDA handlers are not built")
+def test_kv_tile_order_takes_the_most_seen_tiles_first():
+    def order(lengths, kernel, stride, causal, q_tile, kv_tile, dilation=None):
+        rank = len(lengths)
+        return list(native._ext.kv_tile_order(
+            [1, *lengths, 2, 32], [1, *lengths, 1, 32], kernel, stride,
+            dilation or [1] * rank, [int(c) for c in causal], q_tile, kv_tile))
+
+    rng = np.random.default_rng(29)
+    for trial in range(200):
+        rank = int(rng.integers(1, 4))
+        lengths = [int(rng.integers(1, 90)) for _ in range(rank)]
+        kernel = [int(rng.integers(1, m + 1)) for m in lengths]
+        stride = [int(rng.integers(1, k + 1)) if rng.random() < 0.5 else 1 for k in kernel]
+        causal = [bool(rng.random() < 0.3) for _ in range(rank)]
+        q_tile = [int(rng.choice([1, 2, 4, 8])) for _ in range(rank)]
+        kv_tile = [int(rng.choice([1, 2, 4, 8])) for _ in range(rank)]
+        got = order(lengths, kernel, stride, causal, q_tile, kv_tile)
+        work = _kv_tile_work(lengths, kernel, stride, causal, q_tile, kv_tile)
+        # Most work first; equal work in flat order, which keeps the grid's L2 walk.
+        assert got == sorted(range(len(work)), key=lambda f: (-work[f], f)), (
+            trial, lengths, kernel, stride, causal, q_tile, kv_tile)
+
+    # The 1-D problem that motivated it: 32k tokens, window 2048, stride 256, 128-token tiles.
+    # Tiles near the ends are seen by up to 24 Q tiles (the clamped windows), the others by 16.
+    got = order([32768], [2048], [256], [False], [128], [128])
+    work = _kv_tile_work([32768], [2048], [256], [False], [128], [128])
+    assert sorted(got) == list(range(256))
+    assert [work[f] for f in got[:2]] == [24, 24] and work[got[-1]] == 8
+    assert [work[f] for f in got] == sorted(work, reverse=True)
+
+    # Dilation: the flat index runs over the groups' tiles, and every one appears once.
+    got = order([50, 37], [7, 5], [1, 2], [False, True], [4, 2], [2, 4], dilation=[3, 2])
+    assert sorted(got) == list(range(len(got)))

@@ -318,7 +318,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
                 const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                 const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
                 const float* __restrict__ delta, typename Tr::T* __restrict__ dk,
-                typename Tr::T* __restrict__ dv, float* __restrict__ dq_acc) {
+                typename Tr::T* __restrict__ dv, float* __restrict__ dq_acc,
+                const int* __restrict__ kv_order) {
   using T = typename Tr::T;
   constexpr int kD = Tr::kD;
   constexpr int kThreads = Tr::kThreads;
@@ -335,7 +336,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   int kt[kMaxRank];
   {
     Group g0;
-    if (!g0.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
+    if (!g0.init(p, kv_tile_of_cta(kv_order), /*kv_side=*/true, kt)) return;
     if (tid == 0) {
       sm.group = g0;
       sm.fulls = FullTiles::seeing(g0, p, kt, kBlockN);

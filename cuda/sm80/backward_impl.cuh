@@ -106,7 +106,10 @@ std::string run_dkdv(const Problem& p, const T* q, const T* k, const T* v, const
   const Problem pk = kRows == 128 ? with_doubled_kv_tile(p) : p;
   const dim3 grid((unsigned)grid_tiles(pk, pk.kv_tile, /*kv_side=*/true), (unsigned)p.kv_heads,
                   (unsigned)p.batch);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(pk, q, k, v, dout, lse, delta, dk, dv, dq_acc);
+  const int* kv_order = nullptr;
+  if (std::string e = kv_tile_order(pk, kCtasPerSm, stream, &kv_order); !e.empty()) return e;
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(pk, q, k, v, dout, lse, delta, dk, dv, dq_acc,
+                                               kv_order);
   return cuda_error("dkdv kernel launch", cudaGetLastError());
 }
 

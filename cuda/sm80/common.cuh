@@ -280,8 +280,9 @@ struct Group {
   int kvoff[kMaxRank];   // K/V frame offsets (group indices, may be negative)
   bool kv_pad;           // the K/V frame reaches outside the global axis on some axis
 
-  static __device__ __forceinline__ int qdim(Problem const& p, int a) { return (int)p.q_tile[a]; }
-  static __device__ __forceinline__ int kvdim(Problem const& p, int a) {
+  // (init, tiling and TileBox::seeing also run on the host: kv_order.cu weighs the tiles.)
+  static GNA_HD int qdim(Problem const& p, int a) { return (int)p.q_tile[a]; }
+  static GNA_HD int kvdim(Problem const& p, int a) {
     return (int)p.kv_tile[a];
   }
   static __device__ __forceinline__ int qprod(Problem const& p) {
@@ -292,7 +293,7 @@ struct Group {
   }
 
   // In 32-bit arithmetic (gna_geometry.h).
-  __device__ __forceinline__ AxisTilingT<int> tiling(Problem const& p, int a) const {
+  GNA_HD AxisTilingT<int> tiling(Problem const& p, int a) const {
     const Axis& ax = p.axes[a];
     return AxisTilingT<int>{Lg[a],       (int)ax.kernel, (int)ax.stride, ax.causal,
                             qdim(p, a),  kvdim(p, a),    qoff[a],        qlen[a],
@@ -304,7 +305,7 @@ struct Group {
   // longest, so its tile count bounds every group's. False if the tile lies past the end of
   // this (shorter) group's frame.
   // `flat` is a grid index (below 2^31), so this runs in 32-bit arithmetic.
-  __device__ __forceinline__ bool init(Problem const& p, int flat, bool kv_side,
+  GNA_HD bool init(Problem const& p, int flat, bool kv_side,
                                        int tile[kMaxRank]) {
     int n[kMaxRank], len[kMaxRank], kernel[kMaxRank], step[kMaxRank];
     int n_tiles = 1;
@@ -504,6 +505,12 @@ struct RowTable {
   }
 };
 
+// The flat KV tile (Group::init's index, kv_side) of a dK/dV CTA: its grid index, or where the
+// launch ordered the tiles (kv_tile_order, launch.cuh), that order's entry.
+__device__ __forceinline__ int kv_tile_of_cta(const int* __restrict__ kv_order) {
+  return kv_order != nullptr ? kv_order[blockIdx.x] : (int)blockIdx.x;
+}
+
 // Box of tiles [lo, lo + cnt) per axis, walked with the last axis fastest.
 struct TileBox {
   int lo[kMaxRank];
@@ -526,8 +533,7 @@ struct TileBox {
   }
 
   // The Q tiles that see KV tile `kt` of group `G` (the backward's dK/dV loop).
-  static __device__ __forceinline__ TileBox seeing(Group const& G, Problem const& p,
-                                                  const int kt[kMaxRank]) {
+  static GNA_HD TileBox seeing(Group const& G, Problem const& p, const int kt[kMaxRank]) {
     TileBox box;
     box.total = 1;
     for (int a = 0; a < kMaxRank; ++a) {

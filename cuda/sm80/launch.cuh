@@ -21,6 +21,18 @@ int64_t grid_tiles(const Problem& p, const int64_t* tile, bool kv_side);
 
 std::string cuda_error(const char* what, cudaError_t err);
 
+// The order in which a dK/dV grid over the KV tiles of `p` (kv_side grid_tiles along x)
+// takes them, for grids of a few waves at `ctas_per_sm`: `*order` becomes a device array
+// whose entry i is the tile (Group::init's flat index) of CTA i, the tiles with the most Q
+// tiles to visit first, or null where the grid's own order stays (many waves, or
+// JAX_GNA_KV_ORDER=0). Where windows are clamped at an axis's ends, tiles near them are seen
+// by up to 1.5x the Q tiles of the others (1-D 32k, window 2048, stride 256: 24 against 16);
+// in grid order the last of them start in the last wave and the grid waits for them (a list
+// schedule of 77.6 % of the busy time on 132 SMs, against 97 % longest first).
+// The order is gna::kv_tiles_longest_first's (gna_kernels.h).
+std::string kv_tile_order(const Problem& p, int ctas_per_sm, cudaStream_t stream,
+                          const int** order);
+
 // Shared memory a block of the current device may opt into (0 if the query fails).
 // JAX_GNA_SM80_SMEM_LIMIT (bytes) lowers it, so that the paths of cards with less (sm_86/89:
 // 99 KB) can be tested on larger ones.

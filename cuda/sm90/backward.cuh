@@ -191,7 +191,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
                 const typename Tr::T* __restrict__ k, const typename Tr::T* __restrict__ v,
                 const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
                 const float* __restrict__ delta, typename Tr::T* __restrict__ dk,
-                typename Tr::T* __restrict__ dv, const __grid_constant__ QTensorMaps maps) {
+                typename Tr::T* __restrict__ dv, const int* __restrict__ kv_order,
+                const __grid_constant__ QTensorMaps maps) {
   using T = typename Tr::T;
   using Barrier = cutlass::arch::ClusterBarrier;
   constexpr int kD = Tr::kD;
@@ -210,7 +211,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
   int kt[kMaxRank];
   {
     Group g0;
-    if (!g0.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
+    if (!g0.init(p, sm80::kv_tile_of_cta(kv_order), /*kv_side=*/true, kt)) return;
     if (tid == 0) {
       sm.group = g0;
       sm.box = TileBox::seeing(g0, p, kt);

@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                      const typename Tr::T* __restrict__ dout, const float* __restrict__ lse,
                      const float* __restrict__ delta, typename Tr::T* __restrict__ dk,
                      typename Tr::T* __restrict__ dv, float* __restrict__ dq_acc,
-                     const __grid_constant__ QTensorMaps maps) {
+                     const int* __restrict__ kv_order, const __grid_constant__ QTensorMaps maps) {
   using T = typename Tr::T;
   using Dkdv = typename Tr::Dkdv;
   using Barrier = cutlass::arch::ClusterBarrier;
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   int kt[kMaxRank];
   {
     Group g0;
-    if (!g0.init(p, blockIdx.x, /*kv_side=*/true, kt)) return;
+    if (!g0.init(p, sm80::kv_tile_of_cta(kv_order), /*kv_side=*/true, kt)) return;
     if (tid == 0) {
       sm.group = g0;
       sm.box = TileBox::seeing(g0, p, kt);

@@ -62,10 +62,13 @@ std::string launch_fused_backward(const Problem& p, const T* q, const T* k, cons
   if (!GNA_SM90_BWD_TMA) maps.on = 0;
   const dim3 grid((unsigned)sm80::grid_tiles(pd, pd.kv_tile, /*kv_side=*/true),
                   (unsigned)p.kv_heads, (unsigned)p.batch);
-  std::string e = run_bwd_kernel<Tr>(fused_bwd_kernel<Tr>, (int)sizeof(FusedBwdSmem<Tr>),
-                                     "sm90 fused backward kernel", grid, stream, pd, q, k, v,
-                                     dout, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
-                                     dq_acc, maps);
+  const int* kv_order = nullptr;
+  std::string e = sm80::kv_tile_order(pd, 1, stream, &kv_order);
+  if (!e.empty()) return e;
+  e = run_bwd_kernel<Tr>(fused_bwd_kernel<Tr>, (int)sizeof(FusedBwdSmem<Tr>),
+                         "sm90 fused backward kernel", grid, stream, pd, q, k, v, dout, lse,
+                         delta, static_cast<T*>(dk), static_cast<T*>(dv), dq_acc, kv_order,
+                         maps);
   if (!e.empty()) return e;
   return sm80::launch_dq_from_acc<T>(p, dq_acc, dq, stream, /*dependent=*/backward_pdl());
 }
@@ -101,9 +104,12 @@ std::string launch_backward(const Problem& p, const void* q_, const void* k_, co
     QTensorMaps maps;
     encode_q_maps(p, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps);
     if (!GNA_SM90_BWD_TMA) maps.on = 0;
-    e = run_bwd_kernel<Tr>(dkdv_kernel<Tr>, (int)sizeof(DkdvSmem<Tr>),
-                           "sm90 dkdv kernel", kv_grid, stream, p, q, k, v, dout, lse,
-                           (const float*)delta, static_cast<T*>(dk), static_cast<T*>(dv), maps);
+    const int* kv_order = nullptr;
+    e = sm80::kv_tile_order(p, Tr::kWarpGroups == 1 ? 2 : 1, stream, &kv_order);
+    if (e.empty())
+      e = run_bwd_kernel<Tr>(dkdv_kernel<Tr>, (int)sizeof(DkdvSmem<Tr>), "sm90 dkdv kernel",
+                             kv_grid, stream, p, q, k, v, dout, lse, (const float*)delta,
+                             static_cast<T*>(dk), static_cast<T*>(dv), kv_order, maps);
   }
   if (!e.empty()) return e;
   const dim3 grid((unsigned)sm80::grid_tiles(p, p.q_tile, /*kv_side=*/false),
