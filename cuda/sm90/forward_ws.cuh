@@ -217,13 +217,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   };
   // The Q tile, head and batch of flat index `w`: false if the tile lies past the end of its
   // (shorter) dilation group, which the producer then skips.
-  auto tile_of = [&](int64_t w, Group& G, int qt[kMaxRank], int& h, int64_t& b) {
-    const int64_t hb = w / items;
-    h = (int)(hb % p.heads);
-    b = hb / p.heads;
+  // In 32-bit arithmetic (the launch checks that the work items fit): a 64-bit division is a
+  // subroutine of ~70 instructions, on the path to the CTA's first loads.
+  auto tile_of = [&](int64_t w64, Group& G, int qt[kMaxRank], int& h, int64_t& b) {
+    const int w = (int)w64;
+    const int hb = w / items;
+    h = hb % (int)p.heads;
+    b = hb / (int)p.heads;
     // The order's kind as the launch pairs it with the kernel (only gathering kernels run
     // kAll alone): the producer's per-tile path is short of registers.
-    const int x = (int)(w % items);
+    const int x = w % items;
     int t = x;
     if constexpr (kCluster == 2)
       t = order.pair_tile(x);

@@ -89,6 +89,9 @@ std::string launch_ws_forward(const Problem& p, const void* q, const void* k, co
                               void* out, float* lse, const FwdTensorMaps& maps, int items,
                               TileOrder order, cudaStream_t stream) {
   using T = typename Tr::T;
+  // The kernel decodes its work items in 32-bit arithmetic.
+  if ((int64_t)items * p.heads * p.batch > INT32_MAX)
+    return "sm90 ws forward: more than 2^31 - 1 (Q tile, head, batch) work items";
   auto kernel = ws_fwd_kernel<Tr, kKvWarp, kCluster>;
   const int smem = (int)sizeof(WsFwdSmem<Tr, kCluster>);
   cudaError_t err = sm80::opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
