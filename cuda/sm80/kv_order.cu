@@ -79,11 +79,13 @@ std::string kv_tile_order(const Problem& p, int ctas_per_sm, cudaStream_t stream
     const size_t bytes = host.size() * sizeof(int);
     if (cudaError_t e = cudaMalloc(&device, bytes); e != cudaSuccess)
       return cuda_error("cudaMalloc(KV tile order)", e);
-    // Pageable source: the call returns once the bytes are staged, so `host` may go.
-    if (cudaError_t e = cudaMemcpyAsync(device, host.data(), bytes, cudaMemcpyHostToDevice, stream);
-        e != cudaSuccess) {
+    // Waited for before the array is kept: a caller on another stream may find it in `kept`
+    // and launch at once. (Once per geometry; the FFI target is not captured into graphs.)
+    cudaError_t e = cudaMemcpyAsync(device, host.data(), bytes, cudaMemcpyHostToDevice, stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess) {
       cudaFree(device);
-      return cuda_error("cudaMemcpyAsync(KV tile order)", e);
+      return cuda_error("copying the KV tile order", e);
     }
   }
   kept[key] = device;
