@@ -305,8 +305,7 @@ struct Group {
   // longest, so its tile count bounds every group's. False if the tile lies past the end of
   // this (shorter) group's frame.
   // `flat` is a grid index (below 2^31), so this runs in 32-bit arithmetic.
-  GNA_HD bool init(Problem const& p, int flat, bool kv_side,
-                                       int tile[kMaxRank]) {
+  GNA_HD bool init(Problem const& p, int flat, bool kv_side, int tile[kMaxRank]) {
     int n[kMaxRank], len[kMaxRank], kernel[kMaxRank], step[kMaxRank];
     int n_tiles = 1;
     for (int a = 0; a < kMaxRank; ++a) {
