@@ -55,10 +55,12 @@ std::vector<int64_t> geometry_key(const Problem& p, int dev) {
 std::string kv_tile_order(const Problem& p, int ctas_per_sm, cudaStream_t stream,
                           const int** order) {
   *order = nullptr;
-  if (const char* env = std::getenv("JAX_GNA_KV_ORDER"); env && std::string(env) == "0")
-    return {};
+  const char* env = std::getenv("JAX_GNA_KV_ORDER");
+  const std::string mode = env != nullptr ? env : "";
+  if (mode == "0") return {};
   const int64_t tiles = grid_tiles(p, p.kv_tile, /*kv_side=*/true);
-  if (tiles * p.kv_heads * p.batch > kMaxOrderedWaves * ctas_per_sm * sm_count()) return {};
+  if (mode != "all" && tiles * p.kv_heads * p.batch > kMaxOrderedWaves * ctas_per_sm * sm_count())
+    return {};
   int dev = 0;
   if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return cuda_error("cudaGetDevice", e);
   // One device array per (device, geometry), kept for the process: a few bytes per tile, and
