@@ -26,10 +26,11 @@ std::string cuda_error(const char* what, cudaError_t err);
 // whose entry i is the tile (Group::init's flat index) of CTA i, the tiles with the most Q
 // tiles to visit first, or null where the grid's own order stays (many waves,
 // JAX_GNA_KV_ORDER=0, or no device memory left for the array; JAX_GNA_KV_ORDER=all orders
-// grids of any length, to measure the wave limit). Where windows are clamped at an axis's ends, tiles near them are seen
-// by up to 1.5x the Q tiles of the others (1-D 32k, window 2048, stride 256: 24 against 16);
-// in grid order the last of them start in the last wave and the grid waits for them (a list
-// schedule of 77.6 % of the busy time on 132 SMs, against 97 % longest first).
+// grids of any length, to measure the wave limit). Where windows are clamped at an axis's
+// ends, tiles near them are seen by up to 1.5x the Q tiles of the others (1-D 32k, window
+// 2048, stride 256: 24 against 16); in grid order the last of them start in the last wave
+// and the grid waits for them (a list schedule of 77.6 % of the busy time on 132 SMs,
+// against 97 % longest first).
 // The order is gna::kv_tiles_longest_first's (gna_kernels.h).
 std::string kv_tile_order(const Problem& p, int ctas_per_sm, cudaStream_t stream,
                           const int** order);
