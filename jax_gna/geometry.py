@@ -347,26 +347,65 @@ def tile_count(axes: Sequence[AxisParams], tile: Sequence[int]) -> int:
                      for a, t in zip(axes, tile))
 
 
-# Default (Q tile, KV tile) per rank for the tensor-core kernels, in group indices. Boxes of
-# 128 queries and 64 keys; 2-D/3-D boxes are squat so that a window of w keys per axis costs
-# about (w + tile) / tile tiles per axis instead of a thin strip's (w + 128) / 1.
+def visited_pairs(axis: AxisParams, q_tile: int, kv_tile: int) -> int:
+    """Visible (Q tile, KV tile) pairs on one axis, summed over its dilation groups.
+
+    A multi-dimensional pair is visited iff it is visible on every axis, so the pairs a kernel
+    visits are the product of these over the axes (`visited_tile_pairs`).
+    """
+    return sum(n * int(t.visible.sum()) for n, t in group_tilings(axis, q_tile, kv_tile))
+
+
+def visited_tile_pairs(axes: Sequence[AxisParams], q_tile: Sequence[int],
+                       kv_tile: Sequence[int]) -> int:
+    """(Q tile, KV tile) pairs a tiled kernel visits (the simulator's ``visited_tiles``)."""
+    return math.prod(visited_pairs(a, tq, tk) for a, tq, tk in zip(axes, q_tile, kv_tile))
+
+
+# (Q tile, KV tile) candidates per rank, in group indices; the first of each rank is the one
+# `simulator.find_configs` plans block-sparse problems for. Boxes of 128 queries and 64 keys
+# for the tensor-core kernels; 2-D/3-D boxes are squat so that a window of w keys per axis
+# costs about (w + tile) / tile tiles per axis instead of a thin strip's (w + 128) / 1. In 3-D
+# no one box suits every window: on an H200 the candidate with the fewest visited pairs was
+# the fastest or within 5 % of it in most passes of seven 3-D problems, and 1.1-1.5x faster
+# than the first candidate on the neighbourhood (stride 1) ones (docs/PERFORMANCE.md,
+# 2026-11-29).
 _TILE_MENU = {
-    "sm80": {1: ((128,), (64,)), 2: ((8, 16), (8, 8)), 3: ((2, 8, 8), (2, 4, 8))},
+    "sm80": {1: (((128,), (64,)),),
+             2: (((8, 16), (8, 8)),),
+             3: (((2, 8, 8), (2, 4, 8)), ((8, 4, 4), (2, 8, 4)), ((4, 8, 4), (4, 4, 4)))},
     # The portable jnp path pays per scan step, not per tensor-core fragment: larger boxes
     # (256 tokens) ran 1.3-2x faster than the sm80 menu on an H200 (2026-11-26).
-    "xla": {1: ((256,), (256,)), 2: ((16, 16), (16, 16)), 3: ((4, 8, 8), (4, 8, 8))},
+    "xla": {1: (((256,), (256,)),), 2: (((16, 16), (16, 16)),), 3: (((4, 8, 8), (4, 8, 8)),)},
 }
 
 
-def default_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128,
-                        arch: str = "sm80") -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ``(q_tile, kv_tile)`` the `cuda` implementation uses for a problem on `arch`.
+def tile_menu(axes: Sequence[AxisParams], head_dim: int = 128,
+              arch: str = "sm80") -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The ``(q_tile, kv_tile)`` candidates of `arch` for the rank of `axes`, each shrunk to
+    fit short axes (`fit_tile`).
 
-    Tiles are shrunk to fit short axes (`fit_tile`). `head_dim` is part of the signature
-    because kernels may pick smaller tiles for large head dims.
+    `head_dim` is part of the signature because kernels may pick smaller tiles for large head
+    dims.
+
+    Raises:
+      ValueError: `arch` has no menu.
     """
     if arch not in _TILE_MENU:
         raise ValueError(f"arch={arch!r} has no tile menu; known: {sorted(_TILE_MENU)}")
     del head_dim  # one menu for head dims up to 128 so far
-    q_tile, kv_tile = _TILE_MENU[arch][len(axes)]
-    return fit_tile(q_tile, axes), fit_tile(kv_tile, axes)
+    return [(fit_tile(q, axes), fit_tile(kv, axes)) for q, kv in _TILE_MENU[arch][len(axes)]]
+
+
+def default_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128,
+                        arch: str = "sm80") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ``(q_tile, kv_tile)`` the `cuda` implementation uses for a problem on `arch`: of
+    `tile_menu`'s candidates, the first with the fewest visited tile pairs.
+
+    Raises:
+      ValueError: `arch` has no menu.
+    """
+    menu = tile_menu(axes, head_dim, arch)
+    if len(menu) == 1:
+        return menu[0]
+    return min(menu, key=lambda tiles: visited_tile_pairs(axes, *tiles))

@@ -125,16 +125,15 @@ def _clean(tiling: geometry.AxisTiling) -> np.ndarray:
 
 
 def _axis_stats(axis: AxisParams, q_tile: int, kv_tile: int) -> _AxisStats:
-    visited = full = clean = 0
+    full = clean = 0
     for n_groups, tiling in geometry.group_tilings(axis, q_tile, kv_tile):
-        visited += n_groups * int(tiling.visible.sum())
         full += n_groups * int(tiling.full.sum())
         clean += n_groups * int((tiling.visible & _clean(tiling)).sum())
     return _AxisStats(
         neighborhood=geometry.neighborhood_size([axis]),
         q_tiles=geometry.tile_count([axis], (q_tile,)),
         kv_tiles=geometry.tile_count([axis], (kv_tile,)),
-        visited=visited, full=full, clean=clean)
+        visited=geometry.visited_pairs(axis, q_tile, kv_tile), full=full, clean=clean)
 
 
 def _combine(spatial_shape: tuple[int, ...], q_tile: tuple[int, ...],
@@ -155,12 +154,15 @@ def _combine(spatial_shape: tuple[int, ...], q_tile: tuple[int, ...],
 
 
 def _tiles(axes: Sequence[AxisParams], q_tile_shape, kv_tile_shape, head_dim: int,
-           arch: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+           arch: str, planned: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The overrides, else `cuda`'s defaults for the problem, or (`planned`) the tiles that
+    block-sparse configurations are planned for (the first of `geometry.tile_menu`)."""
     rank = len(axes)
     q_tile = geometry.check_tile_shape("q_tile_shape", q_tile_shape, rank)
     kv_tile = geometry.check_tile_shape("kv_tile_shape", kv_tile_shape, rank)
     if q_tile is None or kv_tile is None:
-        dq, dkv = geometry.default_tile_shapes(axes, head_dim, arch)
+        dq, dkv = (geometry.tile_menu(axes, head_dim, arch)[0] if planned
+                   else geometry.default_tile_shapes(axes, head_dim, arch))
         q_tile = dq if q_tile is None else q_tile
         kv_tile = dkv if kv_tile is None else kv_tile
     return q_tile, kv_tile
@@ -362,7 +364,10 @@ def find_configs(spatial_shape: Sequence[int], *, window: int | Sequence[int] | 
       window, stride: requested per-axis values (scalars broadcast); ``window=-1`` is the
         whole axis.
       target_sparsity: requested fraction of dense scores skipped, in (0, 1).
-      q_tile_shape, kv_tile_shape, head_dim, arch: tiles, as in `simulate`.
+      q_tile_shape, kv_tile_shape, head_dim, arch: tiles, as in `simulate`, except that the
+        default is the first candidate of `geometry.tile_menu`. The `cuda` implementation
+        picks it for the configurations found where its tiles divide the group lengths:
+        those visit only needed elements, the fewest pairs any tiles of their sizes can.
       top: how many configurations to return.
       dilation, is_causal: kept fixed at these values.
 
@@ -390,11 +395,11 @@ def find_configs(spatial_shape: Sequence[int], *, window: int | Sequence[int] | 
         if not 0.0 < float(target_sparsity) < 1.0:
             raise ValueError(f"target_sparsity={target_sparsity} must be in (0, 1)")
         target_density = (1.0 - float(target_sparsity)) ** (1.0 / rank)
-    # Validate dilations (and get default tiles) through the one config validator, with the
-    # smallest legal window.
+    # Validate dilations (and get the planned tiles) through the one config validator, with
+    # the smallest legal window.
     axes = GNAConfig(kernel_size=2, stride=1, dilation=tuple(dilations),
                      is_causal=tuple(causals)).resolve(shape)
-    q_tile, kv_tile = _tiles(axes, q_tile_shape, kv_tile_shape, head_dim, arch)
+    q_tile, kv_tile = _tiles(axes, q_tile_shape, kv_tile_shape, head_dim, arch, planned=True)
     for a, s in enumerate(strides or ()):
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
             raise ValueError(f"stride[{a}]={s!r} must be a positive int")

@@ -133,6 +133,44 @@ def test_default_tiles_follow_geometry():
     assert (r.q_tile_shape, r.kv_tile_shape) == jax_gna.geometry.default_tile_shapes(axes)
 
 
+@pytest.mark.parametrize("shape, window, stride, want", [
+    # Hunyuan NA: the box 2x8x8 sees 19x31x31 tokens, 8x4x4 sees 25x27x27.
+    ((30, 48, 80), (18, 24, 24), (1, 1, 1), ((8, 4, 4), (2, 8, 4))),
+    # Hunyuan GNA is block-sparse with the first candidate, so it keeps it.
+    ((30, 48, 80), (18, 24, 24), (16, 8, 8), ((2, 8, 8), (2, 4, 8))),
+    ((16, 32, 32), (7, 7, 7), (1, 1, 1), ((4, 8, 4), (4, 4, 4))),
+    # One candidate in 2-D.
+    ((256, 256), (80, 80), (1, 1), ((8, 16), (8, 8))),
+])
+def test_default_tiles_of_known_problems(shape, window, stride, want):
+    axes = GNAConfig(window, stride).resolve(shape)
+    assert jax_gna.geometry.default_tile_shapes(axes) == want
+
+
+def test_default_tiles_visit_the_fewest_pairs_of_the_menu_by_brute_force():
+    rng = np.random.default_rng()
+    picked = set()
+    for trial in range(12):
+        shape = tuple(int(rng.integers(lo, hi)) for lo, hi in ((4, 14), (6, 20), (6, 20)))
+        window = tuple(int(rng.integers(2, n + 1)) for n in shape)
+        cfg = GNAConfig(window, tuple(int(rng.integers(1, min(k, 3) + 1)) for k in window))
+        axes = cfg.resolve(shape)
+        menu = jax_gna.geometry.tile_menu(axes)
+        visited = [brute_force(shape, cfg, q, kv)["visited_tiles"] for q, kv in menu]
+        chosen = jax_gna.geometry.default_tile_shapes(axes)
+        where = f"trial {trial}: {shape} {cfg} menu {menu} visited {visited}"
+        assert chosen == menu[visited.index(min(visited))], where
+        picked.add(menu.index(chosen))
+    assert len(menu) == 3 and len(picked) >= 2, picked
+
+
+def test_find_plans_for_the_first_candidate():
+    # The neighbourhood problem's own default differs, the plan does not.
+    found = jax_gna.find_configs((30, 48, 80), window=(18, 24, 24), top=3)
+    assert all(f.result.q_tile_shape == (2, 8, 8) for f in found)
+    assert jax_gna.simulate((30, 48, 80), GNAConfig((18, 24, 24))).q_tile_shape == (8, 4, 4)
+
+
 def test_3d_is_fast():
     cfg = GNAConfig((18, 24, 24), (1, 1, 1))
     jax_gna.simulate((30, 48, 80), cfg)  # warm caches of the import machinery
