@@ -126,6 +126,37 @@ def test_odd_tile_boxes_match_reference(q_tile, kv_tile):
     _assert_matches_reference(out, lse, q, k, v, cfg)
 
 
+@pytest.mark.parametrize("shape,kernel,entry", [
+    ((6, 16, 24), (3, 9, 9), 0),
+    ((16, 8, 16), (9, 5, 7), 1),
+    ((12, 16, 16), (7, 5, 5), 2),
+])
+def test_3d_tile_menu_defaults_match_float64(shape, kernel, entry):
+    """Each 3-D menu candidate, picked as the default of a problem, at D = 128 (the
+    two-consumer sm90a kernels): forward, lse and gradients against float64 autodiff."""
+    cfg = jax_gna.GNAConfig(kernel_size=kernel)
+    axes = cfg.resolve(shape)
+    assert jax_gna.geometry.default_tile_shapes(axes) == jax_gna.geometry.tile_menu(axes)[entry]
+    q, k, v = _inputs(shape, 2, 1, 128, "bfloat16", seed=40 + entry)
+    out, lse = _cuda_forward(q, k, v, cfg)
+    _assert_matches_reference(out, lse, q, k, v, cfg)
+    rng = np.random.default_rng(50 + entry)
+    dout = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
+    got = _grads(cfg, q, k, v, dout)
+    n = int(np.prod(shape))
+    mask = battery.brute_mask(shape, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
+    with jax.enable_x64(True):
+        flat = [jnp.asarray(np.asarray(x, np.float64).reshape(2, n, *x.shape[-2:]))
+                for x in (q, k, v, dout)]
+        _, vjp = jax.vjp(lambda q, k, v: battery.jnp_dense_f64(q, k, v, jnp.asarray(mask),
+                                                               128 ** -0.5)[0], *flat[:3])
+        want = [np.asarray(g).reshape(x.shape) for g, x in zip(vjp(flat[3]), (q, k, v))]
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        a = np.asarray(a, np.float64)
+        assert np.isfinite(a).all(), name
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, name
+
+
 @pytest.mark.parametrize("tiles", [None, ((8, 8), (8, 8))])
 def test_forward_on_few_ctas_matches_reference(monkeypatch, tiles):
     """JAX_GNA_SM90_FWD_CTAS=3 caps the sm90a forward's grid, so that each CTA computes many Q
