@@ -134,7 +134,7 @@ def test_odd_tile_boxes_match_reference(q_tile, kv_tile):
 def test_3d_tile_menu_defaults_match_float64(shape, kernel, entry):
     """Each 3-D menu candidate, picked as the default of a problem, at D = 128 (the
     two-consumer sm90a kernels): forward, lse and gradients against float64 autodiff."""
-    cfg = jax_gna.GNAConfig(kernel_size=kernel)
+    cfg = jax_gna.GNAConfig(kernel, (1, 1, 1), (1, 1, 1), (False, False, False))
     axes = cfg.resolve(shape)
     assert jax_gna.geometry.default_tile_shapes(axes) == jax_gna.geometry.tile_menu(axes)[entry]
     q, k, v = _inputs(shape, 2, 1, 128, "bfloat16", seed=40 + entry)
