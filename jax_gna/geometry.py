@@ -366,10 +366,10 @@ def visited_tile_pairs(axes: Sequence[AxisParams], q_tile: Sequence[int],
 # `simulator.find_configs` plans block-sparse problems for. Boxes of 128 queries and 64 keys
 # for the tensor-core kernels; 2-D/3-D boxes are squat so that a window of w keys per axis
 # costs about (w + tile) / tile tiles per axis instead of a thin strip's (w + 128) / 1. In 3-D
-# no one box suits every window: on an H200 the candidate with the fewest visited pairs was
-# the fastest or within 5 % of it in most passes of seven 3-D problems, and 1.1-1.5x faster
-# than the first candidate on the neighbourhood (stride 1) ones (docs/PERFORMANCE.md,
-# 2026-11-29).
+# no one box suits every window. On an H200 the candidate with the fewest visited pairs ran
+# 1.01-1.49x faster than the first one on five 3-D neighbourhood problems (sm90a kernels,
+# forward and backward; sm80 1.06-1.58x on three), and on a strided, partly masked one 0.95x
+# forward and 1.10x backward (sm80 1.2x both) (docs/PERFORMANCE.md, 2026-11-29).
 _TILE_MENU = {
     "sm80": {1: (((128,), (64,)),),
              2: (((8, 16), (8, 8)),),
