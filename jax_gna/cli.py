@@ -318,10 +318,29 @@ def cmd_sim(args) -> int:
     elapsed = time.perf_counter() - start
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=1))
-    else:
-        print(result.summary())
-        print(f"(simulated in {elapsed * 1e3:.1f} ms)")
+        return 0
+    print(result.summary())
+    if args.q_tile is None and args.kv_tile is None:
+        _print_tile_menu(tuple(args.shape), _config(args), args, result)
+    print(f"(simulated in {elapsed * 1e3:.1f} ms)")
     return 0
+
+
+def _print_tile_menu(shape, cfg, args, result) -> None:
+    """Where the rank's tile menu has several candidates, each with its visited pairs and
+    which one is the default (`geometry.default_tile_shapes`)."""
+    from jax_gna import geometry
+
+    axes = cfg.resolve(shape)
+    menu = geometry.tile_menu(axes, args.head_dim, args.arch)
+    if len(menu) < 2:
+        return
+    print("tile menu         (the default visits the fewest tile pairs)")
+    for q_tile, kv_tile in menu:
+        pairs = geometry.visited_tile_pairs(axes, q_tile, kv_tile)
+        mark = "  <- default" if (q_tile, kv_tile) == (result.q_tile_shape,
+                                                        result.kv_tile_shape) else ""
+        print(f"  Q {q_tile}  KV {kv_tile}  {pairs} pairs{mark}")
 
 
 def cmd_find(args) -> int:

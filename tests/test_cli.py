@@ -46,6 +46,29 @@ def test_sim_prints_the_simulation(capsys):
     assert "block-sparse      yes" in out
 
 
+def test_sim_lists_the_3d_tile_menu(capsys):
+    code, out, _ = run_cli(capsys, "sim", "30", "48", "80", "--window", "18", "24", "24")
+    assert code == 0
+    menu = [line for line in out.splitlines() if line.startswith("  Q ")]
+    assert len(menu) == 3
+    cfg = GNAConfig((18, 24, 24))
+    for line in menu:
+        q = tuple(int(x) for x in line.split("Q (")[1].split(")")[0].split(","))
+        kv = tuple(int(x) for x in line.split("KV (")[1].split(")")[0].split(","))
+        r = jax_gna.simulate((30, 48, 80), cfg, q_tile_shape=q, kv_tile_shape=kv)
+        assert f"{r.visited_tiles} pairs" in line
+    default = jax_gna.simulate((30, 48, 80), cfg)
+    marked = [line for line in menu if line.endswith("<- default")]
+    assert marked == [f"  Q {default.q_tile_shape}  KV {default.kv_tile_shape}  "
+                      f"{default.visited_tiles} pairs  <- default"]
+    # 2-D has one candidate, and explicit tiles print no menu.
+    for argv in (("sim", "64", "64", "--window", "7"),
+                 ("sim", "30", "48", "80", "--window", "18", "--q-tile", "2", "8", "8",
+                  "--kv-tile", "2", "4", "8")):
+        code, out, _ = run_cli(capsys, *argv)
+        assert code == 0 and "tile menu" not in out
+
+
 def test_sim_json_equals_simulate(capsys):
     code, out, _ = run_cli(capsys, "sim", "9", "20", "--window", "5", "7", "--stride", "2",
                            "--dilation", "1", "2", "--causal", "1", "0", "--json")
