@@ -335,12 +335,11 @@ def _print_tile_menu(shape, cfg, args, result) -> None:
     menu = geometry.tile_menu(axes, args.head_dim, args.arch)
     if len(menu) < 2:
         return
-    print("tile menu         (the default visits the fewest tile pairs)")
-    for q_tile, kv_tile in menu:
+    print("tile menu         (the default is the first with the fewest tile pairs)")
+    default = menu.index((result.q_tile_shape, result.kv_tile_shape))
+    for i, (q_tile, kv_tile) in enumerate(menu):
         pairs = geometry.visited_tile_pairs(axes, q_tile, kv_tile)
-        mark = "  <- default" if (q_tile, kv_tile) == (result.q_tile_shape,
-                                                        result.kv_tile_shape) else ""
-        print(f"  Q {q_tile}  KV {kv_tile}  {pairs} pairs{mark}")
+        print(f"  Q {q_tile}  KV {kv_tile}  {pairs} pairs{'  <- default' if i == default else ''}")
 
 
 def cmd_find(args) -> int:

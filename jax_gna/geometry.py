@@ -382,8 +382,8 @@ _TILE_MENU = {
 
 def tile_menu(axes: Sequence[AxisParams], head_dim: int = 128,
               arch: str = "sm80") -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The ``(q_tile, kv_tile)`` candidates of `arch` for the rank of `axes`, each shrunk to
-    fit short axes (`fit_tile`).
+    """The distinct ``(q_tile, kv_tile)`` candidates of `arch` for the rank of `axes`, each
+    shrunk to fit short axes (`fit_tile`), in the menu's order.
 
     `head_dim` is part of the signature because kernels may pick smaller tiles for large head
     dims.
@@ -394,7 +394,8 @@ def tile_menu(axes: Sequence[AxisParams], head_dim: int = 128,
     if arch not in _TILE_MENU:
         raise ValueError(f"arch={arch!r} has no tile menu; known: {sorted(_TILE_MENU)}")
     del head_dim  # one menu for head dims up to 128 so far
-    return [(fit_tile(q, axes), fit_tile(kv, axes)) for q, kv in _TILE_MENU[arch][len(axes)]]
+    fitted = [(fit_tile(q, axes), fit_tile(kv, axes)) for q, kv in _TILE_MENU[arch][len(axes)]]
+    return list(dict.fromkeys(fitted))
 
 
 def default_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128,

@@ -161,7 +161,7 @@ def test_default_tiles_visit_the_fewest_pairs_of_the_menu_by_brute_force():
         where = f"trial {trial}: {shape} {cfg} menu {menu} visited {visited}"
         assert chosen == menu[visited.index(min(visited))], where
         picked.add(menu.index(chosen))
-    assert len(menu) == 3 and len(picked) >= 2, picked
+    assert len(picked) >= 2, picked
 
 
 def test_find_plans_for_the_first_candidate():
