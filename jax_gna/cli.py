@@ -327,19 +327,23 @@ def cmd_sim(args) -> int:
 
 
 def _print_tile_menu(shape, cfg, args, result) -> None:
-    """Where the rank's tile menu has several candidates, each with its visited pairs and
-    which one is the default (`geometry.default_tile_shapes`)."""
+    """Where the rank's tile menu has several candidates, each with its visited pairs, whether
+    its KV tile divides the axes, and which one is the default
+    (`geometry.default_tile_shapes`)."""
     from jax_gna import geometry
 
     axes = cfg.resolve(shape)
     menu = geometry.tile_menu(axes, args.head_dim, args.arch)
     if len(menu) < 2:
         return
-    print("tile menu         (the default is the first with the fewest tile pairs)")
+    print("tile menu         (the default is the first of least cost: its tile pairs, weighted "
+          "up where KV rows are gathered)")
     default = menu.index((result.q_tile_shape, result.kv_tile_shape))
     for i, (q_tile, kv_tile) in enumerate(menu):
         pairs = geometry.visited_tile_pairs(axes, q_tile, kv_tile)
-        print(f"  Q {q_tile}  KV {kv_tile}  {pairs} pairs{'  <- default' if i == default else ''}")
+        gathered = "" if geometry.kv_tiles_divide(axes, kv_tile) else "  (KV rows gathered)"
+        mark = "  <- default" if i == default else ""
+        print(f"  Q {q_tile}  KV {kv_tile}  {pairs} pairs{gathered}{mark}")
 
 
 def cmd_find(args) -> int:

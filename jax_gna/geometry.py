@@ -362,22 +362,39 @@ def visited_tile_pairs(axes: Sequence[AxisParams], q_tile: Sequence[int],
     return math.prod(visited_pairs(a, tq, tk) for a, tq, tk in zip(axes, q_tile, kv_tile))
 
 
+def kv_tiles_divide(axes: Sequence[AxisParams], kv_tile: Sequence[int]) -> bool:
+    """Whether `kv_tile` divides every axis's dilation groups, so that every KV tile is a whole
+    box of tokens (the condition under which the sm90a forward loads K/V as TMA boxes)."""
+    return all(a.length % a.dilation == 0 and a.length // a.dilation % t == 0
+               for a, t in zip(axes, kv_tile))
+
+
 # (Q tile, KV tile) candidates per rank, in group indices; the first of each rank is the one
 # `simulator.find_configs` plans block-sparse problems for. Boxes of 128 queries and 64 keys
 # for the tensor-core kernels; 2-D/3-D boxes are squat so that a window of w keys per axis
-# costs about (w + tile) / tile tiles per axis instead of a thin strip's (w + 128) / 1. In 3-D
-# no one box suits every window. On an H200 the candidate with the fewest visited pairs ran
-# 1.01-1.49x faster than the first one on five 3-D neighbourhood problems (sm90a kernels,
-# forward and backward; sm80 1.06-1.58x on three), and on a strided, partly masked one 0.95x
-# forward and 1.10x backward (sm80 1.2x both) (docs/PERFORMANCE.md, 2026-11-29).
+# costs about (w + tile) / tile tiles per axis instead of a thin strip's (w + 128) / 1. No one
+# box suits every window. On an H200 (docs/PERFORMANCE.md, 2026-11-29), the candidate with the
+# fewest visited pairs ran:
+# - 3-D: 1.01-1.49x faster than the first one on five neighbourhood problems (sm90a kernels,
+#   forward and backward; sm80 1.06-1.58x on three), and on a strided, partly masked one 0.95x
+#   forward and 1.10x backward (sm80 1.2x both);
+# - 2-D: 1.07-1.27x forward on three neighbourhood problems (windows 7, 21 and 57; sm80
+#   1.05-1.18x), backward 1.00-1.12x (sm80 1.02-1.10x).
 _TILE_MENU = {
     "sm80": {1: (((128,), (64,)),),
-             2: (((8, 16), (8, 8)),),
+             2: (((8, 16), (8, 8)), ((8, 16), (4, 16)), ((4, 32), (4, 16))),
              3: (((2, 8, 8), (2, 4, 8)), ((8, 4, 4), (2, 8, 4)), ((4, 8, 4), (4, 4, 4)))},
     # The portable jnp path pays per scan step, not per tensor-core fragment: larger boxes
     # (256 tokens) ran 1.3-2x faster than the sm80 menu on an H200 (2026-11-26).
     "xla": {1: (((256,), (256,)),), 2: (((16, 16), (16, 16)),), 3: (((4, 8, 8), (4, 8, 8)),)},
 }
+
+# What a visited pair costs, relative to one whose KV tile divides the axes, where it does
+# not: the sm90a forward then gathers K/V rows with cp.async instead of loading TMA boxes,
+# measured 12-15 % slower per pair on an H200 (2-D windows of 21 on 72x72 and 120x120, 3-D
+# Hunyuan NA; 2026-11-29). The sm80 kernels always gather; this weight only costs them a
+# candidate with up to 15 % fewer pairs.
+_UNDIVIDED_KV_COST = {"sm80": 1.15, "xla": 1.0}
 
 
 def tile_menu(axes: Sequence[AxisParams], head_dim: int = 128,
@@ -398,10 +415,24 @@ def tile_menu(axes: Sequence[AxisParams], head_dim: int = 128,
     return list(dict.fromkeys(fitted))
 
 
+def tile_cost(axes: Sequence[AxisParams], q_tile: Sequence[int], kv_tile: Sequence[int],
+              arch: str = "sm80") -> float:
+    """What `default_tile_shapes` minimises: the visited tile pairs, weighted up where the KV
+    tile does not divide the axes (`kv_tiles_divide`; the kernels then gather K/V rows).
+
+    Raises:
+      ValueError: `arch` has no menu.
+    """
+    if arch not in _UNDIVIDED_KV_COST:
+        raise ValueError(f"arch={arch!r} has no tile menu; known: {sorted(_TILE_MENU)}")
+    pairs = visited_tile_pairs(axes, q_tile, kv_tile)
+    return pairs * (1.0 if kv_tiles_divide(axes, kv_tile) else _UNDIVIDED_KV_COST[arch])
+
+
 def default_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128,
                         arch: str = "sm80") -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The ``(q_tile, kv_tile)`` the `cuda` implementation uses for a problem on `arch`: of
-    `tile_menu`'s candidates, the first with the fewest visited tile pairs.
+    `tile_menu`'s candidates, the first of least `tile_cost`.
 
     Raises:
       ValueError: `arch` has no menu.
@@ -409,4 +440,5 @@ def default_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128,
     menu = tile_menu(axes, head_dim, arch)
     if len(menu) == 1:
         return menu[0]
-    return min(menu, key=lambda tiles: visited_tile_pairs(axes, *tiles))
+    return min(menu, key=lambda tiles: tile_cost(axes, *tiles, arch=arch))
+

@@ -61,8 +61,22 @@ def test_sim_lists_the_3d_tile_menu(capsys):
     marked = [line for line in menu if line.endswith("<- default")]
     assert marked == [f"  Q {default.q_tile_shape}  KV {default.kv_tile_shape}  "
                       f"{default.visited_tiles} pairs  <- default"]
-    # 2-D has one candidate, and explicit tiles print no menu.
-    for argv in (("sim", "64", "64", "--window", "7"),
+    # KV 4x4x4 does not divide 30 frames: its rows are gathered.
+    assert [line for line in menu if "gathered" in line] == [
+        line for line in menu if "KV (4, 4, 4)" in line]
+
+
+def test_sim_lists_the_2d_tile_menu(capsys):
+    # Window 21 on 72x72: KV 4x16 visits fewer pairs but does not divide 72, so the first
+    # candidate stays the default.
+    code, out, _ = run_cli(capsys, "sim", "72", "72", "--window", "21")
+    assert code == 0
+    menu = [line for line in out.splitlines() if line.startswith("  Q ")]
+    assert len(menu) == 3
+    assert menu[0].startswith("  Q (8, 16)  KV (8, 8)") and menu[0].endswith("<- default")
+    assert "(KV rows gathered)" in menu[1] and "(KV rows gathered)" not in menu[0]
+    # 1-D has one candidate, and explicit tiles print no menu.
+    for argv in (("sim", "32768", "--window", "2048"),
                  ("sim", "30", "48", "80", "--window", "18", "--q-tile", "2", "8", "8",
                   "--kv-tile", "2", "4", "8")):
         code, out, _ = run_cli(capsys, *argv)

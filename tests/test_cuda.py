@@ -127,20 +127,25 @@ def test_odd_tile_boxes_match_reference(q_tile, kv_tile):
 
 
 @pytest.mark.parametrize("shape,kernel,entry", [
+    ((16, 32), (13, 13), 0),
+    ((16, 48), (9, 19), 1),
+    ((24, 32), (9, 21), 2),
     ((6, 16, 24), (3, 9, 9), 0),
     ((16, 8, 16), (9, 5, 7), 1),
     ((12, 16, 16), (7, 5, 5), 2),
 ])
-def test_3d_tile_menu_defaults_match_float64(shape, kernel, entry):
-    """Each 3-D menu candidate, picked as the default of a problem, at D = 128 (the
+def test_tile_menu_defaults_match_float64(shape, kernel, entry):
+    """Each 2-D and 3-D menu candidate, picked as the default of a problem, at D = 128 (the
     two-consumer sm90a kernels): forward, lse and gradients against float64 autodiff."""
-    cfg = jax_gna.GNAConfig(kernel, (1, 1, 1), (1, 1, 1), (False, False, False))
+    rank = len(shape)
+    cfg = jax_gna.GNAConfig(kernel, (1,) * rank, (1,) * rank, (False,) * rank)
     axes = cfg.resolve(shape)
     assert jax_gna.geometry.default_tile_shapes(axes) == jax_gna.geometry.tile_menu(axes)[entry]
-    q, k, v = _inputs(shape, 2, 1, 128, "bfloat16", seed=40 + entry)
+    seed = 40 + 10 * rank + entry
+    q, k, v = _inputs(shape, 2, 1, 128, "bfloat16", seed=seed)
     out, lse = _cuda_forward(q, k, v, cfg)
     _assert_matches_reference(out, lse, q, k, v, cfg)
-    rng = np.random.default_rng(50 + entry)
+    rng = np.random.default_rng(seed + 100)
     dout = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
     got = _grads(cfg, q, k, v, dout)
     n = int(np.prod(shape))
