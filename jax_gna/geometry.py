@@ -364,7 +364,8 @@ def visited_tile_pairs(axes: Sequence[AxisParams], q_tile: Sequence[int],
 
 def kv_tiles_divide(axes: Sequence[AxisParams], kv_tile: Sequence[int]) -> bool:
     """Whether `kv_tile` divides every axis's dilation groups, so that every KV tile is a whole
-    box of tokens (the condition under which the sm90a forward loads K/V as TMA boxes)."""
+    box of tokens: for a whole (unframed) problem, the condition under which the sm90a forward
+    loads K/V as TMA boxes."""
     return all(a.length % a.dilation == 0 and a.length // a.dilation % t == 0
                for a, t in zip(axes, kv_tile))
 
@@ -418,7 +419,8 @@ def tile_menu(axes: Sequence[AxisParams], head_dim: int = 128,
 def tile_cost(axes: Sequence[AxisParams], q_tile: Sequence[int], kv_tile: Sequence[int],
               arch: str = "sm80") -> float:
     """What `default_tile_shapes` minimises: the visited tile pairs, weighted up where the KV
-    tile does not divide the axes (`kv_tiles_divide`; the kernels then gather K/V rows).
+    tile does not divide the axes (`kv_tiles_divide`; the sm90a forward then gathers K/V
+    rows).
 
     Raises:
       ValueError: `arch` has no menu.
@@ -441,4 +443,3 @@ def default_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128,
     if len(menu) == 1:
         return menu[0]
     return min(menu, key=lambda tiles: tile_cost(axes, *tiles, arch=arch))
-

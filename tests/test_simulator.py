@@ -155,7 +155,7 @@ def test_default_tiles_of_known_problems(shape, window, stride, want):
 
 
 @pytest.mark.parametrize("sizes", [((6, 24), (12, 48)), ((4, 14), (6, 20), (6, 20))])
-def test_default_tiles_visit_the_fewest_pairs_of_the_menu_by_brute_force(sizes):
+def test_default_tiles_are_the_menus_least_cost_by_brute_force(sizes):
     """The pick against visited pairs counted on the dense mask, weighted up where a KV tile
     leaves a partial box at some axis's end (its rows are gathered)."""
     rng = np.random.default_rng()
