@@ -353,7 +353,12 @@ def visited_pairs(axis: AxisParams, q_tile: int, kv_tile: int) -> int:
     A multi-dimensional pair is visited iff it is visible on every axis, so the pairs a kernel
     visits are the product of these over the axes (`visited_tile_pairs`).
     """
-    return sum(n * int(t.visible.sum()) for n, t in group_tilings(axis, q_tile, kv_tile))
+    return visible_pairs(group_tilings(axis, q_tile, kv_tile))
+
+
+def visible_pairs(tilings: Sequence[tuple[int, AxisTiling]]) -> int:
+    """`visited_pairs` from an axis's `group_tilings` (for callers that also need them)."""
+    return sum(n * int(t.visible.sum()) for n, t in tilings)
 
 
 def visited_tile_pairs(axes: Sequence[AxisParams], q_tile: Sequence[int],
@@ -365,7 +370,7 @@ def visited_tile_pairs(axes: Sequence[AxisParams], q_tile: Sequence[int],
 def kv_tiles_divide(axes: Sequence[AxisParams], kv_tile: Sequence[int]) -> bool:
     """Whether `kv_tile` divides every axis's dilation groups, so that every KV tile is a whole
     box of tokens: for a whole (unframed) problem, the condition under which the sm90a forward
-    loads K/V as TMA boxes."""
+    loads K/V as TMA boxes (`kv_tiles_inside` in cuda/gna_geometry.h)."""
     return all(a.length % a.dilation == 0 and a.length // a.dilation % t == 0
                for a, t in zip(axes, kv_tile))
 
@@ -396,6 +401,12 @@ _TILE_MENU = {
 # Hunyuan NA; 2026-11-29). The sm80 kernels always gather; this weight only costs them a
 # candidate with up to 15 % fewer pairs.
 _UNDIVIDED_KV_COST = {"sm80": 1.15, "xla": 1.0}
+assert _UNDIVIDED_KV_COST.keys() == _TILE_MENU.keys()
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in _TILE_MENU:
+        raise ValueError(f"arch={arch!r} has no tile menu; known: {sorted(_TILE_MENU)}")
 
 
 def tile_menu(axes: Sequence[AxisParams], head_dim: int = 128,
@@ -409,8 +420,7 @@ def tile_menu(axes: Sequence[AxisParams], head_dim: int = 128,
     Raises:
       ValueError: `arch` has no menu.
     """
-    if arch not in _TILE_MENU:
-        raise ValueError(f"arch={arch!r} has no tile menu; known: {sorted(_TILE_MENU)}")
+    _check_arch(arch)
     del head_dim  # one menu for head dims up to 128 so far
     fitted = [(fit_tile(q, axes), fit_tile(kv, axes)) for q, kv in _TILE_MENU[arch][len(axes)]]
     return list(dict.fromkeys(fitted))
@@ -425,8 +435,7 @@ def tile_cost(axes: Sequence[AxisParams], q_tile: Sequence[int], kv_tile: Sequen
     Raises:
       ValueError: `arch` has no menu.
     """
-    if arch not in _UNDIVIDED_KV_COST:
-        raise ValueError(f"arch={arch!r} has no tile menu; known: {sorted(_TILE_MENU)}")
+    _check_arch(arch)
     pairs = visited_tile_pairs(axes, q_tile, kv_tile)
     return pairs * (1.0 if kv_tiles_divide(axes, kv_tile) else _UNDIVIDED_KV_COST[arch])
 

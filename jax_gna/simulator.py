@@ -125,15 +125,16 @@ def _clean(tiling: geometry.AxisTiling) -> np.ndarray:
 
 
 def _axis_stats(axis: AxisParams, q_tile: int, kv_tile: int) -> _AxisStats:
+    tilings = geometry.group_tilings(axis, q_tile, kv_tile)
     full = clean = 0
-    for n_groups, tiling in geometry.group_tilings(axis, q_tile, kv_tile):
+    for n_groups, tiling in tilings:
         full += n_groups * int(tiling.full.sum())
         clean += n_groups * int((tiling.visible & _clean(tiling)).sum())
     return _AxisStats(
         neighborhood=geometry.neighborhood_size([axis]),
         q_tiles=geometry.tile_count([axis], (q_tile,)),
         kv_tiles=geometry.tile_count([axis], (kv_tile,)),
-        visited=geometry.visited_pairs(axis, q_tile, kv_tile), full=full, clean=clean)
+        visited=geometry.visible_pairs(tilings), full=full, clean=clean)
 
 
 def _combine(spatial_shape: tuple[int, ...], q_tile: tuple[int, ...],

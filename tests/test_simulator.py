@@ -183,6 +183,17 @@ def test_default_tiles_are_the_menus_least_cost_by_brute_force(sizes):
     assert len(picked) >= 2, picked
 
 
+@pytest.mark.parametrize("fn", [
+    lambda axes: jax_gna.geometry.tile_menu(axes, arch="sm70"),
+    lambda axes: jax_gna.geometry.default_tile_shapes(axes, arch="sm70"),
+    lambda axes: jax_gna.geometry.tile_cost(axes, (8, 16), (8, 8), arch="sm70"),
+])
+def test_unknown_arch_is_rejected(fn):
+    axes = GNAConfig((7, 7)).resolve((64, 64))
+    with pytest.raises(ValueError, match="arch='sm70' has no tile menu"):
+        fn(axes)
+
+
 def test_find_plans_for_the_first_candidate():
     # The neighbourhood problem's own default differs, the plan does not.
     found = jax_gna.find_configs((30, 48, 80), window=(18, 24, 24), top=3)
