@@ -109,6 +109,24 @@ std::vector<int> kv_tile_order(const I64s& q_shape, const I64s& k_shape, const I
 #endif
 }
 
+// The KV tile of the backward's 128-row dK/dV CTAs (gna::with_doubled_kv_tile), for tests:
+// host code, no GPU needed.
+I64s backward_kv_tile(const I64s& q_shape, const I64s& k_shape, const I64s& kernel,
+                      const I64s& stride, const I64s& dilation, const I64s& causal,
+                      const I64s& q_tile, const I64s& kv_tile) {
+#ifdef JAX_GNA_HAS_CUDA
+  const gna::Problem p =
+      gna::with_doubled_kv_tile(make_problem(q_shape, k_shape, kernel, stride, dilation, causal,
+                                             q_tile, kv_tile, std::nullopt, std::nullopt,
+                                             std::nullopt, false));
+  return I64s(p.kv_tile, p.kv_tile + p.rank);
+#else
+  (void)q_shape, (void)k_shape, (void)kernel, (void)stride, (void)dilation, (void)causal;
+  (void)q_tile, (void)kv_tile;
+  throw nb::value_error("this build has no CUDA handlers");
+#endif
+}
+
 // A group axis of `length` with a frame (q_len / kv_len default to the whole axis), checked
 // with gna::frame_error; raises ValueError naming the broken rule.
 gna::AxisTiling checked_tiling(int64_t length, int64_t kernel, int64_t stride, bool causal,
@@ -263,6 +281,11 @@ NB_MODULE(_jax_gna_native, m) {
         nb::arg("q_tile"), nb::arg("kv_tile"),
         "The flat KV tiles in the order the CUDA dK/dV kernels take them on grids of a few "
         "waves: those that the most Q tiles see first (CUDA builds only; host code).");
+  m.def("backward_kv_tile", &backward_kv_tile, nb::arg("q_shape"), nb::arg("k_shape"),
+        nb::arg("kernel"), nb::arg("stride"), nb::arg("dilation"), nb::arg("causal"),
+        nb::arg("q_tile"), nb::arg("kv_tile"),
+        "The KV tile of the CUDA backward's 128-row dK/dV CTAs: kv_tile doubled along one "
+        "axis (CUDA builds only; host code).");
   m.def("axis_tiling", &axis_tiling, nb::arg("length"), nb::arg("kernel"), nb::arg("stride"),
         nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("q_offset") = 0,
         nb::arg("q_len") = nb::none(), nb::arg("kv_offset") = 0,

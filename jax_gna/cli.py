@@ -322,6 +322,8 @@ def cmd_sim(args) -> int:
     print(result.summary())
     if args.q_tile is None and args.kv_tile is None:
         _print_tile_menu(tuple(args.shape), _config(args), args, result)
+        if args.arch != "xla":  # the jnp path differentiates its own forward
+            _print_backward_tiles(tuple(args.shape), _config(args), args, result)
     print(f"(simulated in {elapsed * 1e3:.1f} ms)")
     return 0
 
@@ -344,6 +346,24 @@ def _print_tile_menu(shape, cfg, args, result) -> None:
         gathered = "" if geometry.kv_tiles_divide(axes, kv_tile) else "  (KV rows gathered)"
         mark = "  <- default" if i == default else ""
         print(f"  Q {q_tile}  KV {kv_tile}  {pairs} pairs{gathered}{mark}")
+
+
+def _print_backward_tiles(shape, cfg, args, result) -> None:
+    """The sm90a backward's tiles (`geometry.backward_tile_shapes`) and the pairs its CTAs,
+    of doubled KV tiles, visit with them and with the forward's tiles."""
+    from jax_gna import geometry
+
+    axes = cfg.resolve(shape)
+    forward = (result.q_tile_shape, result.kv_tile_shape)
+    q_tile, kv_tile = geometry.backward_tile_shapes(axes, args.head_dim, args.arch)
+    pairs = geometry.backward_tile_cost(axes, q_tile, kv_tile)
+    box = "x".join(map(str, geometry.backward_kv_tile(axes, q_tile, kv_tile)))
+    if (q_tile, kv_tile) == forward:
+        print(f"backward tiles    the forward's ({box} KV boxes per CTA, {pairs} pairs)")
+    else:
+        print(f"backward tiles    Q {q_tile}  KV {kv_tile} ({box} KV boxes per CTA, {pairs} "
+              f"pairs against {geometry.backward_tile_cost(axes, *forward)} with the "
+              f"forward's; sm90a kernels)")
 
 
 def cmd_find(args) -> int:

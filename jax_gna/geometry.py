@@ -452,3 +452,70 @@ def default_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128,
     if len(menu) == 1:
         return menu[0]
     return min(menu, key=lambda tiles: tile_cost(axes, *tiles, arch=arch))
+
+
+# ----------------------------------------------------------------------------------------
+# The backward's own tile shapes.
+# ----------------------------------------------------------------------------------------
+
+def backward_kv_tile(axes: Sequence[AxisParams], q_tile: Sequence[int],
+                     kv_tile: Sequence[int]) -> tuple[int, ...]:
+    """The KV box of one CTA of the `cuda` backward, whose dK/dV CTAs take 128 KV rows:
+    `kv_tile` doubled along the fastest axis where it is at most half of `q_tile`, else along
+    the axis with the most KV tiles (the fastest of those).
+
+    Mirrors ``with_doubled_kv_tile`` in cuda/gna_problem.h for whole (unframed) axes.
+    """
+    doubled = list(kv_tile)
+    rank = len(axes)
+    axis = next((a for a in reversed(range(rank)) if 2 * kv_tile[a] <= q_tile[a]), None)
+    if axis is None:
+        tiles = [-(-(-(-a.length // a.dilation)) // t) for a, t in zip(axes, kv_tile)]
+        axis = max(reversed(range(rank)), key=lambda a: tiles[a])
+    doubled[axis] *= 2
+    return tuple(doubled)
+
+
+# What the sm90a backward may take besides the forward's menu. Its fused dK/dV/dQ CTAs visit
+# pairs of Q tiles and doubled KV tiles (`backward_kv_tile`), and no pair of the forward's menu
+# doubles into a 16x8 box, say; the lse and O do not depend on the tiles, so the two passes
+# may differ. Against the forward's tiles on an H200 (docs/PERFORMANCE.md, 2026-11-29; 24
+# heads, D = 128): 1.07x on FLUX-4K NA and on 128x128 with window 13 (16x8 CTAs), 1.22x on
+# 16x32x32 with window 7, 1.28x on 8x64x64 with window 7x13x13, 1.58x on 16x64x64 with
+# window 13.
+_BACKWARD_EXTRA_TILES = {
+    "sm80": {1: (),
+             2: (((8, 16), (16, 4)), ((4, 32), (8, 8))),
+             3: (((16, 2, 4), (8, 2, 4)), ((16, 2, 4), (16, 4, 1)), ((8, 2, 8), (4, 2, 8)))},
+    "xla": {1: (), 2: (), 3: ()},
+}
+assert _BACKWARD_EXTRA_TILES.keys() == _TILE_MENU.keys()
+
+
+def backward_tile_cost(axes: Sequence[AxisParams], q_tile: Sequence[int],
+                       kv_tile: Sequence[int]) -> int:
+    """What `backward_tile_shapes` minimises: the (Q tile, doubled KV tile) pairs that the
+    `cuda` backward's CTAs visit."""
+    return visited_tile_pairs(axes, q_tile, backward_kv_tile(axes, q_tile, kv_tile))
+
+
+def backward_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128, arch: str = "sm80",
+                         deterministic: bool = False
+                         ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ``(q_tile, kv_tile)`` of the `cuda` backward where the sm90a kernels run it: of the
+    forward's pick (`default_tile_shapes`), the forward's menu and the backward's extra
+    candidates, the first of least `backward_tile_cost`, so that ties keep the forward's tiles.
+
+    The deterministic backward (64-row dK/dV CTAs on the KV tile itself, then dQ by Q tiles)
+    and the ``xla`` path take the forward's tiles; so does the sm80 family (jax_gna.native).
+
+    Raises:
+      ValueError: `arch` has no menu.
+    """
+    forward = default_tile_shapes(axes, head_dim, arch)
+    extras = [(fit_tile(q, axes), fit_tile(kv, axes))
+              for q, kv in _BACKWARD_EXTRA_TILES[arch][len(axes)]]
+    if deterministic or not extras:
+        return forward
+    candidates = list(dict.fromkeys([forward, *tile_menu(axes, head_dim, arch), *extras]))
+    return min(candidates, key=lambda tiles: backward_tile_cost(axes, *tiles))

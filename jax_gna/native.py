@@ -119,6 +119,18 @@ def cuda_unavailable() -> str | None:
     return None
 
 
+def _sm90_backward_runs(head_dim: int) -> bool:
+    """Whether a `cuda` backward of this head dim runs the sm90a kernels on the default device
+    (cuda_handler.cc's use_sm90 for a problem the kernels support)."""
+    if not has_cuda() or head_dim not in (64, 128):
+        return False
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if cc is None:
+        return False
+    major, minor = (int(x) for x in str(cc).split(".")[:2])
+    return bool(_ext.cuda_sm90_enabled(10 * major + minor))
+
+
 # ----------------------------------------------------------------------------------------
 # The static part of a call.
 # ----------------------------------------------------------------------------------------
@@ -351,38 +363,40 @@ def _backward(c: _Call, with_dlse: bool):
 # Differentiation.
 # ----------------------------------------------------------------------------------------
 
-def _lse_cotangent_by_calls(c: _Call, q, k, v, out, lse, dlse):
+def _lse_cotangent_by_calls(c: _Call, cb: _Call, q, k, v, out, lse, dlse):
     """The part of (dq, dk) due to an lse cotangent, from the dlse-free targets.
 
     ``d lse_i / d q_i = scale * sum_j P_ij k_j`` (attention with values = keys) and
     ``d lse_i / d k_j = scale * P_ij q_i``, which is the backward's dv for ``dout = dlse * q``.
-    For kernels whose backward takes no lse cotangent (the sm80 interface).
+    For kernels whose backward takes no lse cotangent (the sm80 interface). `c` is the
+    forward's call, `cb` the backward's (`_differentiable`).
     """
     keys_as_values, _ = _forward(c)(q, k, k)
     dq = (c.scale * dlse[..., None]) * keys_as_values.astype(jnp.float32)
     weighted_q = (dlse[..., None] * q.astype(jnp.float32)).astype(q.dtype)
-    _, _, dk_as_dv = _backward(c, False)(q, k, v, out, lse, weighted_q)
+    _, _, dk_as_dv = _backward(cb, False)(q, k, v, out, lse, weighted_q)
     return dq, c.scale * dk_as_dv.astype(jnp.float32)
 
 
-def _backward_with_cotangents(c: _Call, residuals, cotangents):
+def _backward_with_cotangents(c: _Call, cb: _Call, residuals, cotangents):
     q, k, v, out, lse = residuals
     dout, dlse = cotangents
     if isinstance(dout, SymbolicZero):
         dout = jnp.zeros(out.shape, out.dtype)
     if isinstance(dlse, SymbolicZero):
-        return _backward(c, False)(q, k, v, out, lse, dout)
-    if c.platform == "cpu":
-        return _backward(c, True)(q, k, v, out, lse, dout, dlse)
-    dq, dk, dv = _backward(c, False)(q, k, v, out, lse, dout)
-    extra_dq, extra_dk = _lse_cotangent_by_calls(c, q, k, v, out, lse, dlse)
+        return _backward(cb, False)(q, k, v, out, lse, dout)
+    if cb.platform == "cpu":
+        return _backward(cb, True)(q, k, v, out, lse, dout, dlse)
+    dq, dk, dv = _backward(cb, False)(q, k, v, out, lse, dout)
+    extra_dq, extra_dk = _lse_cotangent_by_calls(c, cb, q, k, v, out, lse, dlse)
     return ((dq.astype(jnp.float32) + extra_dq).astype(q.dtype),
             (dk.astype(jnp.float32) + extra_dk).astype(k.dtype), dv)
 
 
 @functools.lru_cache(maxsize=256)
-def _differentiable(c: _Call):
-    """``(q, k, v) -> (out, lse)`` with the backward target as its VJP."""
+def _differentiable(c: _Call, cb: _Call):
+    """``(q, k, v) -> (out, lse)`` by the forward target of `c`, with the backward target of
+    `cb` as its VJP (the two calls may differ in their tile shapes alone)."""
 
     @jax.custom_vjp
     def attend(q, k, v):
@@ -394,7 +408,7 @@ def _differentiable(c: _Call):
         return (out, lse), (q, k, v, out, lse)
 
     def attend_bwd(residuals, cotangents):
-        return tuple(_backward_with_cotangents(c, residuals, cotangents))
+        return tuple(_backward_with_cotangents(c, cb, residuals, cotangents))
 
     attend.defvjp(attend_fwd, attend_bwd, symbolic_zeros=True)
     return attend
@@ -417,8 +431,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: Sequence[AxisParam
       axes: one `AxisParams` per spatial axis.
       scale: score scale.
       platform: which handler pair runs; the arrays must live on that platform.
-      q_tile_shape, kv_tile_shape: tile shapes in dilation-group indices; default
-        `geometry.default_tile_shapes`.
+      q_tile_shape, kv_tile_shape: tile shapes in dilation-group indices of both passes;
+        default `geometry.default_tile_shapes` for the forward and, where the sm90a
+        kernels run, `geometry.backward_tile_shapes` for the backward.
       deterministic: bitwise-reproducible gradients (the CPU handler always is).
       frames: per-axis `geometry.AxisFrame`: q and k/v hold these slabs of the global
         problem `axes`; default: the whole axes.
@@ -429,14 +444,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: Sequence[AxisParam
     if _ext is None:
         raise ValueError(f"implementation={platform!r} is not available: {_IMPORT_ERROR}")
     axes = tuple(axes)
-    default_q, default_kv = geometry.default_tile_shapes(axes, q.shape[-1])
+    head_dim = q.shape[-1]
+    default_q, default_kv = geometry.default_tile_shapes(axes, head_dim)
     if frames is None:
         frames = tuple(geometry.AxisFrame.whole(a.length) for a in axes)
     c = _Call(platform=platform, axes=axes, scale=float(scale),
               q_tile=tuple(q_tile_shape) if q_tile_shape is not None else default_q,
               kv_tile=tuple(kv_tile_shape) if kv_tile_shape is not None else default_kv,
               deterministic=bool(deterministic), frames=tuple(frames))
-    return _differentiable(c)(q, k, v)
+    cb = c
+    # The backward's picks count the sm90a backward's CTAs, which always double the KV tile.
+    # The sm80 family doubles it only where that adds at most 3 % of pairs
+    # (sm80/backward_impl.cuh) and ran 0.86x with them on 128x128, window 13 (H200,
+    # 2026-11-29), so it keeps the forward's tiles.
+    if (platform == "cuda" and q_tile_shape is None and kv_tile_shape is None
+            and _sm90_backward_runs(head_dim)):
+        bwd_q, bwd_kv = geometry.backward_tile_shapes(axes, head_dim,
+                                                      deterministic=c.deterministic)
+        cb = dataclasses.replace(c, q_tile=bwd_q, kv_tile=bwd_kv)
+    return _differentiable(c, cb)(q, k, v)
 
 
 def cpu_attention(q, k, v, axes, scale, **options):

@@ -83,6 +83,24 @@ def test_sim_lists_the_2d_tile_menu(capsys):
         assert code == 0 and "tile menu" not in out
 
 
+def test_sim_prints_the_backward_tiles(capsys):
+    # FLUX-4K NA: the backward takes KV 16x4 tiles (16x8 CTAs), the forward 8x8 (8x16 CTAs).
+    code, out, _ = run_cli(capsys, "sim", "256", "256", "--window", "80")
+    assert code == 0
+    axes = GNAConfig((80, 80)).resolve((256, 256))
+    g = jax_gna.geometry
+    want = (f"backward tiles    Q (8, 16)  KV (16, 4) (16x8 KV boxes per CTA, "
+            f"{g.backward_tile_cost(axes, (8, 16), (16, 4))} pairs against "
+            f"{g.backward_tile_cost(axes, (8, 16), (8, 8))} with the forward's; sm90a kernels)")
+    assert want in out.splitlines()
+    # Hunyuan GNA keeps the forward's tiles; the xla path prints none.
+    code, out, _ = run_cli(capsys, "sim", "30", "48", "80", "--window", "18", "24", "24",
+                           "--stride", "16", "8", "8")
+    assert code == 0 and "backward tiles    the forward's (2x8x8 KV boxes per CTA" in out
+    code, out, _ = run_cli(capsys, "sim", "256", "256", "--window", "80", "--arch", "xla")
+    assert code == 0 and "backward tiles" not in out
+
+
 def test_sim_json_equals_simulate(capsys):
     code, out, _ = run_cli(capsys, "sim", "9", "20", "--window", "5", "7", "--stride", "2",
                            "--dilation", "1", "2", "--causal", "1", "0", "--json")

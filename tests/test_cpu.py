@@ -173,7 +173,7 @@ class CpuPlumbingTest(_OnCpu, chex.TestCase):
         dlse = jnp.asarray(np.random.default_rng(9).standard_normal(lse.shape), jnp.float32)
         zeros = jnp.zeros_like(out)
         dq, dk, _ = native._backward(c, True)(q, k, v, out, lse, zeros, dlse)
-        extra_dq, extra_dk = native._lse_cotangent_by_calls(c, q, k, v, out, lse, dlse)
+        extra_dq, extra_dk = native._lse_cotangent_by_calls(c, c, q, k, v, out, lse, dlse)
         chex.assert_trees_all_close((extra_dq, extra_dk), (dq, dk), atol=2e-5, rtol=2e-5)
         self.assertGreater(float(jnp.abs(dk).max()), 1e-3)  # the check is not vacuous
 

@@ -145,21 +145,57 @@ def test_tile_menu_defaults_match_float64(shape, kernel, entry):
     q, k, v = _inputs(shape, 2, 1, 128, "bfloat16", seed=seed)
     out, lse = _cuda_forward(q, k, v, cfg)
     _assert_matches_reference(out, lse, q, k, v, cfg)
-    rng = np.random.default_rng(seed + 100)
+    _assert_grads_match_float64(cfg, q, k, v, seed + 100)
+
+
+def _assert_grads_match_float64(cfg, q, k, v, seed, with_lse=False):
+    """The `cuda` gradients of bf16 `q, k, v` ``[B, *shape, H, D]`` (H_kv = 1) under a random
+    bf16 cotangent of the output (and, `with_lse`, a float32 one of the lse), against float64
+    autodiff of the dense masked reference."""
+    shape, (batch, d) = q.shape[1:-2], (q.shape[0], q.shape[-1])
+    rng = np.random.default_rng(seed)
     dout = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
-    got = _grads(cfg, q, k, v, dout)
+    dlse = jnp.asarray(rng.standard_normal(q.shape[:-1]) if with_lse else np.zeros(q.shape[:-1]),
+                       jnp.float32)
+
+    def loss(q, k, v):
+        out, lse = jax_gna.attention(q, k, v, cfg, implementation="cuda", return_lse=True)
+        return jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32)) + jnp.sum(lse * dlse)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     n = int(np.prod(shape))
     mask = battery.brute_mask(shape, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.is_causal)
     with jax.enable_x64(True):
-        flat = [jnp.asarray(np.asarray(x, np.float64).reshape(2, n, *x.shape[-2:]))
-                for x in (q, k, v, dout)]
+        flat = [jnp.asarray(np.asarray(x, np.float64).reshape(batch, n, *x.shape[-2:]))
+                for x in (q, k, v, dout, dlse[..., None])]
         _, vjp = jax.vjp(lambda q, k, v: battery.jnp_dense_f64(q, k, v, jnp.asarray(mask),
-                                                               128 ** -0.5)[0], *flat[:3])
-        want = [np.asarray(g).reshape(x.shape) for g, x in zip(vjp(flat[3]), (q, k, v))]
+                                                               d ** -0.5), *flat[:3])
+        want = [np.asarray(g).reshape(x.shape)
+                for g, x in zip(vjp((flat[3], flat[4][..., 0])), (q, k, v))]
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         a = np.asarray(a, np.float64)
         assert np.isfinite(a).all(), name
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, name
+
+
+@pytest.mark.parametrize("shape,kernel,want", [
+    ((16, 32), (11, 5), ((8, 16), (16, 4))),
+    ((32, 64), (5, 21), ((4, 32), (8, 8))),
+    ((8, 16, 16), (3, 7, 3), ((8, 4, 4), (8, 2, 4))),  # (16, 2, 4) / (8, 2, 4) fitted
+    ((16, 16, 16), (3, 3, 3), ((16, 2, 4), (16, 4, 1))),
+    ((8, 16, 16), (3, 3, 3), ((8, 2, 8), (4, 2, 8))),
+])
+def test_backward_tiles_of_its_own_match_float64(shape, kernel, want):
+    """Each of the backward's extra candidates (geometry._BACKWARD_EXTRA_TILES), picked by a
+    problem whose forward takes other tiles: the gradients at D = 128, through the output and
+    the lse (whose cotangent runs a forward and a backward call), against float64."""
+    rank = len(shape)
+    cfg = jax_gna.GNAConfig(kernel, (1,) * rank, (1,) * rank, (False,) * rank)
+    axes = cfg.resolve(shape)
+    assert jax_gna.geometry.backward_tile_shapes(axes) == want
+    assert jax_gna.geometry.default_tile_shapes(axes) != want
+    q, k, v = _inputs(shape, 2, 1, 128, "bfloat16", seed=70 + len(shape) + kernel[1])
+    _assert_grads_match_float64(cfg, q, k, v, seed=170 + kernel[1], with_lse=True)
 
 
 @pytest.mark.parametrize("tiles", [None, ((8, 8), (8, 8))])

@@ -183,10 +183,68 @@ def test_default_tiles_are_the_menus_least_cost_by_brute_force(sizes):
     assert len(picked) >= 2, picked
 
 
+@pytest.mark.parametrize("q_tile, kv_tile, want", [
+    ((8, 16), (8, 8), (8, 16)),        # the fastest axis where the KV tile is half the Q tile
+    ((8, 16), (16, 4), (16, 8)),
+    ((8, 4, 4), (2, 8, 4), (4, 8, 4)),
+    ((128,), (64,), (128,)),
+    ((4, 4), (8, 8), (8, 16)),         # else the axis of most KV tiles (48 / 8 against 96 / 8)
+    ((4, 4), (8, 32), (16, 32)),       # (6 against 3 tiles)
+])
+def test_backward_kv_tile(q_tile, kv_tile, want):
+    axes = GNAConfig((5, 5)).resolve((48, 96)) if len(q_tile) == 2 else (
+        GNAConfig((5,) * len(q_tile)).resolve((48,) * len(q_tile)))
+    assert jax_gna.geometry.backward_kv_tile(axes, q_tile, kv_tile) == want
+
+
+@pytest.mark.parametrize("shape, window, stride, want", [
+    # FLUX-4K NA: 16x8 CTAs visit 5 % fewer pairs than the forward's 8x16.
+    ((256, 256), (80, 80), (1, 1), ((8, 16), (16, 4))),
+    ((16, 32, 32), (7, 7, 7), (1, 1, 1), ((16, 2, 4), (8, 2, 4))),
+    # Issue 8's other problems keep the forward's tiles.
+    ((256, 256), (80, 80), (16, 16), ((8, 16), (8, 8))),
+    ((30, 48, 80), (18, 24, 24), (1, 1, 1), ((8, 4, 4), (2, 8, 4))),
+    ((30, 48, 80), (18, 24, 24), (16, 8, 8), ((2, 8, 8), (2, 4, 8))),
+    ((32768,), (2048,), (256,), ((128,), (64,))),
+])
+def test_backward_tiles_of_known_problems(shape, window, stride, want):
+    axes = GNAConfig(window, stride).resolve(shape)
+    assert jax_gna.geometry.backward_tile_shapes(axes) == want
+    forward = jax_gna.geometry.default_tile_shapes(axes)
+    assert jax_gna.geometry.backward_tile_shapes(axes, deterministic=True) == forward
+    assert jax_gna.geometry.backward_tile_shapes(axes, arch="xla") == (
+        jax_gna.geometry.default_tile_shapes(axes, arch="xla"))
+
+
+@pytest.mark.parametrize("sizes", [((6, 40), (12, 64)), ((4, 18), (6, 24), (6, 24))])
+def test_backward_tiles_are_the_least_cost_by_brute_force(sizes):
+    """The backward's pick against the pairs of Q tiles and doubled KV tiles counted on the
+    dense mask; ties keep the forward's tiles."""
+    rng = np.random.default_rng()
+    g = jax_gna.geometry
+    moved = 0
+    for trial in range(16):  # the pick leaves the forward's tiles in ~40-60 % of draws
+        shape = tuple(int(rng.integers(lo, hi)) for lo, hi in sizes)
+        window = tuple(int(rng.integers(2, n + 1)) for n in shape)
+        cfg = GNAConfig(window, tuple(int(rng.integers(1, min(k, 3) + 1)) for k in window))
+        axes = cfg.resolve(shape)
+        forward = g.default_tile_shapes(axes)
+        extras = [(g.fit_tile(q, axes), g.fit_tile(kv, axes))
+                  for q, kv in g._BACKWARD_EXTRA_TILES["sm80"][len(shape)]]
+        candidates = list(dict.fromkeys([forward, *g.tile_menu(axes), *extras]))
+        costs = [brute_force(shape, cfg, q, g.backward_kv_tile(axes, q, kv))["visited_tiles"]
+                 for q, kv in candidates]
+        chosen = g.backward_tile_shapes(axes)
+        assert chosen == candidates[costs.index(min(costs))], (trial, shape, cfg, costs)
+        moved += chosen != forward
+    assert moved >= 1
+
+
 @pytest.mark.parametrize("fn", [
     lambda axes: jax_gna.geometry.tile_menu(axes, arch="sm70"),
     lambda axes: jax_gna.geometry.default_tile_shapes(axes, arch="sm70"),
     lambda axes: jax_gna.geometry.tile_cost(axes, (8, 16), (8, 8), arch="sm70"),
+    lambda axes: jax_gna.geometry.backward_tile_shapes(axes, arch="sm70"),
 ])
 def test_unknown_arch_is_rejected(fn):
     axes = GNAConfig((7, 7)).resolve((64, 64))

@@ -15,30 +15,6 @@ namespace sm80 {
 #define GNA_SM80_DKDV_STAGES 3
 #endif
 
-// The axis along which with_doubled_kv_tile doubles the KV tile: the fastest one along which
-// the KV tile is at most half the Q tile (the default menus' tiles then become the Q tile's
-// shape, e.g. 8x8 -> 8x16), else the one with the most KV tiles.
-inline int doubled_kv_axis(const Problem& p) {
-  for (int a = p.rank - 1; a >= 0; --a)
-    if (2 * p.kv_tile[a] <= p.q_tile[a]) return a;
-  int axis = 0;
-  int64_t most = 0;
-  for (int a = p.rank - 1; a >= 0; --a) {
-    const int64_t tiles = ceil_div(ceil_div(p.axes[a].kv_length, p.axes[a].dilation),
-                                   p.kv_tile[a]);
-    if (tiles > most) most = tiles, axis = a;
-  }
-  return axis;
-}
-
-// `p` with its KV tile doubled along doubled_kv_axis, so that a CTA's 128 KV rows share each
-// Q/dO chunk and each dQ reduction.
-inline Problem with_doubled_kv_tile(const Problem& p) {
-  Problem d = p;
-  d.kv_tile[doubled_kv_axis(p)] *= 2;
-  return d;
-}
-
 // The (query, key) pairs that the tiles visit along axis `a`, with KV tiles of `kv_tile`
 // there, summed over the axis's dilation groups. The tiles visited from a tile form a box,
 // so a pass visits the product over the axes of these counts: two KV tile lengths along one

@@ -4,7 +4,7 @@
 
 #include <type_traits>
 
-#include "../sm80/backward_impl.cuh"  // launch_dq_from_acc, with_doubled_kv_tile
+#include "../sm80/backward_impl.cuh"  // launch_dq_from_acc
 #include "backward.cuh"
 #include "backward_fused_ws.cuh"
 #include "backward_ws.cuh"
@@ -56,7 +56,7 @@ std::string launch_fused_backward(const Problem& p, const T* q, const T* k, cons
                                   cudaStream_t stream) {
   using Tr = FusedBwdTraits<T, kD, 2>;
   static_assert(fits_smem_per_sm(sizeof(FusedBwdSmem<Tr>), 1), "shared memory");
-  const Problem pd = sm80::with_doubled_kv_tile(p);
+  const Problem pd = with_doubled_kv_tile(p);
   QTensorMaps maps;
   encode_q_maps(pd, q, dout, dtype, (int)sizeof(T), Tr::kBlockN, &maps, dq_acc);
   if (!GNA_SM90_BWD_TMA) maps.on = 0;
