@@ -35,29 +35,4 @@ struct Problem {
   }
 };
 
-// The axis along which with_doubled_kv_tile doubles the KV tile: the fastest one along which
-// the KV tile is at most half the Q tile (the default menus' tiles then become the Q tile's
-// shape, e.g. 8x8 -> 8x16), else the one with the most KV tiles.
-inline int doubled_kv_axis(const Problem& p) {
-  for (int a = p.rank - 1; a >= 0; --a)
-    if (2 * p.kv_tile[a] <= p.q_tile[a]) return a;
-  int axis = 0;
-  int64_t most = 0;
-  for (int a = p.rank - 1; a >= 0; --a) {
-    const int64_t tiles = ceil_div(ceil_div(p.axes[a].kv_length, p.axes[a].dilation),
-                                   p.kv_tile[a]);
-    if (tiles > most) most = tiles, axis = a;
-  }
-  return axis;
-}
-
-// `p` with its KV tile doubled along doubled_kv_axis: the tile of the backward's 128-row
-// dK/dV CTAs, whose KV rows share each Q/dO chunk and each dQ reduction
-// (jax_gna/geometry.py's backward_kv_tile mirrors it).
-inline Problem with_doubled_kv_tile(const Problem& p) {
-  Problem d = p;
-  d.kv_tile[doubled_kv_axis(p)] *= 2;
-  return d;
-}
-
 }  // namespace gna

@@ -5,14 +5,17 @@
 // No CUDA headers here: the CUDA handlers are plain symbols declared in handlers.h.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "backward_tiles.h"
 #include "cpu_attention.h"
 #include "gna_ffi.h"
 #include "gna_geometry.h"
@@ -109,17 +112,17 @@ std::vector<int> kv_tile_order(const I64s& q_shape, const I64s& k_shape, const I
 #endif
 }
 
-// The KV tile of the backward's 128-row dK/dV CTAs (gna::with_doubled_kv_tile), for tests:
-// host code, no GPU needed.
-I64s backward_kv_tile(const I64s& q_shape, const I64s& k_shape, const I64s& kernel,
-                      const I64s& stride, const I64s& dilation, const I64s& causal,
-                      const I64s& q_tile, const I64s& kv_tile) {
+// The backward's dK/dV CTA boxes for tests (backward_tiles.h; host code, no GPU needed):
+// {the KV tile doubled (with_doubled_kv_tile), the sm80 family's KV rows per CTA (128 where
+// dkdv_rows_128, else 64)}.
+std::pair<I64s, int> backward_ctas(const I64s& q_shape, const I64s& k_shape, const I64s& kernel,
+                                   const I64s& stride, const I64s& dilation, const I64s& causal,
+                                   const I64s& q_tile, const I64s& kv_tile) {
 #ifdef JAX_GNA_HAS_CUDA
-  const gna::Problem p =
-      gna::with_doubled_kv_tile(make_problem(q_shape, k_shape, kernel, stride, dilation, causal,
-                                             q_tile, kv_tile, std::nullopt, std::nullopt,
-                                             std::nullopt, false));
-  return I64s(p.kv_tile, p.kv_tile + p.rank);
+  const gna::Problem p = make_problem(q_shape, k_shape, kernel, stride, dilation, causal, q_tile,
+                                      kv_tile, std::nullopt, std::nullopt, std::nullopt, false);
+  const gna::Problem d = gna::with_doubled_kv_tile(p);
+  return {I64s(d.kv_tile, d.kv_tile + d.rank), gna::dkdv_rows_128(p) ? 128 : 64};
 #else
   (void)q_shape, (void)k_shape, (void)kernel, (void)stride, (void)dilation, (void)causal;
   (void)q_tile, (void)kv_tile;
@@ -281,11 +284,12 @@ NB_MODULE(_jax_gna_native, m) {
         nb::arg("q_tile"), nb::arg("kv_tile"),
         "The flat KV tiles in the order the CUDA dK/dV kernels take them on grids of a few "
         "waves: those that the most Q tiles see first (CUDA builds only; host code).");
-  m.def("backward_kv_tile", &backward_kv_tile, nb::arg("q_shape"), nb::arg("k_shape"),
+  m.def("backward_ctas", &backward_ctas, nb::arg("q_shape"), nb::arg("k_shape"),
         nb::arg("kernel"), nb::arg("stride"), nb::arg("dilation"), nb::arg("causal"),
         nb::arg("q_tile"), nb::arg("kv_tile"),
-        "The KV tile of the CUDA backward's 128-row dK/dV CTAs: kv_tile doubled along one "
-        "axis (CUDA builds only; host code).");
+        "The CUDA backward's dK/dV CTA boxes: (kv_tile doubled along one axis, the sm80 "
+        "family's KV rows per CTA: 128 on the doubled tile or 64 on kv_tile) (CUDA builds "
+        "only; host code).");
   m.def("axis_tiling", &axis_tiling, nb::arg("length"), nb::arg("kernel"), nb::arg("stride"),
         nb::arg("causal"), nb::arg("q_tile"), nb::arg("kv_tile"), nb::arg("q_offset") = 0,
         nb::arg("q_len") = nb::none(), nb::arg("kv_offset") = 0,

@@ -349,21 +349,22 @@ def _print_tile_menu(shape, cfg, args, result) -> None:
 
 
 def _print_backward_tiles(shape, cfg, args, result) -> None:
-    """The sm90a backward's tiles (`geometry.backward_tile_shapes`) and the pairs its CTAs,
-    of doubled KV tiles, visit with them and with the forward's tiles."""
+    """Per backward kernel family, its tiles (`geometry.backward_tile_shapes`) and their cost
+    (`geometry.backward_tile_cost`: visited pairs of its dK/dV CTAs, in 128-row CTA pairs)."""
     from jax_gna import geometry
 
     axes = cfg.resolve(shape)
     forward = (result.q_tile_shape, result.kv_tile_shape)
-    q_tile, kv_tile = geometry.backward_tile_shapes(axes, args.head_dim, args.arch)
-    pairs = geometry.backward_tile_cost(axes, q_tile, kv_tile)
-    box = "x".join(map(str, geometry.backward_kv_tile(axes, q_tile, kv_tile)))
-    if (q_tile, kv_tile) == forward:
-        print(f"backward tiles    the forward's ({box} KV boxes per CTA, {pairs} pairs)")
-    else:
-        print(f"backward tiles    Q {q_tile}  KV {kv_tile} ({box} KV boxes per CTA, {pairs} "
-              f"pairs against {geometry.backward_tile_cost(axes, *forward)} with the "
-              f"forward's; sm90a kernels)")
+    for i, kernels in enumerate(geometry.BACKWARD_KERNELS):
+        tiles = geometry.backward_tile_shapes(axes, args.head_dim, args.arch, kernels=kernels)
+        cost = geometry.backward_tile_cost(axes, *tiles, kernels=kernels)
+        head = "backward tiles    " if i == 0 else " " * 18
+        if tiles == forward:
+            print(f"{head}{kernels + ':':7}the forward's (cost {cost:.0f})")
+        else:
+            was = geometry.backward_tile_cost(axes, *forward, kernels=kernels)
+            print(f"{head}{kernels + ':':7}Q {tiles[0]}  KV {tiles[1]} (cost {cost:.0f}, the "
+                  f"forward's {was:.0f})")
 
 
 def cmd_find(args) -> int:

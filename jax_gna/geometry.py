@@ -460,11 +460,11 @@ def default_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128,
 
 def backward_kv_tile(axes: Sequence[AxisParams], q_tile: Sequence[int],
                      kv_tile: Sequence[int]) -> tuple[int, ...]:
-    """The KV box of one CTA of the `cuda` backward, whose dK/dV CTAs take 128 KV rows:
-    `kv_tile` doubled along the fastest axis where it is at most half of `q_tile`, else along
-    the axis with the most KV tiles (the fastest of those).
+    """The KV box of a 128-row dK/dV CTA of the `cuda` backward: `kv_tile` doubled along the
+    fastest axis where it is at most half of `q_tile`, else along the axis with the most KV
+    tiles (the fastest of those).
 
-    Mirrors ``with_doubled_kv_tile`` in cuda/gna_problem.h for whole (unframed) axes.
+    Mirrors ``with_doubled_kv_tile`` in cuda/backward_tiles.h for whole (unframed) axes.
     """
     doubled = list(kv_tile)
     rank = len(axes)
@@ -476,13 +476,31 @@ def backward_kv_tile(axes: Sequence[AxisParams], q_tile: Sequence[int],
     return tuple(doubled)
 
 
-# What the sm90a backward may take besides the forward's menu. Its fused dK/dV/dQ CTAs visit
-# pairs of Q tiles and doubled KV tiles (`backward_kv_tile`), and no pair of the forward's menu
+def backward_kv_rows(axes: Sequence[AxisParams], q_tile: Sequence[int],
+                     kv_tile: Sequence[int]) -> int:
+    """KV rows per dK/dV CTA of the sm80 family: 128, on `backward_kv_tile`, where doubling
+    adds at most 3 % of the (query, key) pairs visited along the doubled axis, else 64, on
+    `kv_tile` itself. (The sm90a fused backward always takes 128.)
+
+    Mirrors ``dkdv_rows_128`` in cuda/backward_tiles.h for whole axes; the launch also falls
+    back to 64 rows where 128-row CTAs do not fit shared memory (sm_86/89).
+    """
+    doubled = backward_kv_tile(axes, q_tile, kv_tile)
+    a = next(a for a, (d, t) in enumerate(zip(doubled, kv_tile)) if d != t)
+
+    def along(kv: int) -> int:  # (query, key) pairs along axis a, over the Q tile's length
+        return visited_pairs(axes[a], q_tile[a], kv) * kv
+
+    return 128 if 100 * along(doubled[a]) <= 103 * along(kv_tile[a]) else 64
+
+
+# What the backward may take besides the forward's menu. Its 128-row dK/dV CTAs visit pairs
+# of Q tiles and doubled KV tiles (`backward_kv_tile`), and no pair of the forward's menu
 # doubles into a 16x8 box, say; the lse and O do not depend on the tiles, so the two passes
 # may differ. Against the forward's tiles on an H200 (docs/PERFORMANCE.md, 2026-11-29; 24
-# heads, D = 128): 1.07x on FLUX-4K NA and on 128x128 with window 13 (16x8 CTAs), 1.22x on
-# 16x32x32 with window 7, 1.28x on 8x64x64 with window 7x13x13, 1.58x on 16x64x64 with
-# window 13.
+# heads, D = 128), sm90a backward: 1.07x on FLUX-4K NA and on 128x128 with window 13 (16x8
+# CTAs), 1.22x on 16x32x32 with window 7, 1.28x on 8x64x64 with window 7x13x13, 1.58x on
+# 16x64x64 with window 13.
 _BACKWARD_EXTRA_TILES = {
     "sm80": {1: (),
              2: (((8, 16), (16, 4)), ((4, 32), (8, 8))),
@@ -491,31 +509,55 @@ _BACKWARD_EXTRA_TILES = {
 }
 assert _BACKWARD_EXTRA_TILES.keys() == _TILE_MENU.keys()
 
+# A visited pair of the sm80 family's 64-row dK/dV CTAs (128 queries x 64 keys) against one
+# of its 128-row CTAs (128 x 128): fit on an H200 (2026-11-29) to four problems, whose
+# backward times under two tile pairs each it then predicted within 6 %.
+_SM80_64_ROW_PAIR_COST = 0.53
+# The backward leaves the forward's tiles only for a cost at least 5 % lower: the cost
+# overstated the measured gains by up to 8 % (docs/PERFORMANCE.md, 2026-11-29), so a smaller
+# predicted gain may be none.
+_BACKWARD_MIN_GAIN = 0.95
+BACKWARD_KERNELS = ("sm90a", "sm80")
+
 
 def backward_tile_cost(axes: Sequence[AxisParams], q_tile: Sequence[int],
-                       kv_tile: Sequence[int]) -> int:
-    """What `backward_tile_shapes` minimises: the (Q tile, doubled KV tile) pairs that the
-    `cuda` backward's CTAs visit."""
-    return visited_tile_pairs(axes, q_tile, backward_kv_tile(axes, q_tile, kv_tile))
+                       kv_tile: Sequence[int], kernels: str = "sm90a") -> float:
+    """What `backward_tile_shapes` minimises: the pairs of Q tiles and KV boxes that the `cuda`
+    backward's dK/dV CTAs of `kernels` ("sm90a" or "sm80") visit, in 128-row CTA pairs.
+
+    Raises:
+      ValueError: unknown `kernels`.
+    """
+    if kernels not in BACKWARD_KERNELS:
+        raise ValueError(f"kernels={kernels!r} must be one of {BACKWARD_KERNELS}")
+    if kernels == "sm90a" or backward_kv_rows(axes, q_tile, kv_tile) == 128:
+        return float(visited_tile_pairs(axes, q_tile, backward_kv_tile(axes, q_tile, kv_tile)))
+    return _SM80_64_ROW_PAIR_COST * visited_tile_pairs(axes, q_tile, kv_tile)
 
 
 def backward_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128, arch: str = "sm80",
-                         deterministic: bool = False
+                         deterministic: bool = False, kernels: str = "sm90a"
                          ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ``(q_tile, kv_tile)`` of the `cuda` backward where the sm90a kernels run it: of the
+    """The ``(q_tile, kv_tile)`` of the `cuda` backward on `kernels` ("sm90a" or "sm80"): of the
     forward's pick (`default_tile_shapes`), the forward's menu and the backward's extra
-    candidates, the first of least `backward_tile_cost`, so that ties keep the forward's tiles.
+    candidates, the first of least `backward_tile_cost`, where that is at least 5 % below the
+    forward pick's cost; else the forward's pick.
 
     The deterministic backward (64-row dK/dV CTAs on the KV tile itself, then dQ by Q tiles)
-    and the ``xla`` path take the forward's tiles; so does the sm80 family (jax_gna.native).
+    and the ``xla`` path take the forward's tiles.
 
     Raises:
-      ValueError: `arch` has no menu.
+      ValueError: `arch` has no menu, or unknown `kernels`.
     """
     forward = default_tile_shapes(axes, head_dim, arch)
     extras = [(fit_tile(q, axes), fit_tile(kv, axes))
               for q, kv in _BACKWARD_EXTRA_TILES[arch][len(axes)]]
     if deterministic or not extras:
         return forward
+
+    def cost(tiles):
+        return backward_tile_cost(axes, *tiles, kernels=kernels)
+
     candidates = list(dict.fromkeys([forward, *tile_menu(axes, head_dim, arch), *extras]))
-    return min(candidates, key=lambda tiles: backward_tile_cost(axes, *tiles))
+    best = min(candidates, key=cost)
+    return best if cost(best) <= _BACKWARD_MIN_GAIN * cost(forward) else forward

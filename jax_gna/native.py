@@ -432,8 +432,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: Sequence[AxisParam
       scale: score scale.
       platform: which handler pair runs; the arrays must live on that platform.
       q_tile_shape, kv_tile_shape: tile shapes in dilation-group indices of both passes;
-        default `geometry.default_tile_shapes` for the forward and, where the sm90a
-        kernels run, `geometry.backward_tile_shapes` for the backward.
+        default `geometry.default_tile_shapes` for the forward and, on "cuda",
+        `geometry.backward_tile_shapes` of the kernels that run for the backward.
       deterministic: bitwise-reproducible gradients (the CPU handler always is).
       frames: per-axis `geometry.AxisFrame`: q and k/v hold these slabs of the global
         problem `axes`; default: the whole axes.
@@ -453,14 +453,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, axes: Sequence[AxisParam
               kv_tile=tuple(kv_tile_shape) if kv_tile_shape is not None else default_kv,
               deterministic=bool(deterministic), frames=tuple(frames))
     cb = c
-    # The backward's picks count the sm90a backward's CTAs, which always double the KV tile.
-    # The sm80 family doubles it only where that adds at most 3 % of pairs
-    # (sm80/backward_impl.cuh) and ran 0.86x with them on 128x128, window 13 (H200,
-    # 2026-11-29), so it keeps the forward's tiles.
-    if (platform == "cuda" and q_tile_shape is None and kv_tile_shape is None
-            and _sm90_backward_runs(head_dim)):
+    if platform == "cuda" and q_tile_shape is None and kv_tile_shape is None:
+        kernels = "sm90a" if _sm90_backward_runs(head_dim) else "sm80"
         bwd_q, bwd_kv = geometry.backward_tile_shapes(axes, head_dim,
-                                                      deterministic=c.deterministic)
+                                                      deterministic=c.deterministic,
+                                                      kernels=kernels)
         cb = dataclasses.replace(c, q_tile=bwd_q, kv_tile=bwd_kv)
     return _differentiable(c, cb)(q, k, v)
 

@@ -84,19 +84,22 @@ def test_sim_lists_the_2d_tile_menu(capsys):
 
 
 def test_sim_prints_the_backward_tiles(capsys):
-    # FLUX-4K NA: the backward takes KV 16x4 tiles (16x8 CTAs), the forward 8x8 (8x16 CTAs).
+    # FLUX-4K NA: the sm90a backward takes KV 16x4 tiles (16x8 CTAs), the sm80 one the
+    # forward's.
     code, out, _ = run_cli(capsys, "sim", "256", "256", "--window", "80")
     assert code == 0
     axes = GNAConfig((80, 80)).resolve((256, 256))
     g = jax_gna.geometry
-    want = (f"backward tiles    Q (8, 16)  KV (16, 4) (16x8 KV boxes per CTA, "
-            f"{g.backward_tile_cost(axes, (8, 16), (16, 4))} pairs against "
-            f"{g.backward_tile_cost(axes, (8, 16), (8, 8))} with the forward's; sm90a kernels)")
-    assert want in out.splitlines()
+    lines = out.splitlines()
+    at = lines.index(f"backward tiles    sm90a: Q (8, 16)  KV (16, 4) (cost "
+                     f"{g.backward_tile_cost(axes, (8, 16), (16, 4)):.0f}, the forward's "
+                     f"{g.backward_tile_cost(axes, (8, 16), (8, 8)):.0f})")
+    cost = g.backward_tile_cost(axes, (8, 16), (8, 8), kernels="sm80")
+    assert lines[at + 1] == f"                  sm80:  the forward's (cost {cost:.0f})"
     # Hunyuan GNA keeps the forward's tiles; the xla path prints none.
     code, out, _ = run_cli(capsys, "sim", "30", "48", "80", "--window", "18", "24", "24",
                            "--stride", "16", "8", "8")
-    assert code == 0 and "backward tiles    the forward's (2x8x8 KV boxes per CTA" in out
+    assert code == 0 and "backward tiles    sm90a: the forward's (cost 72900)" in out
     code, out, _ = run_cli(capsys, "sim", "256", "256", "--window", "80", "--arch", "xla")
     assert code == 0 and "backward tiles" not in out
 

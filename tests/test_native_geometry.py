@@ -314,24 +314,28 @@ def test_kv_tile_order_takes_the_most_seen_tiles_first():
 
 
 @pytest.mark.skipif(not native.has_cuda(), reason="the CUDA handlers are not built")
-def test_backward_kv_tile_agrees():
-    """geometry.backward_kv_tile mirrors gna_problem.h's with_doubled_kv_tile, which decides
-    the boxes of the backward's 128-row dK/dV CTAs."""
-    rng = np.random.default_rng(31)
-    fallbacks = 0
+def test_backward_cta_boxes_agree():
+    """geometry.backward_kv_tile and backward_kv_rows mirror cuda/backward_tiles.h's
+    with_doubled_kv_tile and dkdv_rows_128, which decide the boxes of the backward's dK/dV
+    CTAs."""
+    rng = np.random.default_rng()
+    fallbacks, rows = 0, set()
     for trial in range(400):
         rank = int(rng.integers(1, 4))
         lengths = [int(rng.integers(1, 90)) for _ in range(rank)]
         dilation = [int(rng.integers(1, 3)) if n >= 8 else 1 for n in lengths]
         kernel = [int(rng.integers(1, n // d + 1)) for n, d in zip(lengths, dilation)]
+        stride = [int(rng.integers(1, k + 1)) if rng.random() < 0.3 else 1 for k in kernel]
+        causal = [bool(rng.random() < 0.2) for _ in range(rank)]
         q_tile = [int(rng.choice([1, 2, 4, 8, 16])) for _ in range(rank)]
         kv_tile = [int(rng.choice([1, 2, 4, 8, 16])) for _ in range(rank)]
-        got = native._ext.backward_kv_tile(
-            [1, *lengths, 2, 32], [1, *lengths, 1, 32], kernel, [1] * rank, dilation,
-            [0] * rank, q_tile, kv_tile)
-        axes = [geometry.AxisParams(n, k, 1, d, False)
-                for n, k, d in zip(lengths, kernel, dilation)]
-        want = geometry.backward_kv_tile(axes, q_tile, kv_tile)
-        assert tuple(got) == want, (trial, lengths, dilation, q_tile, kv_tile)
+        got_tile, got_rows = native._ext.backward_ctas(
+            [1, *lengths, 2, 32], [1, *lengths, 1, 32], kernel, stride, dilation,
+            [int(c) for c in causal], q_tile, kv_tile)
+        axes = [geometry.AxisParams(*a) for a in zip(lengths, kernel, stride, dilation, causal)]
+        where = (trial, lengths, kernel, stride, dilation, causal, q_tile, kv_tile)
+        assert tuple(got_tile) == geometry.backward_kv_tile(axes, q_tile, kv_tile), where
+        assert got_rows == geometry.backward_kv_rows(axes, q_tile, kv_tile), where
         fallbacks += all(2 * kv > q for q, kv in zip(q_tile, kv_tile))
-    assert fallbacks > 20  # the axis of most KV tiles was exercised too
+        rows.add(got_rows)
+    assert fallbacks > 20 and rows == {64, 128}  # both rules' branches were exercised

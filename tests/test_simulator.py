@@ -197,33 +197,40 @@ def test_backward_kv_tile(q_tile, kv_tile, want):
     assert jax_gna.geometry.backward_kv_tile(axes, q_tile, kv_tile) == want
 
 
-@pytest.mark.parametrize("shape, window, stride, want", [
-    # FLUX-4K NA: 16x8 CTAs visit 5 % fewer pairs than the forward's 8x16.
-    ((256, 256), (80, 80), (1, 1), ((8, 16), (16, 4))),
-    ((16, 32, 32), (7, 7, 7), (1, 1, 1), ((16, 2, 4), (8, 2, 4))),
+@pytest.mark.parametrize("shape, window, stride, kernels, want", [
+    # FLUX-4K NA: 16x8 CTAs visit 5 % fewer pairs than the forward's 8x16 on the sm90a
+    # kernels; the sm80 family runs the forward's 8x8 KV tiles in 64-row CTAs, cheaper still.
+    ((256, 256), (80, 80), (1, 1), "sm90a", ((8, 16), (16, 4))),
+    ((256, 256), (80, 80), (1, 1), "sm80", ((8, 16), (8, 8))),
+    ((16, 32, 32), (7, 7, 7), (1, 1, 1), "sm90a", ((16, 2, 4), (8, 2, 4))),
+    ((16, 32, 32), (7, 7, 7), (1, 1, 1), "sm80", ((4, 8, 4), (4, 4, 4))),
+    ((16, 64, 64), (13, 13, 13), (1, 1, 1), "sm90a", ((16, 2, 4), (16, 4, 1))),
+    ((16, 64, 64), (13, 13, 13), (1, 1, 1), "sm80", ((16, 2, 4), (16, 4, 1))),
     # Issue 8's other problems keep the forward's tiles.
-    ((256, 256), (80, 80), (16, 16), ((8, 16), (8, 8))),
-    ((30, 48, 80), (18, 24, 24), (1, 1, 1), ((8, 4, 4), (2, 8, 4))),
-    ((30, 48, 80), (18, 24, 24), (16, 8, 8), ((2, 8, 8), (2, 4, 8))),
-    ((32768,), (2048,), (256,), ((128,), (64,))),
+    ((256, 256), (80, 80), (16, 16), "sm90a", ((8, 16), (8, 8))),
+    ((30, 48, 80), (18, 24, 24), (1, 1, 1), "sm90a", ((8, 4, 4), (2, 8, 4))),
+    ((30, 48, 80), (18, 24, 24), (1, 1, 1), "sm80", ((8, 4, 4), (2, 8, 4))),
+    ((30, 48, 80), (18, 24, 24), (16, 8, 8), "sm90a", ((2, 8, 8), (2, 4, 8))),
+    ((32768,), (2048,), (256,), "sm80", ((128,), (64,))),
 ])
-def test_backward_tiles_of_known_problems(shape, window, stride, want):
+def test_backward_tiles_of_known_problems(shape, window, stride, kernels, want):
     axes = GNAConfig(window, stride).resolve(shape)
-    assert jax_gna.geometry.backward_tile_shapes(axes) == want
-    forward = jax_gna.geometry.default_tile_shapes(axes)
-    assert jax_gna.geometry.backward_tile_shapes(axes, deterministic=True) == forward
-    assert jax_gna.geometry.backward_tile_shapes(axes, arch="xla") == (
-        jax_gna.geometry.default_tile_shapes(axes, arch="xla"))
+    g = jax_gna.geometry
+    assert g.backward_tile_shapes(axes, kernels=kernels) == want
+    forward = g.default_tile_shapes(axes)
+    assert g.backward_tile_shapes(axes, deterministic=True, kernels=kernels) == forward
+    assert g.backward_tile_shapes(axes, arch="xla") == g.default_tile_shapes(axes, arch="xla")
 
 
 @pytest.mark.parametrize("sizes", [((6, 40), (12, 64)), ((4, 18), (6, 24), (6, 24))])
 def test_backward_tiles_are_the_least_cost_by_brute_force(sizes):
-    """The backward's pick against the pairs of Q tiles and doubled KV tiles counted on the
-    dense mask; ties keep the forward's tiles."""
+    """The backward's pick against the pairs of its CTAs counted on the dense mask: Q tiles
+    and doubled KV tiles (sm90a; sm80 where it takes 128-row CTAs), or 64-row CTA pairs at
+    their weight. It leaves the forward's tiles only for a cost at least 5 % lower."""
     rng = np.random.default_rng()
     g = jax_gna.geometry
-    moved = 0
-    for trial in range(16):  # the pick leaves the forward's tiles in ~40-60 % of draws
+    moved = {kernels: 0 for kernels in g.BACKWARD_KERNELS}
+    for trial in range(16):  # the sm90a pick leaves the forward's tiles in ~40-60 % of draws
         shape = tuple(int(rng.integers(lo, hi)) for lo, hi in sizes)
         window = tuple(int(rng.integers(2, n + 1)) for n in shape)
         cfg = GNAConfig(window, tuple(int(rng.integers(1, min(k, 3) + 1)) for k in window))
@@ -232,12 +239,20 @@ def test_backward_tiles_are_the_least_cost_by_brute_force(sizes):
         extras = [(g.fit_tile(q, axes), g.fit_tile(kv, axes))
                   for q, kv in g._BACKWARD_EXTRA_TILES["sm80"][len(shape)]]
         candidates = list(dict.fromkeys([forward, *g.tile_menu(axes), *extras]))
-        costs = [brute_force(shape, cfg, q, g.backward_kv_tile(axes, q, kv))["visited_tiles"]
-                 for q, kv in candidates]
-        chosen = g.backward_tile_shapes(axes)
-        assert chosen == candidates[costs.index(min(costs))], (trial, shape, cfg, costs)
-        moved += chosen != forward
-    assert moved >= 1
+        for kernels in g.BACKWARD_KERNELS:
+            costs = []
+            for q, kv in candidates:
+                if kernels == "sm90a" or g.backward_kv_rows(axes, q, kv) == 128:
+                    box, weight = g.backward_kv_tile(axes, q, kv), 1.0
+                else:
+                    box, weight = kv, g._SM80_64_ROW_PAIR_COST
+                costs.append(weight * brute_force(shape, cfg, q, box)["visited_tiles"])
+            best = costs.index(min(costs))
+            want = candidates[best] if costs[best] <= 0.95 * costs[0] else forward
+            chosen = g.backward_tile_shapes(axes, kernels=kernels)
+            assert chosen == want, (trial, kernels, shape, cfg, candidates, costs)
+            moved[kernels] += chosen != forward
+    assert moved["sm90a"] >= 1, moved
 
 
 @pytest.mark.parametrize("fn", [
@@ -250,6 +265,14 @@ def test_unknown_arch_is_rejected(fn):
     axes = GNAConfig((7, 7)).resolve((64, 64))
     with pytest.raises(ValueError, match="arch='sm70' has no tile menu"):
         fn(axes)
+
+
+def test_unknown_backward_kernels_are_rejected():
+    axes = GNAConfig((7, 7)).resolve((64, 64))
+    for fn in (jax_gna.geometry.backward_tile_cost, jax_gna.geometry.backward_tile_shapes):
+        with pytest.raises(ValueError, match="kernels='sm70' must be one of"):
+            fn(axes, *([(8, 16), (8, 8)] if fn is jax_gna.geometry.backward_tile_cost else []),
+               kernels="sm70")
 
 
 def test_find_plans_for_the_first_candidate():

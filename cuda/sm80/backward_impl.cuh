@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "../backward_tiles.h"
 #include "backward.cuh"
 #include "launch.cuh"
 
@@ -14,37 +15,6 @@ namespace sm80 {
 #ifndef GNA_SM80_DKDV_STAGES
 #define GNA_SM80_DKDV_STAGES 3
 #endif
-
-// The (query, key) pairs that the tiles visit along axis `a`, with KV tiles of `kv_tile`
-// there, summed over the axis's dilation groups. The tiles visited from a tile form a box,
-// so a pass visits the product over the axes of these counts: two KV tile lengths along one
-// axis compare by that axis's count alone. (Counted from the Q side, which a pass over the
-// KV tiles visits pair for pair: one kv_range per Q tile, no searches, since the launch
-// pays for it on the host every call.)
-inline int64_t visited_pairs_along(const Problem& p, int a, int64_t kv_tile) {
-  int64_t pairs = 0;
-  for (int64_t g = 0; g < p.axes[a].dilation; ++g) {
-    const AxisTiling t = group_tiling(p.axes[a], g, p.q_tile[a], kv_tile);
-    for (int64_t qt = 0; qt < t.n_q(); ++qt) {
-      int64_t lo, hi;
-      t.kv_range(qt, &lo, &hi);
-      pairs += (hi - lo) * t.q_tile * kv_tile;
-    }
-  }
-  return pairs;
-}
-
-// Whether the dK/dV kernel runs 128-row CTAs (eight warps, one per SM) on with_doubled_kv_tile
-// rather than 64-row ones (four warps, two per SM). They halve the Q/dO loads, the staging
-// and the dQ atomics per pair, but where windows slide a doubled tile is seen by more Q
-// tiles. H200, bf16, D = 128: 12 % faster on FLUX-4K and Hunyuan GNA (the same pairs), 8 % on
-// 1-D 32k NA (the same pairs); 10 % slower on FLUX-4K NA (12 % more pairs) and 1 % on it with
-// 8x8 Q tiles (6 % more). Hence: only where doubling adds at most 3 % of pairs.
-inline bool dkdv_rows_128(const Problem& p) {
-  const int a = doubled_kv_axis(p);
-  return 100 * visited_pairs_along(p, a, 2 * p.kv_tile[a]) <=
-         103 * visited_pairs_along(p, a, p.kv_tile[a]);
-}
 
 // Query rows per dK/dV step: fewer for D = 128 so that dK, dV, S^T and dP^T fit registers.
 template <int kD>
