@@ -148,7 +148,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: GNAConfig, *,
       return_lse: also return the natural-log sum-exp of the scaled scores.
       additional_keys, additional_values: optional ``[B, S_extra, H_kv, D]`` tokens that
         every query attends to besides its neighbourhood (merged exactly through the LSEs).
-      q_tile_shape, kv_tile_shape: expert override of the tile shapes (one int per axis).
+      q_tile_shape, kv_tile_shape: expert override of the tile shapes (one int per axis), for
+        the forward and the backward. By default each pass picks its own
+        (`geometry.default_tile_shapes`, `geometry.backward_tile_shapes`).
       deterministic: request bitwise-reproducible gradients where the implementation has a
         choice. The ``cuda`` backward without it adds dq up in float32 in no fixed order
         (five GEMMs per query-key pair instead of seven, and a float32 scratch of q's
