@@ -470,7 +470,7 @@ def backward_kv_tile(axes: Sequence[AxisParams], q_tile: Sequence[int],
     rank = len(axes)
     axis = next((a for a in reversed(range(rank)) if 2 * kv_tile[a] <= q_tile[a]), None)
     if axis is None:
-        tiles = [-(-(-(-a.length // a.dilation)) // t) for a, t in zip(axes, kv_tile)]
+        tiles = [-(-group_length(a.length, a.dilation, 0) // t) for a, t in zip(axes, kv_tile)]
         axis = max(reversed(range(rank)), key=lambda a: tiles[a])
     doubled[axis] *= 2
     return tuple(doubled)

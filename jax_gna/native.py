@@ -107,11 +107,10 @@ def cuda_unavailable() -> str | None:
         return "jax_gna was built without CUDA (no nvcc at build time, or JAX_GNA_CUDA=0)"
     if jax.default_backend() != "gpu":
         return f"JAX's default backend is {jax.default_backend()!r}, not a CUDA GPU"
-    device = jax.devices()[0]
-    cc = getattr(device, "compute_capability", None)
+    cc = _default_device_cc()
     if cc is None:
-        return f"the default device {device} is not a CUDA GPU"
-    major, minor = (int(x) for x in str(cc).split(".")[:2])
+        return f"the default device {jax.devices()[0]} is not a CUDA GPU"
+    major, minor = cc
     archs = [int(a) for a in _ext.cuda_sm80_archs().split(",") if a]
     if not any(a // 10 == major and a % 10 <= minor for a in archs):
         return (f"no kernels for compute capability {major}.{minor} in this build "
@@ -119,16 +118,22 @@ def cuda_unavailable() -> str | None:
     return None
 
 
+def _default_device_cc() -> tuple[int, int] | None:
+    """(major, minor) compute capability of JAX's default device, None if it has none."""
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if cc is None:
+        return None
+    major, minor = (int(x) for x in str(cc).split(".")[:2])
+    return major, minor
+
+
 def _sm90_backward_runs(head_dim: int) -> bool:
     """Whether a `cuda` backward of this head dim runs the sm90a kernels on the default device
     (cuda_handler.cc's use_sm90 for a problem the kernels support)."""
     if not has_cuda() or head_dim not in (64, 128):
         return False
-    cc = getattr(jax.devices()[0], "compute_capability", None)
-    if cc is None:
-        return False
-    major, minor = (int(x) for x in str(cc).split(".")[:2])
-    return bool(_ext.cuda_sm90_enabled(10 * major + minor))
+    cc = _default_device_cc()
+    return cc is not None and bool(_ext.cuda_sm90_enabled(10 * cc[0] + cc[1]))
 
 
 # ----------------------------------------------------------------------------------------
