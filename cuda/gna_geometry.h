@@ -69,11 +69,12 @@ GNA_HD I group_length(I length, NoDeduce<I> dilation, NoDeduce<I> g) {
   return (length - g + dilation - 1) / dilation;
 }
 
-// Window [start, end) in group indices of the query at group index `ii` (see DESIGN.md §2).
+// Window [start, end) in group indices of the query at group index `ii` (see DESIGN.md §2),
+// given the first index of its stride group, `base` = ii / stride · stride.
 template <class I>
-GNA_HD void window_bounds(NoDeduce<I> ii, NoDeduce<I> group_len, NoDeduce<I> kernel,
-                          NoDeduce<I> stride, bool causal, I* start, I* end) {
-  const I base = (ii / stride) * stride;
+GNA_HD void window_bounds_at(NoDeduce<I> ii, NoDeduce<I> base, NoDeduce<I> group_len,
+                             NoDeduce<I> kernel, NoDeduce<I> stride, bool causal, I* start,
+                             I* end) {
   if (causal) {
     const I lead = min_of<I>(base + stride - 1, group_len - 1);
     *start = max_of<I>(lead - kernel + 1, 0);
@@ -83,6 +84,13 @@ GNA_HD void window_bounds(NoDeduce<I> ii, NoDeduce<I> group_len, NoDeduce<I> ker
     *start = max_of<I>(0, min_of<I>(lead - kernel / 2, group_len - kernel));
     *end = *start + kernel;
   }
+}
+
+// Window [start, end) in group indices of the query at group index `ii` (see DESIGN.md §2).
+template <class I>
+GNA_HD void window_bounds(NoDeduce<I> ii, NoDeduce<I> group_len, NoDeduce<I> kernel,
+                          NoDeduce<I> stride, bool causal, I* start, I* end) {
+  window_bounds_at<I>(ii, (ii / stride) * stride, group_len, kernel, stride, causal, start, end);
 }
 
 // Whether every KV tile of `kv_tile` group indices, in every dilation group of the axis, lies

@@ -399,7 +399,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
       if (full_tile && inside) {  // the mask is never evaluated: the token is all it needs
         tok = sm.qrows[sb][r].tok = q_tok(r);
       } else {
-        const QRow row = G.q_row(p, sj.qt, row0 + r, /*window=*/!full_tile);
+        const QRow row = inside ? sm.qtable.q_row(G, p, sj.qt, base, row0 + r, !full_tile)
+                                : G.q_row(p, sj.qt, row0 + r, /*window=*/!full_tile);
         sm.qrows[sb][r] = row;
         tok = row.tok;
       }

@@ -443,13 +443,27 @@ struct Group {
   __device__ __forceinline__ QRow q_row(Problem const& p, const int coord[kMaxRank], int r,
                                         bool window = true) const {
     int ii[kMaxRank];
+    const int tok = q_token(p, coord, r, ii);
+    return q_row_at(p, tok, ii, window);
+  }
+
+  // The row of token `tok` (-1: padding) at Q-frame group indices `ii`: its windows shifted
+  // into K/V-frame indices, or the whole frame without `window` or for padding.
+  // kUnitStrideFast skips the division by a stride of 1 (neighbourhood attention), for the
+  // backward's producers, which build these rows on the consumers' path. (The branch made
+  // ptxas spill more in the sm90a forward's one-consumer kernels, so not everywhere.)
+  template <bool kUnitStrideFast = false>
+  __device__ __forceinline__ QRow q_row_at(Problem const& p, int tok, const int ii[kMaxRank],
+                                           bool window) const {
     QRow row;
-    row.tok = q_token(p, coord, r, ii);
+    row.tok = tok;
     for (int a = 0; a < kMaxRank; ++a) {
-      if (row.tok >= 0 && window) {
+      if (tok >= 0 && window) {
+        const int i = ii[a] + qoff[a], stride = (int)p.axes[a].stride;
+        const int base = kUnitStrideFast && stride == 1 ? i : i / stride * stride;
         int s, e;
-        window_bounds<int>(ii[a] + qoff[a], Lg[a], (int)p.axes[a].kernel,
-                           (int)p.axes[a].stride, p.axes[a].causal, &s, &e);
+        window_bounds_at<int>(i, base, Lg[a], (int)p.axes[a].kernel, stride, p.axes[a].causal,
+                              &s, &e);
         row.start[a] = s - kvoff[a];
         row.end[a] = min(e - kvoff[a], kvlen[a]);
       } else {
@@ -491,6 +505,18 @@ struct RowTable {
   __device__ __forceinline__ int token(int base, int r) const {
     const int off = offset[r];
     return off < 0 ? -1 : base + off;
+  }
+
+  // Group::q_row(p, qt, r, window) for a Q tile `qt` that lies inside (Group::tile_inside)
+  // and starts at token `base` (Group::tile_base), without the divisions that find the row's
+  // token and coordinates. (In the NA backwards, whose Q tiles are mostly partial, those
+  // divisions in the producers' rows of every step held the consumers up.)
+  __device__ __forceinline__ QRow q_row(Group const& G, Problem const& p,
+                                        const int qt[kMaxRank], int base, int r,
+                                        bool window) const {
+    int ii[kMaxRank];
+    for (int a = 0; a < kMaxRank; ++a) ii[a] = qt[a] * (int)p.q_tile[a] + local[r][a];
+    return G.q_row_at</*kUnitStrideFast=*/true>(p, token(base, r), ii, window);
   }
 
   // Group::k_row(p, kt, r) for a KV tile `kt` that lies inside (Group::tile_inside) and

@@ -271,7 +271,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kWarpGroups == 1 ? 2 : 1)
           row.tok = sm.ntable.token(base, chunk * kBlockN + r);
           sm.nrows[slot][r].tok = row.tok;
         } else {
-          row = G.q_row(p, qt, chunk * kBlockN + r, /*window=*/!full);
+          row = inside ? sm.ntable.q_row(G, p, qt, base, chunk * kBlockN + r, !full)
+                       : G.q_row(p, qt, chunk * kBlockN + r, /*window=*/!full);
           sm.nrows[slot][r] = row;
         }
         sm80::stage_row_stats(row.tok, stats, p.heads, lse, delta, sm.nlse[slot][r],

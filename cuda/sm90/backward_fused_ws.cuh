@@ -224,7 +224,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           row.tok = sm.ntable.token(base, chunk * kBlockN + r);
           sm.qrows[s][r].tok = row.tok;
         } else {
-          row = G.q_row(p, st.qt, chunk * kBlockN + r, /*window=*/!full);
+          row = inside ? sm.ntable.q_row(G, p, st.qt, base, chunk * kBlockN + r, !full)
+                       : G.q_row(p, st.qt, chunk * kBlockN + r, /*window=*/!full);
           sm.qrows[s][r] = row;
         }
         sm80::stage_row_stats(row.tok, stats, p.heads, lse, delta, sm.qlse[s][r],
