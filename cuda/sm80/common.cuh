@@ -510,7 +510,7 @@ struct RowTable {
   // Group::q_row(p, qt, r, window) for a Q tile `qt` that lies inside (Group::tile_inside)
   // and starts at token `base` (Group::tile_base), without the divisions that find the row's
   // token and coordinates. (In the NA backwards, whose Q tiles are mostly partial, those
-  // divisions in the producers' rows of every step held the consumers up.)
+  // divisions in the producers' rows of every step cost 9-14 %: docs/PERFORMANCE.md.)
   __device__ __forceinline__ QRow q_row(Group const& G, Problem const& p,
                                         const int qt[kMaxRank], int base, int r,
                                         bool window) const {
