@@ -549,6 +549,8 @@ def backward_tile_shapes(axes: Sequence[AxisParams], head_dim: int = 128, arch: 
     Raises:
       ValueError: `arch` has no menu, or unknown `kernels`.
     """
+    if kernels not in BACKWARD_KERNELS:  # also where the forward's tiles are returned below
+        raise ValueError(f"kernels={kernels!r} must be one of {BACKWARD_KERNELS}")
     forward = default_tile_shapes(axes, head_dim, arch)
     extras = [(fit_tile(q, axes), fit_tile(kv, axes))
               for q, kv in _BACKWARD_EXTRA_TILES[arch][len(axes)]]

@@ -273,6 +273,11 @@ def test_unknown_backward_kernels_are_rejected():
         with pytest.raises(ValueError, match="kernels='sm70' must be one of"):
             fn(axes, *([(8, 16), (8, 8)] if fn is jax_gna.geometry.backward_tile_cost else []),
                kernels="sm70")
+    # Also where the forward's tiles would be returned without a cost: deterministic, 1-D.
+    for axes, deterministic in ((axes, True), (GNAConfig(7).resolve((256,)), False)):
+        with pytest.raises(ValueError, match="kernels='sm70' must be one of"):
+            jax_gna.geometry.backward_tile_shapes(axes, deterministic=deterministic,
+                                                  kernels="sm70")
 
 
 def test_find_plans_for_the_first_candidate():
